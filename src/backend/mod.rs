@@ -1,0 +1,274 @@
+//! The `Backend` trait: every numerical op a LLaMA needs, forward and backward, over opaque buffers.
+//!
+//! The backend knows ops and nothing of LLaMA. The CPU backend (`cpu`) is the readable reference:
+//! each trait method calls the same-named function in `crate::ops`, which is the spec every CUDA
+//! kernel is tested against. The CUDA backend (`cuda`, feature `cuda`) implements the same trait with
+//! kernels from `kernels/`; built without the feature, `cuda::CudaBackend::new` returns a clear error.
+//!
+//! Conventions (llm.c style, see DESIGN.md):
+//! - argument order: outputs, inputs, saved statistics, sizes;
+//! - sizes: `n` rows (= B·T), `c` channels, `b` batch, `t` sequence, `h` query heads, `hkv` key/value
+//!   heads, `d` head dim, `v` vocab;
+//! - every tensor is row-major and contiguous; activations are `[B, T, ...]`;
+//! - each method's doc says which outputs are written (`=`) and which accumulate (`+=`);
+//! - ops never allocate device memory: the caller allocates at the call site (once per shape).
+//!
+//! Buffers hold floats. The CPU backend stores `f32`; the CUDA backend picks the storage type of a
+//! buffer from the [`Role`] it was allocated with (bf16 activations and weights, fp32 master weights,
+//! moments and gradient accumulators). Host transfers are always `f32`.
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_stub.rs"]
+pub mod cuda;
+
+use anyhow::Result;
+use std::ops::Range;
+
+/// What a buffer is for; lets a mixed-precision backend choose its storage type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Weights the forward pass reads (bf16 on GPU).
+    Weight,
+    /// Activations and their gradients (bf16 on GPU).
+    Activation,
+    /// Gradient accumulators, fp32 master weights, optimizer moments, statistics (fp32 everywhere).
+    Fp32,
+}
+
+/// Hyper-parameters of one AdamW step (as `torch.optim.AdamW`: decoupled decay, bias correction).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step number, for bias correction.
+    pub step: u64,
+}
+
+pub trait Backend: Send + Sync {
+    /// An owning float buffer in the backend's memory.
+    type Buf: Send;
+    /// An owning buffer of `i32` token ids or labels (`-100` = ignore) in the backend's memory.
+    type Ids: Send;
+    /// A borrowed, read-only range of a `Buf`.
+    type View<'a>
+    where
+        Self: 'a;
+    /// A borrowed, writable range of a `Buf`.
+    type ViewMut<'a>
+    where
+        Self: 'a;
+
+    fn name(&self) -> String;
+
+    // ---- memory -------------------------------------------------------------------------------
+    /// A zero-filled buffer of `len` floats.
+    fn alloc(&self, len: usize, role: Role) -> Result<Self::Buf>;
+    /// A zero-filled buffer of `len` ids.
+    fn alloc_ids(&self, len: usize) -> Result<Self::Ids>;
+    fn buf_len(&self, buf: &Self::Buf) -> usize;
+    fn upload(&self, dst: &mut Self::Buf, src: &[f32]) -> Result<()>;
+    fn download(&self, src: &Self::Buf, dst: &mut [f32]) -> Result<()>;
+    fn upload_ids(&self, dst: &mut Self::Ids, src: &[i32]) -> Result<()>;
+    fn view<'a>(&self, buf: &'a Self::Buf, range: Range<usize>) -> Self::View<'a>;
+    fn view_mut<'a>(&self, buf: &'a mut Self::Buf, range: Range<usize>) -> Self::ViewMut<'a>;
+    /// Wait until every queued op has finished (no-op on CPU).
+    fn synchronize(&self) -> Result<()>;
+
+    // ---- elementwise ----------------------------------------------------------------------------
+    /// `out = 0`.
+    fn zero(&self, out: Self::ViewMut<'_>);
+    /// `out = x`.
+    fn copy(&self, out: Self::ViewMut<'_>, x: Self::View<'_>);
+    /// `out += alpha * x`.
+    fn axpy(&self, out: Self::ViewMut<'_>, alpha: f32, x: Self::View<'_>);
+    /// `out *= alpha`.
+    fn scale(&self, out: Self::ViewMut<'_>, alpha: f32);
+    /// Sum of squares of `x`, accumulated in f64 (for the global gradient norm and NaN checks:
+    /// a NaN/Inf anywhere gives a non-finite result).
+    fn sum_squares(&self, x: Self::View<'_>) -> Result<f64>;
+
+    // ---- matmul ---------------------------------------------------------------------------------
+    /// `out[m,n] = alpha * op(a) · op(b) + beta * out` with `op(a)` of shape `[m,k]` and `op(b)` of
+    /// shape `[k,n]`; `a` is stored `[m,k]` (or `[k,m]` when `trans_a`), `b` is stored `[k,n]` (or
+    /// `[n,k]` when `trans_b`, the layout of an HF `Linear` weight `[out, in]`). With `beta = 0` the
+    /// previous content of `out` is ignored (even NaN).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &self,
+        out: Self::ViewMut<'_>,
+        a: Self::View<'_>,
+        b: Self::View<'_>,
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+        alpha: f32,
+        beta: f32,
+    );
+
+    // ---- RMSNorm (HF LlamaRMSNorm: y = x / sqrt(mean(x²) + eps) * w) ------------------------------
+    /// `out[n,c] =`, `rstd[n] =` (saved 1/sqrt(mean(x²)+eps)).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_forward(
+        &self,
+        out: Self::ViewMut<'_>,
+        rstd: Self::ViewMut<'_>,
+        x: Self::View<'_>,
+        w: Self::View<'_>,
+        n: usize,
+        c: usize,
+        eps: f32,
+    );
+    /// `dx[n,c] +=` (accumulates into the residual stream's gradient), `dw[c] +=`.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(
+        &self,
+        dx: Self::ViewMut<'_>,
+        dw: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        x: Self::View<'_>,
+        w: Self::View<'_>,
+        rstd: Self::View<'_>,
+        n: usize,
+        c: usize,
+    );
+
+    // ---- rotary embedding (HF layout: rotate_half over the two halves of each head) ---------------
+    /// In place on `x[b,t,h,d]`: position of token `(bi, ti)` is `pos_offset + ti`;
+    /// inverse frequencies `theta^(-2i/d)`.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_forward(
+        &self,
+        x: Self::ViewMut<'_>,
+        b: usize,
+        t: usize,
+        h: usize,
+        d: usize,
+        theta: f32,
+        pos_offset: usize,
+    );
+    /// In place on `dx[b,t,h,d]`: the transpose of `rope_forward` (rotation by the negative angle).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_backward(
+        &self,
+        dx: Self::ViewMut<'_>,
+        b: usize,
+        t: usize,
+        h: usize,
+        d: usize,
+        theta: f32,
+        pos_offset: usize,
+    );
+
+    // ---- causal attention with grouped-query heads ----------------------------------------------
+    /// `out[b,t,h,d] =`, `lse[b,h,t] =` (saved log-sum-exp of the scaled scores). `q[b,t,h,d]`,
+    /// `k`/`v[b,t,hkv,d]`; query head `hi` reads kv head `hi / (h / hkv)`; scale `1/sqrt(d)`;
+    /// query `i` attends to keys `0..=i`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(
+        &self,
+        out: Self::ViewMut<'_>,
+        lse: Self::ViewMut<'_>,
+        q: Self::View<'_>,
+        k: Self::View<'_>,
+        v: Self::View<'_>,
+        b: usize,
+        t: usize,
+        h: usize,
+        hkv: usize,
+        d: usize,
+    );
+    /// `dq =`, `dk =`, `dv =` (shapes as q, k, v).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dq: Self::ViewMut<'_>,
+        dk: Self::ViewMut<'_>,
+        dv: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        q: Self::View<'_>,
+        k: Self::View<'_>,
+        v: Self::View<'_>,
+        out: Self::View<'_>,
+        lse: Self::View<'_>,
+        b: usize,
+        t: usize,
+        h: usize,
+        hkv: usize,
+        d: usize,
+    );
+
+    // ---- SwiGLU: out = silu(gate) * up ------------------------------------------------------------
+    /// `out[len] =`.
+    fn swiglu_forward(&self, out: Self::ViewMut<'_>, gate: Self::View<'_>, up: Self::View<'_>);
+    /// `dgate =`, `dup =`.
+    fn swiglu_backward(
+        &self,
+        dgate: Self::ViewMut<'_>,
+        dup: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        gate: Self::View<'_>,
+        up: Self::View<'_>,
+    );
+
+    // ---- embedding --------------------------------------------------------------------------------
+    /// `out[n,c] = table[ids[i], :]`; ids must be in `0..v` (checked by the caller).
+    fn embedding_forward(
+        &self,
+        out: Self::ViewMut<'_>,
+        ids: &Self::Ids,
+        table: Self::View<'_>,
+        n: usize,
+        c: usize,
+    );
+    /// `dtable[v,c] +=` scatter-add of `dout[n,c]` rows; deterministic (fixed summation order).
+    fn embedding_backward(
+        &self,
+        dtable: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        ids: &Self::Ids,
+        n: usize,
+        c: usize,
+    );
+
+    // ---- cross-entropy with ignore index -100 ----------------------------------------------------
+    /// `losses[n] =` per-row `logsumexp(logits) - logits[target]`, `0` where the target is `-100`.
+    fn cross_entropy_forward(
+        &self,
+        losses: Self::ViewMut<'_>,
+        logits: Self::View<'_>,
+        targets: &Self::Ids,
+        n: usize,
+        v: usize,
+    );
+    /// `dlogits[n,v] = scale * (softmax(logits) - onehot(target))`, `0` on ignored rows.
+    /// (HF's mean over non-ignored tokens is `scale = 1 / count`.) `dlogits` may not alias `logits`.
+    fn cross_entropy_backward(
+        &self,
+        dlogits: Self::ViewMut<'_>,
+        logits: Self::View<'_>,
+        targets: &Self::Ids,
+        n: usize,
+        v: usize,
+        scale: f32,
+    );
+
+    // ---- optimizer ----------------------------------------------------------------------------------
+    /// One AdamW step over a flat range: `param`, `m`, `v` updated in place from `grad`
+    /// (`grad` already averaged and clipped by the caller).
+    fn adamw_step(
+        &self,
+        param: Self::ViewMut<'_>,
+        m: Self::ViewMut<'_>,
+        v: Self::ViewMut<'_>,
+        grad: Self::View<'_>,
+        hp: AdamW,
+    );
+}

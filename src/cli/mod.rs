@@ -1,0 +1,9 @@
+pub mod bench;
+pub mod data;
+pub mod demo;
+pub mod eval;
+pub mod generate;
+pub mod merge_lora;
+pub mod plot;
+pub mod tokenize;
+pub mod train;

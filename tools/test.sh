@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine (this is what .ci/run calls, and the README's second command).
+# It installs what the tests need, then runs them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo test --release --all-targets
