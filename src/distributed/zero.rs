@@ -1,0 +1,732 @@
+//! ZeRO-2 over a flat trainable buffer: bucketed reduce-scatter of the gradients, a global
+//! gradient norm, clipping, AdamW on this rank's shard only (fp32 master, `m`, `v`), all-gather of
+//! the updated shard. Checkpoints: one atomic file per rank, the manifest written last by rank 0.
+
+use super::Comm;
+use super::collective::tree_split;
+use super::shard::ShardLayout;
+use crate::backend::AdamW;
+use anyhow::{Context, Result, bail, ensure};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// What one [`Zero2::step`] did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepReport {
+    /// Global L2 norm of the averaged gradient, before clipping (non-finite when skipped).
+    pub grad_norm: f64,
+    /// The gradient had a NaN or Inf somewhere: nothing was updated on any rank.
+    pub skipped: bool,
+    /// Bytes this rank sent during the step ([`Comm::bytes_sent`] difference).
+    pub bytes_communicated: u64,
+}
+
+/// Sums micro-batch gradients in the canonical pairwise order (a binary counter of partial sums:
+/// after `k` pushes it holds one perfect subtree per set bit of `k`).
+///
+/// With a power-of-two number of micro-batches per rank, this rank's sum is a perfect subtree of
+/// the canonical tree over the global micro-batch indices, and the reduce-scatter completes that
+/// tree — the gradient is then bit-identical for every world size (see the module docs of
+/// [`super`]). A plain running `+=` sum works too, but only within rounding of that.
+/// Memory: up to `⌊log2 A⌋ + 1` buffers of `n` floats for `A` pushes.
+#[derive(Debug)]
+pub struct GradAccumulator {
+    n: usize,
+    /// `levels[k]` holds the sum of a complete block of `2^k` micro-batches, if any.
+    levels: Vec<Option<Vec<f32>>>,
+    spare: Vec<Vec<f32>>,
+    count: usize,
+}
+
+impl GradAccumulator {
+    pub fn new(n: usize) -> Self {
+        GradAccumulator {
+            n,
+            levels: Vec::new(),
+            spare: Vec::new(),
+            count: 0,
+        }
+    }
+
+    /// Micro-batches pushed since the last `finish`.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Add one micro-batch's gradient (the next in global order).
+    pub fn push(&mut self, grad: &[f32]) -> Result<()> {
+        ensure!(
+            grad.len() == self.n,
+            "gradient accumulator holds {} elements, got a gradient of {}",
+            self.n,
+            grad.len()
+        );
+        let mut carry = self.spare.pop().unwrap_or_default();
+        carry.clear();
+        carry.extend_from_slice(grad);
+        let mut k = 0;
+        loop {
+            if k == self.levels.len() {
+                self.levels.push(None);
+            }
+            match self.levels[k].take() {
+                None => {
+                    self.levels[k] = Some(carry);
+                    break;
+                }
+                Some(mut left) => {
+                    // older (left) + newer (right)
+                    for (l, r) in left.iter_mut().zip(&carry) {
+                        *l += *r;
+                    }
+                    self.spare.push(carry);
+                    carry = left;
+                    k += 1;
+                }
+            }
+        }
+        self.count += 1;
+        Ok(())
+    }
+
+    /// `out =` the sum of every pushed gradient (zeros if none); resets the accumulator.
+    /// Partial subtrees combine as the canonical tree splits: `T_4 + (T_2 + T_1)` for 7 pushes.
+    pub fn finish(&mut self, out: &mut [f32]) -> Result<()> {
+        ensure!(
+            out.len() == self.n,
+            "gradient accumulator holds {} elements, output has {}",
+            self.n,
+            out.len()
+        );
+        let mut acc: Option<Vec<f32>> = None;
+        for level in self.levels.iter_mut() {
+            if let Some(mut left) = level.take() {
+                if let Some(right) = acc.take() {
+                    for (l, r) in left.iter_mut().zip(&right) {
+                        *l += *r;
+                    }
+                    self.spare.push(right);
+                }
+                acc = Some(left);
+            }
+        }
+        match acc {
+            Some(v) => {
+                out.copy_from_slice(&v);
+                self.spare.push(v);
+            }
+            None => out.fill(0.0),
+        }
+        self.count = 0;
+        Ok(())
+    }
+}
+
+/// ZeRO-2 state of one rank: the fp32 master weights, AdamW `m` and `v` and the reduced gradient,
+/// each `⌈P/N⌉` elements, for this rank's shard of the flat trainable buffer.
+pub struct Zero2 {
+    rank: usize,
+    layout: ShardLayout,
+    /// Elements per rank per collective call: `⌈bucket_elems / N⌉`, at most `⌈P/N⌉`, at least 1.
+    chunk: usize,
+    master: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    grad: Vec<f32>,
+    scratch: Vec<f32>,
+    /// Whether `master` holds the weights (after the first step or a load).
+    has_master: bool,
+    /// Optimizer updates applied so far (skipped steps excluded).
+    updates: u64,
+}
+
+/// Shard file layout (little endian): magic, version u32, rank u32, world u32, reserved u32,
+/// n_params u64, start u64, len u64, updates u64, then master, m, v (`len` f32 each), then the
+/// SHA-256 of everything before it.
+const SHARD_MAGIC: &[u8; 8] = b"ZHZ2SHRD";
+const SHARD_VERSION: u32 = 1;
+const SHARD_HEADER: usize = 8 + 4 * 4 + 8 * 4;
+/// Written by rank 0 after every shard is on disk and verified; a checkpoint without it is
+/// incomplete.
+pub const MANIFEST_NAME: &str = "zero2.json";
+const MANIFEST_FORMAT: &str = "zhllama-zero2";
+
+/// The name of rank `rank`'s shard file in a world of `world`.
+pub fn shard_file_name(rank: usize, world: usize) -> String {
+    format!("zero2-rank{rank:05}-of{world:05}.bin")
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Debug)]
+struct Manifest {
+    format: String,
+    version: u32,
+    world_size: usize,
+    n_params: usize,
+    updates: u64,
+    shards: Vec<ManifestShard>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Debug)]
+struct ManifestShard {
+    rank: usize,
+    file: String,
+    start: usize,
+    len: usize,
+    sha256: String,
+}
+
+impl Zero2 {
+    /// Empty state for rank `comm_rank` of `world` over `n_params` trainable parameters. The
+    /// master weights are taken from `params` at the first [`Zero2::step`] (they are identical on
+    /// every rank then). `bucket_elems`: elements per reduce-scatter / all-gather call, all ranks
+    /// together (the recipe's DeepSpeed bucket is 1e8).
+    pub fn new(comm_rank: usize, world: usize, n_params: usize, bucket_elems: usize) -> Self {
+        assert!(
+            comm_rank < world,
+            "rank {comm_rank} is not a rank of a world of {world}"
+        );
+        let layout = ShardLayout::new(n_params, world);
+        let s = layout.shard_elems;
+        let chunk = bucket_elems.div_ceil(world).clamp(1, s.max(1));
+        Zero2 {
+            rank: comm_rank,
+            layout,
+            chunk,
+            master: vec![0.0; s],
+            m: vec![0.0; s],
+            v: vec![0.0; s],
+            grad: vec![0.0; s],
+            scratch: vec![0.0; chunk * world],
+            has_master: false,
+            updates: 0,
+        }
+    }
+
+    /// This rank's slice of the flat trainable buffer.
+    pub fn shard_range(&self) -> Range<usize> {
+        self.layout.range(self.rank)
+    }
+
+    /// `⌈P/N⌉`: the length of each optimizer buffer (master, `m`, `v`).
+    pub fn optimizer_elems(&self) -> usize {
+        self.layout.shard_elems
+    }
+
+    pub fn layout(&self) -> ShardLayout {
+        self.layout
+    }
+
+    /// The lengths of the buffers actually allocated: `(master, m, v, reduced gradient)`.
+    pub fn state_lens(&self) -> (usize, usize, usize, usize) {
+        (
+            self.master.len(),
+            self.m.len(),
+            self.v.len(),
+            self.grad.len(),
+        )
+    }
+
+    /// Optimizer updates applied so far (steps skipped for non-finite gradients excluded); the
+    /// 1-based AdamW step of the next update is `updates() + 1`.
+    pub fn updates(&self) -> u64 {
+        self.updates
+    }
+
+    /// One optimizer step. `grads`: this rank's gradient summed over its micro-batches (len `P`,
+    /// read only). The averaged gradient is `grad_scale · Σ_ranks grads`; its global norm is
+    /// returned; a non-finite norm skips the step on every rank (nothing updated); else the
+    /// gradient is clipped to `max_norm` (as `torch.nn.utils.clip_grad_norm_`), AdamW updates the
+    /// shard, and `params` (len `P`, replicated) receives every rank's updated shard.
+    pub fn step(
+        &mut self,
+        comm: &dyn Comm,
+        params: &mut [f32],
+        grads: &mut [f32],
+        grad_scale: f32,
+        max_norm: Option<f32>,
+        hp: AdamW,
+    ) -> Result<StepReport> {
+        let p = self.layout.n_params;
+        ensure!(
+            params.len() == p && grads.len() == p,
+            "ZeRO-2 over {p} parameters got params of {} and grads of {}",
+            params.len(),
+            grads.len()
+        );
+        self.check_comm(comm)?;
+        let sent0 = comm.bytes_sent();
+        let range = self.shard_range();
+        let valid = range.len();
+        if !self.has_master {
+            self.master[..valid].copy_from_slice(&params[range.clone()]);
+            self.has_master = true;
+        }
+
+        self.reduce_scatter(comm, grads)?;
+        for g in &mut self.grad[..valid] {
+            *g *= grad_scale;
+        }
+        let sum_sq = global_sum_squares(comm, &self.layout, self.rank, &self.grad[..valid])?;
+        let norm = sum_sq.sqrt();
+        if !norm.is_finite() {
+            return Ok(StepReport {
+                grad_norm: norm,
+                skipped: true,
+                bytes_communicated: comm.bytes_sent() - sent0,
+            });
+        }
+        if let Some(max_norm) = max_norm {
+            // torch: clip_coef = max_norm / (total_norm + 1e-6), clamped to 1, always applied.
+            let coef = (max_norm / (norm as f32 + 1e-6)).min(1.0);
+            for g in &mut self.grad[..valid] {
+                *g *= coef;
+            }
+        }
+        adamw_update(
+            &mut self.master[..valid],
+            &mut self.m[..valid],
+            &mut self.v[..valid],
+            &self.grad[..valid],
+            hp,
+        );
+        self.updates += 1;
+        self.all_gather_master(comm, params)?;
+        Ok(StepReport {
+            grad_norm: norm,
+            skipped: false,
+            bytes_communicated: comm.bytes_sent() - sent0,
+        })
+    }
+
+    /// `params =` every rank's master shard (after [`Zero2::load`], before the first forward).
+    pub fn gather_params(&mut self, comm: &dyn Comm, params: &mut [f32]) -> Result<()> {
+        ensure!(
+            self.has_master,
+            "ZeRO-2 has no master weights yet (neither stepped nor loaded)"
+        );
+        ensure!(
+            params.len() == self.layout.n_params,
+            "ZeRO-2 over {} parameters got params of {}",
+            self.layout.n_params,
+            params.len()
+        );
+        self.check_comm(comm)?;
+        self.all_gather_master(comm, params)
+    }
+
+    fn check_comm(&self, comm: &dyn Comm) -> Result<()> {
+        ensure!(
+            comm.rank() == self.rank && comm.world_size() == self.layout.world,
+            "ZeRO-2 state is for rank {} of {}, the communicator is rank {} of {}",
+            self.rank,
+            self.layout.world,
+            comm.rank(),
+            comm.world_size()
+        );
+        Ok(())
+    }
+
+    /// `self.grad =` this rank's shard of `Σ_ranks grads`, one bucket at a time.
+    fn reduce_scatter(&mut self, comm: &dyn Comm, grads: &[f32]) -> Result<()> {
+        let (s, w, p) = (
+            self.layout.shard_elems,
+            self.layout.world,
+            self.layout.n_params,
+        );
+        let mut off = 0;
+        while off < s {
+            let len = self.chunk.min(s - off);
+            let send = &mut self.scratch[..len * w];
+            for r in 0..w {
+                let dst = &mut send[r * len..(r + 1) * len];
+                let lo = (r * s + off).min(p);
+                let hi = (r * s + off + len).min(p);
+                dst[..hi - lo].copy_from_slice(&grads[lo..hi]);
+                dst[hi - lo..].fill(0.0);
+            }
+            comm.reduce_scatter_sum(send, &mut self.grad[off..off + len])?;
+            off += len;
+        }
+        Ok(())
+    }
+
+    /// `params =` the concatenation of every rank's master shard, one bucket at a time.
+    fn all_gather_master(&mut self, comm: &dyn Comm, params: &mut [f32]) -> Result<()> {
+        let (s, w, p) = (
+            self.layout.shard_elems,
+            self.layout.world,
+            self.layout.n_params,
+        );
+        let mut off = 0;
+        while off < s {
+            let len = self.chunk.min(s - off);
+            let recv = &mut self.scratch[..len * w];
+            comm.all_gather(&self.master[off..off + len], recv)?;
+            for r in 0..w {
+                let lo = (r * s + off).min(p);
+                let hi = (r * s + off + len).min(p);
+                params[lo..hi].copy_from_slice(&recv[r * len..r * len + (hi - lo)]);
+            }
+            off += len;
+        }
+        Ok(())
+    }
+
+    /// This rank's shard file in `dir` (written atomically).
+    pub fn save_shard(&self, dir: &Path) -> Result<()> {
+        ensure!(
+            self.has_master,
+            "ZeRO-2 has no master weights yet (neither stepped nor loaded): nothing to save"
+        );
+        let range = self.shard_range();
+        let valid = range.len();
+        let mut b = Vec::with_capacity(SHARD_HEADER + 12 * valid + 32);
+        b.extend_from_slice(SHARD_MAGIC);
+        for x in [SHARD_VERSION, self.rank as u32, self.layout.world as u32, 0] {
+            b.extend_from_slice(&x.to_le_bytes());
+        }
+        for x in [
+            self.layout.n_params as u64,
+            range.start as u64,
+            valid as u64,
+            self.updates,
+        ] {
+            b.extend_from_slice(&x.to_le_bytes());
+        }
+        for buf in [&self.master, &self.m, &self.v] {
+            for x in &buf[..valid] {
+                b.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        let digest = Sha256::digest(&b);
+        b.extend_from_slice(&digest);
+        let path = dir.join(shard_file_name(self.rank, self.layout.world));
+        crate::util::write_atomic(&path, &b)
+            .with_context(|| format!("cannot save ZeRO-2 shard {}", path.display()))
+    }
+
+    /// Every rank writes its shard into `dir`; after a barrier rank 0 re-reads and verifies every
+    /// shard and writes the manifest [`MANIFEST_NAME`] last; a final barrier. A crash at any
+    /// point leaves either no manifest (the checkpoint is incomplete, and [`Zero2::load`] says
+    /// so) or a whole checkpoint.
+    pub fn save(&self, comm: &dyn Comm, dir: &Path) -> Result<()> {
+        self.check_comm(comm)?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
+        self.save_shard(dir)?;
+        comm.barrier()?;
+        if self.rank == 0 {
+            let w = self.layout.world;
+            let mut shards = Vec::with_capacity(w);
+            for r in 0..w {
+                let path = dir.join(shard_file_name(r, w));
+                let s = read_shard(&path)?;
+                ensure!(
+                    s.rank == r
+                        && s.world == w
+                        && s.n_params == self.layout.n_params
+                        && s.updates == self.updates,
+                    "{}: shard of rank {} of {} over {} parameters after {} updates, expected \
+                     rank {r} of {w} over {} after {}",
+                    path.display(),
+                    s.rank,
+                    s.world,
+                    s.n_params,
+                    s.updates,
+                    self.layout.n_params,
+                    self.updates
+                );
+                shards.push(ManifestShard {
+                    rank: r,
+                    file: shard_file_name(r, w),
+                    start: s.start,
+                    len: s.len,
+                    sha256: s.sha256,
+                });
+            }
+            let m = Manifest {
+                format: MANIFEST_FORMAT.into(),
+                version: SHARD_VERSION,
+                world_size: w,
+                n_params: self.layout.n_params,
+                updates: self.updates,
+                shards,
+            };
+            let json = serde_json::to_vec_pretty(&m)?;
+            crate::util::write_atomic(&dir.join(MANIFEST_NAME), &json)?;
+        }
+        comm.barrier()
+    }
+
+    /// The state of rank `comm_rank` of `world` from the checkpoint in `dir`, saved at any world
+    /// size (the shards are re-cut: each rank reads the saved shards that overlap its range).
+    /// Every file read is checked against its checksum and the manifest.
+    pub fn load(
+        dir: &Path,
+        comm_rank: usize,
+        world: usize,
+        n_params: usize,
+        bucket_elems: usize,
+    ) -> Result<Self> {
+        let mpath = dir.join(MANIFEST_NAME);
+        let text = std::fs::read(&mpath).with_context(|| {
+            format!(
+                "{}: no ZeRO-2 manifest, the checkpoint is missing or incomplete",
+                mpath.display()
+            )
+        })?;
+        let m: Manifest = serde_json::from_slice(&text)
+            .with_context(|| format!("{}: not a ZeRO-2 manifest", mpath.display()))?;
+        ensure!(
+            m.format == MANIFEST_FORMAT && m.version == SHARD_VERSION,
+            "{}: format {:?} version {}, expected {MANIFEST_FORMAT:?} version {SHARD_VERSION}",
+            mpath.display(),
+            m.format,
+            m.version
+        );
+        ensure!(
+            m.n_params == n_params,
+            "{}: checkpoint has {} trainable parameters, this run has {n_params}",
+            mpath.display(),
+            m.n_params
+        );
+        let saved = ShardLayout::new(n_params, m.world_size);
+        ensure!(
+            m.shards.len() == m.world_size,
+            "{}: {} shards listed for a world of {}",
+            mpath.display(),
+            m.shards.len(),
+            m.world_size
+        );
+        let mut z = Zero2::new(comm_rank, world, n_params, bucket_elems);
+        let mine = z.shard_range();
+        for (r, ms) in m.shards.iter().enumerate() {
+            let expect = saved.range(r);
+            ensure!(
+                ms.rank == r && ms.start == expect.start && ms.len == expect.len(),
+                "{}: shard entry {r} covers [{}, {}), expected [{}, {})",
+                mpath.display(),
+                ms.start,
+                ms.start + ms.len,
+                expect.start,
+                expect.end
+            );
+            let lo = expect.start.max(mine.start);
+            let hi = expect.end.min(mine.end);
+            if lo >= hi {
+                continue;
+            }
+            let path = dir.join(&ms.file);
+            let s = read_shard(&path)?;
+            ensure!(
+                s.sha256 == ms.sha256,
+                "{}: checksum {} differs from the manifest's {}",
+                path.display(),
+                s.sha256,
+                ms.sha256
+            );
+            ensure!(
+                s.rank == r
+                    && s.world == m.world_size
+                    && s.n_params == n_params
+                    && s.start == expect.start
+                    && s.len == expect.len()
+                    && s.updates == m.updates,
+                "{}: header disagrees with the manifest",
+                path.display()
+            );
+            let (src, dst) = (lo - s.start..hi - s.start, lo - mine.start..hi - mine.start);
+            z.master[dst.clone()].copy_from_slice(&s.master[src.clone()]);
+            z.m[dst.clone()].copy_from_slice(&s.m[src.clone()]);
+            z.v[dst].copy_from_slice(&s.v[src]);
+        }
+        z.has_master = true;
+        z.updates = m.updates;
+        Ok(z)
+    }
+}
+
+struct ShardFile {
+    rank: usize,
+    world: usize,
+    n_params: usize,
+    start: usize,
+    len: usize,
+    updates: u64,
+    master: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    sha256: String,
+}
+
+fn read_shard(path: &PathBuf) -> Result<ShardFile> {
+    let b = std::fs::read(path)
+        .with_context(|| format!("cannot read ZeRO-2 shard {}", path.display()))?;
+    let bad = |what: &str| format!("{}: {what}", path.display());
+    ensure!(
+        b.len() >= SHARD_HEADER + 32 && &b[..8] == SHARD_MAGIC,
+        bad("not a ZeRO-2 shard file (bad magic or truncated)")
+    );
+    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+    let version = u32_at(8);
+    ensure!(
+        version == SHARD_VERSION,
+        bad(&format!(
+            "shard version {version}, this build reads {SHARD_VERSION}"
+        ))
+    );
+    let len = u64_at(40) as usize;
+    let expect = SHARD_HEADER + 12 * len + 32;
+    ensure!(
+        b.len() == expect,
+        bad(&format!(
+            "{} bytes, expected {expect} for {len} elements (truncated?)",
+            b.len()
+        ))
+    );
+    let body = &b[..expect - 32];
+    let digest = Sha256::digest(body);
+    if digest.as_slice() != &b[expect - 32..] {
+        bail!(bad("checksum mismatch: the shard is corrupt"));
+    }
+    let floats = |i: usize| -> Vec<f32> {
+        let o = SHARD_HEADER + 4 * len * i;
+        b[o..o + 4 * len]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect()
+    };
+    Ok(ShardFile {
+        rank: u32_at(12) as usize,
+        world: u32_at(16) as usize,
+        n_params: u64_at(24) as usize,
+        start: u64_at(32) as usize,
+        len,
+        updates: u64_at(48),
+        master: floats(0),
+        m: floats(1),
+        v: floats(2),
+        sha256: digest.iter().map(|x| format!("{x:02x}")).collect(),
+    })
+}
+
+/// The maximal nodes of the canonical pairwise tree over `[0, p)` that lie inside `[a, b)`,
+/// left to right (at most ~2·log2 p of them).
+fn cover_nodes(p: usize, a: usize, b: usize) -> Vec<(usize, usize)> {
+    fn rec(lo: usize, hi: usize, a: usize, b: usize, out: &mut Vec<(usize, usize)>) {
+        if hi <= a || lo >= b || lo >= hi {
+            return;
+        }
+        if a <= lo && hi <= b {
+            out.push((lo, hi));
+            return;
+        }
+        let h = tree_split(hi - lo);
+        rec(lo, lo + h, a, b, out);
+        rec(lo + h, hi, a, b, out);
+    }
+    let mut out = Vec::new();
+    rec(0, p, a, b, &mut out);
+    out
+}
+
+/// `Σ x²` in f64 over the canonical pairwise tree of `x`'s indices (squares of f32 are exact in
+/// f64, so the value depends only on the tree, which depends only on `x.len()`).
+pub fn tree_sum_squares(x: &[f32]) -> f64 {
+    const LEAF: usize = 1024;
+    let n = x.len();
+    if n == 0 {
+        return 0.0;
+    }
+    if n.is_power_of_two() && n <= LEAF {
+        // Level by level: buf[i] = node(2i) + node(2i+1), which is the tree's pairing.
+        let mut buf = [0f64; LEAF];
+        for (b, &v) in buf.iter_mut().zip(x) {
+            *b = v as f64 * v as f64;
+        }
+        let mut m = n;
+        while m > 1 {
+            m /= 2;
+            for i in 0..m {
+                buf[i] = buf[2 * i] + buf[2 * i + 1];
+            }
+        }
+        return buf[0];
+    }
+    let h = tree_split(n);
+    tree_sum_squares(&x[..h]) + tree_sum_squares(&x[h..])
+}
+
+/// `Σ g²` over the whole flat buffer (every rank's shard `shard` of `layout`), in f64, in the
+/// canonical pairwise order over *global* indices — so the result is bit-identical for every
+/// world size. Each rank computes the maximal tree nodes inside its range; every rank knows
+/// every rank's node list, so one all-reduce of a vector with one slot per node (zeros
+/// elsewhere, and `x + 0 = x` exactly) shares them; each rank then adds up the top of the tree.
+pub fn global_sum_squares(
+    comm: &dyn Comm,
+    layout: &ShardLayout,
+    rank: usize,
+    shard: &[f32],
+) -> Result<f64> {
+    let p = layout.n_params;
+    let lists: Vec<Vec<(usize, usize)>> = (0..layout.world)
+        .map(|r| {
+            let rg = layout.range(r);
+            cover_nodes(p, rg.start, rg.end)
+        })
+        .collect();
+    let total: usize = lists.iter().map(Vec::len).sum();
+    let mut slots = vec![0f64; total];
+    let first: usize = lists[..rank].iter().map(Vec::len).sum();
+    let start = layout.range(rank).start;
+    for (i, &(lo, hi)) in lists[rank].iter().enumerate() {
+        slots[first + i] = tree_sum_squares(&shard[lo - start..hi - start]);
+    }
+    comm.all_reduce_sum_f64(&mut slots)?;
+    let values: HashMap<(usize, usize), f64> = lists
+        .into_iter()
+        .flatten()
+        .zip(slots.iter().copied())
+        .collect();
+    fn eval(lo: usize, hi: usize, v: &HashMap<(usize, usize), f64>) -> f64 {
+        if lo >= hi {
+            return 0.0;
+        }
+        if let Some(x) = v.get(&(lo, hi)) {
+            return *x;
+        }
+        let h = tree_split(hi - lo);
+        eval(lo, lo + h, v) + eval(lo + h, hi, v)
+    }
+    Ok(eval(0, p, &values))
+}
+
+/// One AdamW step in place, with `torch.optim.AdamW`'s single-tensor arithmetic (scalars in f64
+/// as Python computes them, rounded to f32 where torch hands them to the kernel).
+fn adamw_update(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], hp: AdamW) {
+    let (lr, b1, b2) = (hp.lr as f64, hp.beta1 as f64, hp.beta2 as f64);
+    let step = hp.step.max(1) as f64;
+    let decay = (1.0 - lr * hp.weight_decay as f64) as f32;
+    let w1 = (1.0 - b1) as f32;
+    let (b2f, w2) = (b2 as f32, (1.0 - b2) as f32);
+    let bc1 = 1.0 - b1.powf(step);
+    let bc2 = 1.0 - b2.powf(step);
+    let neg_step = (-(lr / bc1)) as f32;
+    let bc2_sqrt = bc2.sqrt() as f32;
+    for i in 0..p.len() {
+        let gi = g[i];
+        p[i] *= decay;
+        // torch.lerp: weight < 0.5 ? self + w·(end − self) : end − (end − self)·(1 − w)
+        m[i] = if w1 < 0.5 {
+            m[i] + w1 * (gi - m[i])
+        } else {
+            gi - (gi - m[i]) * (1.0 - w1)
+        };
+        v[i] = v[i] * b2f + w2 * gi * gi;
+        let denom = v[i].sqrt() / bc2_sqrt + hp.eps;
+        p[i] += neg_step * m[i] / denom;
+    }
+}
