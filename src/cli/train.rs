@@ -113,13 +113,108 @@ pub fn run(args: Args) -> Result<()> {
         println!("{line}");
         return Ok(());
     }
-    bail!("not yet: the training loop lands with the model, data and zero branches")
+    train(args, cfg)
 }
 
 /// Number of pieces in a SentencePiece model file.
 fn tokenizer_size(path: &std::path::Path) -> Result<usize> {
-    bail!(
-        "cannot read tokenizer {} yet: pass --vocab-size for a dry run",
-        path.display()
-    )
+    Ok(zhllama::vocab::encode::Tokenizer::load(path)?.vocab_size())
+}
+
+fn train(args: Args, cfg: TrainConfig) -> Result<()> {
+    use zhllama::backend::cpu::CpuBackend;
+    use zhllama::train::{checkpoint, data::Data, setup, trainer};
+    cfg.validate()?;
+    let data_dir = args.data.as_ref().context("--data DIR is required")?;
+    let output = args.output.as_ref().context("--output DIR is required")?;
+    let vars: std::collections::HashMap<String, String> = std::env::vars().collect();
+    let launch = zhllama::distributed::launch_info(&vars)?;
+    let comm =
+        zhllama::distributed::init(launch.as_ref(), Some(std::time::Duration::from_secs(60)))?;
+    let comm: &dyn zhllama::distributed::Comm = &*comm;
+    let data = Data::open(data_dir)?;
+    if (args.stage == Stage::Sft) != data.is_sft() {
+        bail!(
+            "stage {} needs {} data, {} holds {} data",
+            args.stage,
+            if args.stage == Stage::Sft {
+                "SFT"
+            } else {
+                "pre-training"
+            },
+            data_dir.display(),
+            if data.is_sft() { "SFT" } else { "pre-training" }
+        );
+    }
+    let tok_vocab = match (&args.tokenizer, args.vocab_size) {
+        (Some(p), _) => tokenizer_size(p)?.max(data.vocab_size()),
+        (None, Some(v)) => v,
+        (None, None) => data.vocab_size(),
+    };
+    let resume = match &args.resume {
+        None => None,
+        Some(p) if p.as_os_str().is_empty() => match checkpoint::latest(output)? {
+            Some((dir, _)) => Some(dir),
+            None => {
+                if comm.rank() == 0 {
+                    eprintln!(
+                        "no checkpoint in {}: starting from the beginning",
+                        output.display()
+                    );
+                }
+                None
+            }
+        },
+        Some(p) => Some(p.clone()),
+    };
+    let backend = std::sync::Arc::new(CpuBackend::new());
+    let model = setup::load_model(backend, &args.model, &cfg, args.stage, tok_vocab)?;
+    if comm.rank() == 0 {
+        let l = model.layout();
+        eprintln!(
+            "stage {}: {} trainable of {} parameters ({:.2}%), vocab {}, world {}, accumulation {}",
+            args.stage,
+            l.num_trainable(),
+            l.num_params(),
+            100.0 * l.num_trainable() as f64 / l.num_params() as f64,
+            model.config().vocab_size,
+            comm.world_size(),
+            cfg.accumulation_steps(comm.world_size())?
+        );
+    }
+    let mut t = trainer::Trainer::new(
+        model,
+        &data,
+        cfg.clone(),
+        args.stage,
+        comm,
+        output,
+        resume.as_deref(),
+    )?;
+    let opts = trainer::RunOptions {
+        resume_from: resume.clone(),
+        progress: true,
+        stop_after: None,
+        inject_nonfinite_steps: Vec::new(),
+    };
+    let summary = t.run(&opts)?;
+    if comm.rank() == 0 {
+        let out = setup::save_outputs(&t.model, &cfg, output, &args.model)?;
+        let png = output.join("loss.png");
+        if let Err(e) = zhllama::train::plot::plot_run(output, &png) {
+            eprintln!("warning: no loss plot: {e:#}");
+        }
+        println!(
+            "{}",
+            serde_json::json!({
+                "step": summary.step,
+                "skipped_steps": summary.skipped_steps,
+                "final_loss": summary.losses.last(),
+                "output": out.display().to_string(),
+                "checkpoint": summary.last_checkpoint.map(|p| p.display().to_string()),
+            })
+        );
+    }
+    comm.barrier()?;
+    Ok(())
 }

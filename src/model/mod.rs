@@ -13,6 +13,7 @@ pub mod config;
 pub mod llama;
 pub mod lora;
 pub mod params;
+pub mod peft;
 pub mod weights;
 
 pub use config::LlamaConfig;

@@ -271,7 +271,7 @@ impl TrainConfig {
     /// an error when the batch does not divide evenly.
     pub fn accumulation_steps(&self, world: usize) -> Result<usize> {
         let per_pass = self.micro_batch_size * world;
-        if self.micro_batch_size == 0 || world == 0 || self.batch_size % per_pass != 0 {
+        if self.micro_batch_size == 0 || world == 0 || !self.batch_size.is_multiple_of(per_pass) {
             bail!(
                 "batch_size {} is not a multiple of micro_batch_size {} × world size {}",
                 self.batch_size,

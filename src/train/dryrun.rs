@@ -32,7 +32,9 @@ impl Dims {
             .with_context(|| format!("cannot read {}", path.display()))?;
         let dims: Dims = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a LLaMA config", path.display()))?;
-        if dims.num_attention_heads == 0 || dims.hidden_size % dims.num_attention_heads != 0 {
+        if dims.num_attention_heads == 0
+            || !dims.hidden_size.is_multiple_of(dims.num_attention_heads)
+        {
             bail!(
                 "{}: hidden_size {} is not a multiple of num_attention_heads {}",
                 path.display(),
