@@ -30,9 +30,12 @@ pub struct Args {
     pub max_steps: Option<u64>,
     #[arg(long)]
     pub save_steps: Option<u64>,
-    /// Continue from the newest checkpoint in --output (or from the given checkpoint directory).
-    #[arg(long, num_args = 0..=1, default_missing_value = "")]
-    pub resume: Option<PathBuf>,
+    /// Continue from the newest checkpoint in --output (a fresh start when there is none).
+    #[arg(long)]
+    pub resume: bool,
+    /// Continue from this checkpoint directory (e.g. an older one when the newest is damaged).
+    #[arg(long)]
+    pub resume_from: Option<PathBuf>,
     #[arg(long)]
     pub seed: Option<u64>,
     /// TOML file of config keys applied over the stage preset.
@@ -151,9 +154,10 @@ fn train(args: Args, cfg: TrainConfig) -> Result<()> {
         (None, Some(v)) => v,
         (None, None) => data.vocab_size(),
     };
-    let resume = match &args.resume {
-        None => None,
-        Some(p) if p.as_os_str().is_empty() => match checkpoint::latest(output)? {
+    let resume = match (&args.resume_from, args.resume) {
+        (Some(p), _) => Some(p.clone()),
+        (None, false) => None,
+        (None, true) => match checkpoint::latest(output)? {
             Some((dir, _)) => Some(dir),
             None => {
                 if comm.rank() == 0 {
@@ -165,7 +169,6 @@ fn train(args: Args, cfg: TrainConfig) -> Result<()> {
                 None
             }
         },
-        Some(p) => Some(p.clone()),
     };
     let backend = std::sync::Arc::new(CpuBackend::new());
     let model = setup::load_model(backend, &args.model, &cfg, args.stage, tok_vocab)?;

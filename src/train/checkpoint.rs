@@ -240,7 +240,7 @@ pub fn latest(output: &Path) -> Result<Option<(PathBuf, TrainerState)>> {
             match older {
                 Some(o) => bail!(
                     "refusing to resume from {}: {e:#}; the previous checkpoint {o} is intact \
-                     (pass --resume {o}, or remove the damaged one)",
+                     (pass --resume-from {o}, or remove the damaged one)",
                     newest.display()
                 ),
                 None => bail!(
