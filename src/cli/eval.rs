@@ -22,9 +22,8 @@ pub struct Args {
 fn read_tokens(path: &Path, vocab: usize) -> Result<Vec<Vec<i32>>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let seqs: Vec<Vec<i64>> = serde_json::from_str(&text).with_context(|| {
-        format!("{}: expected a JSON list of token-id lists", path.display())
-    })?;
+    let seqs: Vec<Vec<i64>> = serde_json::from_str(&text)
+        .with_context(|| format!("{}: expected a JSON list of token-id lists", path.display()))?;
     if seqs.is_empty() {
         bail!("{}: no sequences (empty list)", path.display());
     }

@@ -75,9 +75,24 @@ def make_inputs(seed, b, t, vocab):
     return ids, labels
 
 
+def exact_rope(m64):
+    """`.to(dtype)` also casts RoPE's `inv_freq` buffer (to bf16/f16 for the low-precision cases,
+    which would make the reference itself off by 1e-3); set the exact f64 frequencies. (HF still
+    takes cos/sin in float32, an error of ~1e-7 relative, far below the tests' tolerances.)"""
+    for mod in m64.modules():
+        if hasattr(mod, "inv_freq"):
+            d = mod.inv_freq.numel() * 2
+            theta = m64.config.rope_parameters["rope_theta"]
+            exact = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+            mod.inv_freq = exact
+            if hasattr(mod, "original_inv_freq"):
+                mod.original_inv_freq = exact
+
+
 def reference(model, ids, labels, with_grads=True):
     """Logits, loss and gradients of `model` (any dtype) computed in float64."""
     m64 = model.to(torch.float64)
+    exact_rope(m64)
     m64.zero_grad(set_to_none=True)
     for p in m64.parameters():
         p.requires_grad_(with_grads)
@@ -179,6 +194,7 @@ def main():
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
     gqa64 = make_model(20, **gqa_cfg).to(torch.float64)
+    exact_rope(gqa64)
     g = torch.Generator().manual_seed(50)
     seqs = [torch.randint(0, 160, (n,), generator=g).tolist() for n in (5, 12, 2, 9)]
     total, count = 0.0, 0
