@@ -8,10 +8,7 @@ mod model_common;
 use model_common::*;
 use std::collections::HashMap;
 use zhllama::backend::cpu::CpuBackend;
-use zhllama::model::{
-    Activations, Checkpoint, Group, Kind, Llama, LlamaConfig, LoraConfig, Proj, SaveOptions,
-    TrainSpec,
-};
+use zhllama::model::{Activations, Checkpoint, Group, Llama, TrainSpec};
 use zhllama::tensor::DType;
 
 /// The tolerance table. Our side runs in f32 against an f64 reference, so every entry only has to
@@ -35,38 +32,6 @@ mod tol {
         floor: 1e-5,
         why: "f32 forward+backward through 2 layers vs f64, relative to the tensor's max",
     };
-}
-
-/// The LoRA config of the `lora` fixture (make_reference.py).
-fn fixture_lora() -> LoraConfig {
-    LoraConfig::new(
-        4,
-        8.0,
-        0.0,
-        &[Proj::Q, Proj::V, Proj::O, Proj::Gate, Proj::Down],
-        0,
-    )
-    .unwrap()
-}
-
-/// Load `case` with `spec`; LoRA factors (if any) from the reference file.
-fn load_with_ref(case: &str, spec: TrainSpec, r: &HashMap<String, RefTensor>) -> Llama<CpuBackend> {
-    let dir = fixture(case);
-    let cfg = LlamaConfig::load(&dir.join("config.json")).unwrap();
-    let ck = Checkpoint::open(&dir).unwrap();
-    Llama::new(cpu(), cfg, spec, |e, out| {
-        if matches!(e.kind, Kind::LoraA { .. } | Kind::LoraB { .. }) {
-            let t = &r[&e.name];
-            assert_eq!(t.shape, e.shape, "{}", e.name);
-            for (o, x) in out.iter_mut().zip(&t.data) {
-                *o = *x as f32;
-            }
-        } else {
-            ck.read_into(&e.name, &e.shape, out)?;
-        }
-        Ok(true)
-    })
-    .unwrap()
 }
 
 struct Run {

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use zhllama::backend::cpu::CpuBackend;
-use zhllama::model::{Llama, TrainSpec};
+use zhllama::model::{Checkpoint, Kind, Llama, LlamaConfig, LoraConfig, Proj, TrainSpec};
 
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -104,4 +104,40 @@ pub fn cpu() -> Arc<CpuBackend> {
 
 pub fn load(case: &str, spec: TrainSpec) -> Llama<CpuBackend> {
     Llama::from_dir(cpu(), &fixture(case), spec).unwrap_or_else(|e| panic!("{case}: {e:#}"))
+}
+
+/// The LoRA config of the `lora` fixture (make_reference.py).
+pub fn fixture_lora() -> LoraConfig {
+    LoraConfig::new(
+        4,
+        8.0,
+        0.0,
+        &[Proj::Q, Proj::V, Proj::O, Proj::Gate, Proj::Down],
+        0,
+    )
+    .unwrap()
+}
+
+/// Load `case` with `spec`; LoRA factors (if any) from the reference file.
+pub fn load_with_ref(
+    case: &str,
+    spec: TrainSpec,
+    r: &HashMap<String, RefTensor>,
+) -> Llama<CpuBackend> {
+    let dir = fixture(case);
+    let cfg = LlamaConfig::load(&dir.join("config.json")).unwrap();
+    let ck = Checkpoint::open(&dir).unwrap();
+    Llama::new(cpu(), cfg, spec, |e, out| {
+        if matches!(e.kind, Kind::LoraA { .. } | Kind::LoraB { .. }) {
+            let t = &r[&e.name];
+            assert_eq!(t.shape, e.shape, "{}", e.name);
+            for (o, x) in out.iter_mut().zip(&t.data) {
+                *o = *x as f32;
+            }
+        } else {
+            ck.read_into(&e.name, &e.shape, out)?;
+        }
+        Ok(true)
+    })
+    .unwrap()
 }
