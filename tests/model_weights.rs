@@ -305,7 +305,7 @@ fn random_init_follows_hf_init_and_lora_starts_as_identity() {
             .iter()
             .all(|&x| x == 0.0)
     );
-    let ids: Vec<i32> = (0..2 * 11).map(|i| (i * 37 % 200) as i32).collect();
+    let ids: Vec<i32> = (0..2 * 11).map(|i| i * 37 % 200).collect();
     let mut x = zhllama::model::Activations::new_inference(&base, 2, 11).unwrap();
     let mut y = zhllama::model::Activations::new_inference(&adapted, 2, 11).unwrap();
     base.forward_logits(&mut x, &ids).unwrap();

@@ -34,6 +34,10 @@ pub struct Args {
     seq: Option<usize>,
     #[arg(long)]
     layers: Option<usize>,
+    /// Instead of a model step, time the backend's f32 matmul at `N×N×N` (the SGEMM ceiling the
+    /// step's GFLOP/s is compared against).
+    #[arg(long, value_name = "N")]
+    sgemm: Option<usize>,
     /// Backend: cpu (cuda once the CUDA backend lands).
     #[arg(long, default_value = "cpu")]
     backend: String,
@@ -49,7 +53,53 @@ fn preset(name: &str) -> Result<(LlamaConfig, usize, usize, usize)> {
     })
 }
 
+/// GFLOP/s of `out[n,n] = a[n,n] · b[n,n]ᵀ` (the `y = x·Wᵀ` layout the model uses most).
+fn sgemm<B: Backend>(backend: &B, n: usize, reps: usize) -> Result<()> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+    let host: Vec<f32> = (0..n * n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let mut a = backend.alloc(n * n, zhllama::backend::Role::Activation)?;
+    let mut b = backend.alloc(n * n, zhllama::backend::Role::Weight)?;
+    let mut out = backend.alloc(n * n, zhllama::backend::Role::Activation)?;
+    backend.upload(&mut a, &host)?;
+    backend.upload(&mut b, &host)?;
+    let mm = |out: &mut B::Buf| {
+        backend.matmul(
+            backend.view_mut(out, 0..n * n),
+            backend.view(&a, 0..n * n),
+            backend.view(&b, 0..n * n),
+            n,
+            n,
+            n,
+            false,
+            true,
+            1.0,
+            0.0,
+        );
+        backend.synchronize()
+    };
+    mm(&mut out)?;
+    let start = Instant::now();
+    for _ in 0..reps {
+        mm(&mut out)?;
+    }
+    let secs = start.elapsed().as_secs_f64() / reps as f64;
+    let gflops = 2.0 * (n as f64).powi(3) / secs / 1e9;
+    eprintln!(
+        "sgemm {n}³ on {}: {:.2} ms, {gflops:.1} GFLOP/s",
+        backend.name(),
+        secs * 1e3
+    );
+    println!(
+        "{}",
+        serde_json::json!({"impl": "zhllama", "backend": backend.name(), "sgemm": n, "ms": secs * 1e3, "gflops": gflops})
+    );
+    Ok(())
+}
+
 fn run_on<B: Backend>(backend: Arc<B>, args: &Args) -> Result<()> {
+    if let Some(n) = args.sgemm {
+        return sgemm(&*backend, n, args.steps.unwrap_or(10).max(1));
+    }
     let (mut cfg, mut b, mut t, steps) = preset(&args.preset)?;
     if let Some(l) = args.layers {
         cfg.num_hidden_layers = l;

@@ -88,7 +88,7 @@ pub fn compare(what: &str, got: &[f32], want: &[f64], tol: Tol) -> Result<f64, S
     for (i, (&g, &r)) in got.iter().zip(want).enumerate() {
         let err = (g as f64 - r).abs();
         worst = worst.max(err / scale.max(f64::MIN_POSITIVE));
-        if !(err <= atol + tol.rtol * r.abs()) {
+        if err.is_nan() || err > atol + tol.rtol * r.abs() {
             return Err(format!(
                 "{what}[{i}]: got {g}, want {r} (|err| {err:.3e} > {atol:.3e} + {}·|ref|; tolerance: {})",
                 tol.rtol, tol.why
