@@ -10,10 +10,17 @@
 //!
 //! Work is split per (batch, head) in the forward and per (batch, kv head) in the backward (that
 //! task owns the dk/dv rows it accumulates, so no two tasks write the same element and the
-//! summation order is fixed). Nothing of size `t × t` is materialised.
+//! summation order is fixed). A task gathers its heads into contiguous `[t, d]` matrices and walks
+//! blocks of [`BLOCK`] query rows; each block's scores against the keys it may see (`0..r1`) are a
+//! small GEMM, so at most `BLOCK × t` scores exist at a time and the masked upper triangle is
+//! skipped except inside the diagonal block.
 
-use super::math::{SharedMut, axpy_slice, dot};
+use super::math::{SharedMut, dot, exp_fast, exp_sub_sum, max, simd_fn};
+use super::matmul::matmul_serial;
 use rayon::prelude::*;
+
+/// Query rows per block.
+pub const BLOCK: usize = 64;
 
 /// `1/sqrt(d)` as HF computes `head_dim ** -0.5` (in f64, rounded to f32).
 pub fn attention_scale(d: usize) -> f32 {
@@ -98,32 +105,117 @@ pub fn attention_forward(
         .for_each(|(bh, lse_row)| {
             let (bi, hi) = (bh / h, bh % h);
             let kh = hi / group;
-            let q_at = |i: usize| &q[((bi * t + i) * h + hi) * d..][..d];
-            let k_at = |j: usize| &k[((bi * t + j) * hkv + kh) * d..][..d];
-            let v_at = |j: usize| &v[((bi * t + j) * hkv + kh) * d..][..d];
-            let mut s = vec![0.0f32; t];
-            for i in 0..t {
-                let qi = q_at(i);
-                let mut m = f32::NEG_INFINITY;
-                for (j, sj) in s[..=i].iter_mut().enumerate() {
-                    *sj = dot(qi, k_at(j)) * scale;
-                    m = m.max(*sj);
-                }
-                let mut sum = 0.0f32;
-                for sj in &mut s[..=i] {
-                    *sj = (*sj - m).exp();
-                    sum += *sj;
-                }
-                lse_row[i] = m + sum.ln();
-                let inv = 1.0 / sum;
-                // SAFETY: row (bi, i, hi) of `out` belongs to this task only.
-                let o = unsafe { out.slice(((bi * t + i) * h + hi) * d, d) };
-                o.fill(0.0);
-                for (j, &e) in s[..=i].iter().enumerate() {
-                    axpy_slice(o, e * inv, v_at(j));
-                }
+            let qh = gather(q, bi, t, h, hi, d);
+            let kk = gather(k, bi, t, hkv, kh, d);
+            let vv = gather(v, bi, t, hkv, kh, d);
+            let mut oh = vec![0.0f32; t * d];
+            let mut s = vec![0.0f32; BLOCK * t];
+            for r0 in (0..t).step_by(BLOCK) {
+                let r1 = (r0 + BLOCK).min(t);
+                let (m, s) = (r1 - r0, &mut s[..(r1 - r0) * r1]);
+                // s[i, j] = scale · q_i · k_j for the block's rows and keys 0..r1.
+                matmul_serial(
+                    s,
+                    &qh[r0 * d..r1 * d],
+                    &kk[..r1 * d],
+                    m,
+                    r1,
+                    d,
+                    false,
+                    true,
+                    scale,
+                    0.0,
+                );
+                softmax_rows(s, &mut lse_row[r0..r1], r0, r1);
+                // o = p · v
+                matmul_serial(
+                    &mut oh[r0 * d..r1 * d],
+                    s,
+                    &vv[..r1 * d],
+                    m,
+                    d,
+                    r1,
+                    false,
+                    false,
+                    1.0,
+                    0.0,
+                );
             }
+            // SAFETY: the (bi, ·, hi) rows of `out` belong to this task only.
+            unsafe { scatter(&out, &oh, bi, t, h, hi, d) };
         });
+}
+
+simd_fn! {
+    /// Row `ii` of the `[m, r1]` block `s` (query `i = r0 + ii`) becomes the causal softmax of its
+    /// first `i + 1` scores (zeros after); `lse[ii] =` their log-sum-exp.
+    fn softmax_rows(s: &mut [f32], lse: &mut [f32], r0: usize, r1: usize) {
+        for (ii, row) in s.chunks_mut(r1).enumerate() {
+            let (seen, masked) = row.split_at_mut(r0 + ii + 1);
+            let mx = max(seen);
+            let sum = exp_sub_sum(seen, mx);
+            lse[ii] = mx + sum.ln();
+            let inv = 1.0 / sum;
+            seen.iter_mut().for_each(|e| *e *= inv);
+            masked.fill(0.0);
+        }
+    }
+}
+
+simd_fn! {
+    /// Backward of one block: on entry `p` holds the scaled scores and `ds` holds `dout · vᵀ`;
+    /// on exit `p = exp(score − lse)` and `ds = p ⊙ (dp − dout·out)`, both 0 above the diagonal.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_rows(
+        p: &mut [f32],
+        ds: &mut [f32],
+        dout: &[f32],
+        out: &[f32],
+        lse: &[f32],
+        r0: usize,
+        r1: usize,
+        d: usize,
+    ) {
+        for (ii, (prow, dsrow)) in p.chunks_mut(r1).zip(ds.chunks_mut(r1)).enumerate() {
+            let i = r0 + ii;
+            let l = lse[i];
+            let di = dot(&dout[i * d..(i + 1) * d], &out[i * d..(i + 1) * d]);
+            for (pj, dsj) in prow[..=i].iter_mut().zip(&mut dsrow[..=i]) {
+                *pj = exp_fast(*pj - l);
+                *dsj = *pj * (*dsj - di);
+            }
+            prow[i + 1..].fill(0.0);
+            dsrow[i + 1..].fill(0.0);
+        }
+    }
+}
+
+/// Head `hi` of batch `bi` of `x[b,t,heads,d]` as a contiguous `[t, d]` matrix.
+fn gather(x: &[f32], bi: usize, t: usize, heads: usize, hi: usize, d: usize) -> Vec<f32> {
+    let mut m = Vec::with_capacity(t * d);
+    for i in 0..t {
+        m.extend_from_slice(&x[((bi * t + i) * heads + hi) * d..][..d]);
+    }
+    m
+}
+
+/// Writes a `[t, d]` matrix back as head `hi` of batch `bi` of `x[b,t,heads,d]`.
+///
+/// # Safety
+/// No other task may touch those rows of `x` meanwhile.
+unsafe fn scatter(
+    x: &SharedMut,
+    m: &[f32],
+    bi: usize,
+    t: usize,
+    heads: usize,
+    hi: usize,
+    d: usize,
+) {
+    for (i, row) in m.chunks(d).enumerate() {
+        // SAFETY: the caller's promise.
+        unsafe { x.slice(((bi * t + i) * heads + hi) * d, d) }.copy_from_slice(row);
+    }
 }
 
 /// `dq =`, `dk =`, `dv =` of [`attention_forward`], from `dout`, the inputs and the saved
@@ -191,37 +283,73 @@ pub fn attention_backward(
     let (dq, dk, dv) = (SharedMut::new(dq), SharedMut::new(dk), SharedMut::new(dv));
     (0..b * hkv).into_par_iter().for_each(|bk| {
         let (bi, kh) = (bk / hkv, bk % hkv);
-        let kv_off = |j: usize| ((bi * t + j) * hkv + kh) * d;
-        let k_at = |j: usize| &k[kv_off(j)..][..d];
-        let v_at = |j: usize| &v[kv_off(j)..][..d];
-        // SAFETY (all `slice` calls below): the dk/dv rows of kv head (bi, kh) and the dq rows of
-        // its query heads belong to this task only, and each is borrowed once at a time.
-        for j in 0..t {
-            unsafe {
-                dk.slice(kv_off(j), d).fill(0.0);
-                dv.slice(kv_off(j), d).fill(0.0);
-            }
-        }
-        let mut p = vec![0.0f32; t];
+        let kk = gather(k, bi, t, hkv, kh, d);
+        let vv = gather(v, bi, t, hkv, kh, d);
+        let (mut dkh, mut dvh) = (vec![0.0f32; t * d], vec![0.0f32; t * d]);
+        let mut p = vec![0.0f32; BLOCK * t];
+        let mut ds = vec![0.0f32; BLOCK * t];
         for hi in kh * group..(kh + 1) * group {
-            let q_off = |i: usize| ((bi * t + i) * h + hi) * d;
-            for i in 0..t {
-                let qi = &q[q_off(i)..][..d];
-                let doi = &dout[q_off(i)..][..d];
-                let di = dot(doi, &out[q_off(i)..][..d]);
-                let l = lse[(bi * h + hi) * t + i];
-                for (j, pj) in p[..=i].iter_mut().enumerate() {
-                    *pj = (dot(qi, k_at(j)) * scale - l).exp();
-                }
-                let dqi = unsafe { dq.slice(q_off(i), d) };
-                dqi.fill(0.0);
-                for (j, &pj) in p[..=i].iter().enumerate() {
-                    let ds = pj * (dot(doi, v_at(j)) - di);
-                    axpy_slice(dqi, ds * scale, k_at(j));
-                    axpy_slice(unsafe { dk.slice(kv_off(j), d) }, ds * scale, qi);
-                    axpy_slice(unsafe { dv.slice(kv_off(j), d) }, pj, doi);
-                }
+            let qh = gather(q, bi, t, h, hi, d);
+            let doh = gather(dout, bi, t, h, hi, d);
+            let oh = gather(out, bi, t, h, hi, d);
+            let lse_row = &lse[(bi * h + hi) * t..][..t];
+            let mut dqh = vec![0.0f32; t * d];
+            for r0 in (0..t).step_by(BLOCK) {
+                let r1 = (r0 + BLOCK).min(t);
+                let m = r1 - r0;
+                let (p, ds) = (&mut p[..m * r1], &mut ds[..m * r1]);
+                let (q_blk, do_blk) = (&qh[r0 * d..r1 * d], &doh[r0 * d..r1 * d]);
+                // p = exp(scale · q kᵀ − lse), 0 above the diagonal.
+                matmul_serial(p, q_blk, &kk[..r1 * d], m, r1, d, false, true, scale, 0.0);
+                // dp = dout · vᵀ
+                matmul_serial(ds, do_blk, &vv[..r1 * d], m, r1, d, false, true, 1.0, 0.0);
+                backward_rows(p, ds, &doh, &oh, lse_row, r0, r1, d);
+                // dq = scale · ds · k;  dk += scale · dsᵀ · q;  dv += pᵀ · dout
+                let dq_blk = &mut dqh[r0 * d..r1 * d];
+                matmul_serial(
+                    dq_blk,
+                    ds,
+                    &kk[..r1 * d],
+                    m,
+                    d,
+                    r1,
+                    false,
+                    false,
+                    scale,
+                    0.0,
+                );
+                matmul_serial(
+                    &mut dkh[..r1 * d],
+                    ds,
+                    q_blk,
+                    r1,
+                    d,
+                    m,
+                    true,
+                    false,
+                    scale,
+                    1.0,
+                );
+                matmul_serial(
+                    &mut dvh[..r1 * d],
+                    p,
+                    do_blk,
+                    r1,
+                    d,
+                    m,
+                    true,
+                    false,
+                    1.0,
+                    1.0,
+                );
             }
+            // SAFETY: the dq rows of query head (bi, hi) belong to this task only.
+            unsafe { scatter(&dq, &dqh, bi, t, h, hi, d) };
+        }
+        // SAFETY: the dk/dv rows of kv head (bi, kh) belong to this task only.
+        unsafe {
+            scatter(&dk, &dkh, bi, t, hkv, kh, d);
+            scatter(&dv, &dvh, bi, t, hkv, kh, d);
         }
     });
 }

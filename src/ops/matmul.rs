@@ -13,7 +13,8 @@
 
 use gemm::{Parallelism, gemm};
 
-/// `out[m,n] = alpha * op(a)·op(b) + beta * out` (`=` when `beta == 0`, else `+=`-style blend).
+/// `out[m,n] = alpha * op(a)·op(b) + beta * out` (`=` when `beta == 0`, else a blend).
+/// Large products use rayon's pool.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     out: &mut [f32],
@@ -26,6 +27,43 @@ pub fn matmul(
     trans_b: bool,
     alpha: f32,
     beta: f32,
+) {
+    // Small products are not worth waking the pool for.
+    let threaded = m * n * k >= 64 * 64 * 64;
+    matmul_on(out, a, b, m, n, k, trans_a, trans_b, alpha, beta, threaded);
+}
+
+/// [`matmul`] on the calling thread only: for callers that are themselves one of many rayon tasks
+/// (attention's per-head blocks).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_serial(
+    out: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+    alpha: f32,
+    beta: f32,
+) {
+    matmul_on(out, a, b, m, n, k, trans_a, trans_b, alpha, beta, false);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_on(
+    out: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+    alpha: f32,
+    beta: f32,
+    threaded: bool,
 ) {
     assert_eq!(out.len(), m * n, "matmul: out is not [m={m}, n={n}]");
     assert_eq!(a.len(), m * k, "matmul: a is not {m}x{k}");
@@ -45,11 +83,10 @@ pub fn matmul(
     // Strides in elements: (row stride, column stride) of each operand as it enters the product.
     let (a_rs, a_cs) = if trans_a { (1, m) } else { (k, 1) };
     let (b_rs, b_cs) = if trans_b { (1, k) } else { (n, 1) };
-    // Small products are not worth waking the pool for.
-    let par = if m * n * k < 64 * 64 * 64 {
-        Parallelism::None
-    } else {
+    let par = if threaded {
         Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        Parallelism::None
     };
     // SAFETY: the three slices have the asserted lengths, so every index the strides reach is in
     // bounds; `out` is exclusively borrowed and does not alias `a` or `b`.
