@@ -333,3 +333,45 @@ fn cosine_schedule_matches_hf() {
         }
     }
 }
+
+/// `peft_check.json` (oracle `--check-run`): PEFT loaded zhllama's adapter and transformers loaded
+/// zhllama's merged model, and their logits agreed; here zhllama's own logits for the merged model
+/// (merge-lora of the committed adapter) match transformers'. atol 1e-5: logits are O(1), one
+/// forward of f32 math in a different order (~1e-7 relative per op, a few dozen ops deep).
+#[test]
+fn peft_and_transformers_load_our_outputs_with_our_logits() {
+    let fx = fixtures();
+    let check: Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("peft_check.json")).unwrap()).unwrap();
+    let peft_vs_merged = check["max_abs_logit_diff"].as_f64().unwrap();
+    assert!(peft_vs_merged < 1e-5, "PEFT vs transformers-merged: {peft_vs_merged}");
+    let tmp = tempfile::tempdir().unwrap();
+    let ad = zhllama::model::peft::load_adapter(&fx.join("zhllama_sft_adapter")).unwrap();
+    let merged = tmp.path().join("merged");
+    zhllama::model::peft::merge_into_dir(&fx.join("base"), &[ad], &merged, 1 << 30).unwrap();
+    let be = Arc::new(CpuBackend::new());
+    let model = zhllama::model::Llama::from_dir(be.clone(), &merged, zhllama::model::TrainSpec::frozen())
+        .unwrap();
+    let ids: Vec<Vec<i32>> = check["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i32).collect())
+        .collect();
+    let (b, t) = (ids.len(), ids[0].len());
+    let mut acts = zhllama::model::Activations::new_inference(&model, b, t).unwrap();
+    model.forward_logits(&mut acts, &ids.concat()).unwrap();
+    let v = model.config().vocab_size;
+    let mut got = vec![0.0f32; b * t * v];
+    be.download(acts.logits(), &mut got).unwrap();
+    let want: Vec<f32> = check["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter())
+        .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32))
+        .collect();
+    assert_eq!(got.len(), want.len());
+    let w = worst(&got, &want, 1e-5, 0.0);
+    assert!(w <= 1.0, "logits differ from transformers' by {w} × 1e-5");
+}
