@@ -4,9 +4,10 @@
 //! Never touches a backend.
 
 pub mod encode;
+pub mod hf;
 pub mod merge;
 pub mod proto;
 
 pub use encode::Tokenizer;
-pub use merge::{MergeStats, merge_models};
+pub use merge::{MergeStats, merge_models, merge_tokenizers};
 pub use proto::ModelProto;
