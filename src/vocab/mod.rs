@@ -7,7 +7,9 @@ pub mod encode;
 pub mod hf;
 pub mod merge;
 pub mod proto;
+pub mod train;
 
 pub use encode::Tokenizer;
 pub use merge::{MergeStats, merge_models, merge_tokenizers};
 pub use proto::ModelProto;
+pub use train::{TrainOptions, TrainReport, train};
