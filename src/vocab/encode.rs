@@ -295,6 +295,19 @@ impl Tokenizer {
         out
     }
 
+    /// Ids of an already-normalized string (no dummy prefix added, no ' ' → `▁`): e.g. how this
+    /// model splits another model's piece (`"▁你好"`). Used to initialise new embedding rows.
+    pub fn encode_normalized(&self, normalized: &str) -> Vec<u32> {
+        let mut out = Vec::new();
+        SCRATCH.with(|s| {
+            let mut sc = s.borrow_mut();
+            sc.norm.clear();
+            sc.norm.push_str(normalized);
+            self.encode_prepared(&mut sc, &mut out)
+        });
+        out
+    }
+
     /// [`Tokenizer::encode`] of every text, in parallel over texts (rayon).
     pub fn encode_batch(&self, texts: &[&str]) -> Vec<Vec<u32>> {
         texts.par_iter().map(|t| self.encode(t)).collect()
@@ -367,6 +380,13 @@ impl Tokenizer {
     fn encode_into(&self, text: &str, sc: &mut Scratch, out: &mut Vec<u32>) {
         let mut norm = std::mem::take(&mut sc.norm);
         self.normalize_into(text, &mut norm);
+        sc.norm = norm;
+        self.encode_prepared(sc, out);
+    }
+
+    /// BPE over `sc.norm` (already normalized), appending ids to `out`.
+    fn encode_prepared(&self, sc: &mut Scratch, out: &mut Vec<u32>) {
+        let norm = std::mem::take(&mut sc.norm);
         let bytes = norm.as_bytes();
         if bytes.is_empty() {
             sc.norm = norm;
