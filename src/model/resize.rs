@@ -18,16 +18,11 @@ use anyhow::{Result, bail};
 use rand::{Rng, SeedableRng};
 
 /// How new rows are initialised.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub enum NewRows {
+    #[default]
     MeanOfPieces,
     Random { std: f32, seed: u64 },
-}
-
-impl Default for NewRows {
-    fn default() -> Self {
-        NewRows::MeanOfPieces
-    }
 }
 
 /// The old-vocabulary ids whose rows make new token `id`'s row under [`NewRows::MeanOfPieces`]:
