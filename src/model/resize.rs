@@ -22,7 +22,10 @@ use rand::{Rng, SeedableRng};
 pub enum NewRows {
     #[default]
     MeanOfPieces,
-    Random { std: f32, seed: u64 },
+    Random {
+        std: f32,
+        seed: u64,
+    },
 }
 
 /// The old-vocabulary ids whose rows make new token `id`'s row under [`NewRows::MeanOfPieces`]:

@@ -58,6 +58,16 @@ impl Hasher for PieceHasher {
     }
 
     #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.write_u64(u64::from(i));
+    }
+
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+
+    #[inline]
     fn write_usize(&mut self, i: usize) {
         self.0 = (self.0.rotate_left(5) ^ i as u64).wrapping_mul(0x517c_c1b7_2722_0a95);
     }
@@ -85,6 +95,15 @@ pub struct Tokenizer {
     normal: PieceMap,
     /// CONTROL, UNKNOWN and BYTE pieces (sentencepiece `reserved_id_map_`).
     reserved: PieceMap,
+    /// (left piece id, right piece id) → id of the piece spelled left+right, for every way of
+    /// cutting a piece of `normal` into two pieces of `normal`. Symbols are almost always pieces,
+    /// so this integer lookup replaces hashing the concatenated string (which stays the fallback
+    /// for symbols that are not pieces).
+    pair_table: HashMap<u64, u32, BuildHasherDefault<PieceHasher>>,
+    /// Piece id of each single character that is a `normal` piece: BMP chars by table, others
+    /// by map. `NONE` when not a piece.
+    char_ids: Vec<u32>,
+    char_ids_astral: HashMap<u32, u32, BuildHasherDefault<PieceHasher>>,
     /// User-defined pieces grouped by first byte, longest first.
     user_defined: Vec<Vec<Box<[u8]>>>,
     byte_ids: [u32; 256],
@@ -207,6 +226,26 @@ impl Tokenizer {
         let pad_id = control(piece_id(trainer::PAD_PIECE, "<pad>"))
             .or_else(|| normal.get(b"[PAD]".as_slice()).copied());
         let unk_surface = ts.get_str(UNK_SURFACE).unwrap_or(" \u{2047} ").to_string();
+        let mut pair_table = HashMap::default();
+        let mut char_ids = vec![NONE; 0x10000];
+        let mut char_ids_astral = HashMap::default();
+        for (k, &id) in normal.iter() {
+            let s = std::str::from_utf8(k).expect("pieces are UTF-8");
+            let mut cuts = s.char_indices().skip(1).peekable();
+            if cuts.peek().is_none() {
+                let c = s.chars().next().unwrap() as u32;
+                if c < 0x10000 {
+                    char_ids[c as usize] = id;
+                } else {
+                    char_ids_astral.insert(c, id);
+                }
+            }
+            for (at, _) in cuts {
+                if let (Some(&a), Some(&b)) = (normal.get(&k[..at]), normal.get(&k[at..])) {
+                    pair_table.insert(pair_key(a, b), id);
+                }
+            }
+        }
         Ok(Tokenizer {
             kind,
             pieces,
@@ -231,6 +270,9 @@ impl Tokenizer {
                 .get_bool(trainer::TREAT_WHITESPACE_AS_SUFFIX)
                 .unwrap_or(false),
             unk_surface,
+            pair_table,
+            char_ids,
+            char_ids_astral,
             model,
         })
     }
@@ -377,6 +419,23 @@ impl Tokenizer {
         (utf8_len(s[0]).min(s.len()), false)
     }
 
+    /// Piece id of the symbol `w` (one character or a user-defined piece), `NONE` if none.
+    #[inline]
+    fn symbol_id(&self, w: &[u8], freeze: bool) -> u32 {
+        if !freeze && let Ok(s) = std::str::from_utf8(w) {
+            let mut cs = s.chars();
+            if let (Some(c), None) = (cs.next(), cs.next()) {
+                let c = c as u32;
+                return if c < 0x10000 {
+                    self.char_ids[c as usize]
+                } else {
+                    self.char_ids_astral.get(&c).copied().unwrap_or(NONE)
+                };
+            }
+        }
+        self.normal.get(w).copied().unwrap_or(NONE)
+    }
+
     fn encode_into(&self, text: &str, sc: &mut Scratch, out: &mut Vec<u32>) {
         let mut norm = std::mem::take(&mut sc.norm);
         self.normalize_into(text, &mut norm);
@@ -401,6 +460,7 @@ impl Tokenizer {
             syms.push(Sym {
                 start: pos as u32,
                 len: len as u32,
+                id: self.symbol_id(&bytes[pos..pos + len], freeze),
                 prev: i - 1,
                 next: i + 1,
                 freeze,
@@ -420,6 +480,7 @@ impl Tokenizer {
                 continue; // stale: one side was merged into something else since the push
             }
             syms[l].len += syms[r].len;
+            syms[l].id = top.id;
             syms[l].next = syms[r].next;
             let rn = syms[r].next;
             if rn >= 0 {
@@ -454,6 +515,9 @@ impl Tokenizer {
             let w = &bytes[s.start as usize..(s.start + s.len) as usize];
             if self.has_unused {
                 self.resegment(bytes, w, &sc.rev_merge, out, &mut prev_unk);
+            } else if s.id != NONE {
+                out.push(s.id); // a normal piece: never unknown
+                prev_unk = false;
             } else {
                 self.emit(w, out, &mut prev_unk);
             }
@@ -477,13 +541,19 @@ impl Tokenizer {
             return;
         }
         let size = a.len + b.len;
-        let s = &bytes[a.start as usize..(a.start + size) as usize];
-        if let Some(&id) = self.normal.get(s) {
+        let found = if a.id != NONE && b.id != NONE {
+            self.pair_table.get(&pair_key(a.id, b.id)).copied()
+        } else {
+            let s = &bytes[a.start as usize..(a.start + size) as usize];
+            self.normal.get(s).copied()
+        };
+        if let Some(id) = found {
             heap.push(Cand {
                 score: self.scores[id as usize],
                 left: l as u32,
                 right: r as u32,
                 size,
+                id,
             });
             if self.types[id as usize] == PieceType::Unused {
                 rev_merge.push((a.start, a.len, b.len));
@@ -578,6 +648,14 @@ impl Tokenizer {
     }
 }
 
+/// "No piece" in symbol ids.
+const NONE: u32 = u32::MAX;
+
+#[inline]
+fn pair_key(a: u32, b: u32) -> u64 {
+    (u64::from(a) << 32) | u64::from(b)
+}
+
 /// `TrainerSpec.unk_surface`.
 const UNK_SURFACE: u32 = 44;
 
@@ -629,6 +707,8 @@ fn utf8_len(b: u8) -> usize {
 struct Sym {
     start: u32,
     len: u32,
+    /// Piece id of the symbol's string in `normal`, or `NONE`.
+    id: u32,
     prev: i32,
     next: i32,
     freeze: bool,
@@ -641,6 +721,8 @@ struct Cand {
     left: u32,
     right: u32,
     size: u32,
+    /// The merged piece.
+    id: u32,
 }
 
 impl PartialEq for Cand {
