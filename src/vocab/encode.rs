@@ -78,7 +78,107 @@ impl Hasher for PieceHasher {
     }
 }
 
-type PieceMap = HashMap<Box<[u8]>, u32, BuildHasherDefault<PieceHasher>>;
+/// All piece strings in one buffer, plus two open-addressing indexes (string → id): `normal`
+/// (NORMAL, USER_DEFINED, UNUSED: what merges may form, sentencepiece's `pieces_`) and
+/// `reserved` (CONTROL, UNKNOWN, BYTE: sentencepiece's `reserved_id_map_`). One allocation per
+/// table instead of one per piece keeps loading a 50K-piece model cheap.
+struct PieceTable {
+    arena: Vec<u8>,
+    offs: Vec<u32>,
+    normal: Vec<u32>,
+    reserved: Vec<u32>,
+    shift: u32,
+}
+
+impl PieceTable {
+    fn new(pieces: &[super::proto::Piece]) -> Self {
+        let mut arena = Vec::with_capacity(pieces.iter().map(|p| p.piece.len()).sum());
+        let mut offs = Vec::with_capacity(pieces.len() + 1);
+        offs.push(0);
+        for p in pieces {
+            arena.extend_from_slice(p.piece.as_bytes());
+            offs.push(arena.len() as u32);
+        }
+        let slots = (pieces.len() * 2).next_power_of_two().max(16);
+        PieceTable {
+            arena,
+            offs,
+            normal: vec![NONE; slots],
+            reserved: vec![NONE; slots],
+            shift: 64 - slots.trailing_zeros(),
+        }
+    }
+
+    #[inline]
+    fn bytes(&self, id: u32) -> &[u8] {
+        &self.arena[self.offs[id as usize] as usize..self.offs[id as usize + 1] as usize]
+    }
+
+    #[inline]
+    fn str(&self, id: u32) -> &str {
+        // Built from `String`s, cut at their boundaries.
+        std::str::from_utf8(self.bytes(id)).unwrap()
+    }
+
+    #[inline]
+    fn slot(&self, k: &[u8]) -> usize {
+        let mut h = PieceHasher::default();
+        h.write(k);
+        // A final mix so the top bits (the slot) depend on every input bit.
+        let h = h.finish();
+        ((h ^ (h >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.shift) as usize
+    }
+
+    #[inline]
+    fn find(&self, slots: &[u32], k: &[u8]) -> Option<u32> {
+        let mask = slots.len() - 1;
+        let mut i = self.slot(k);
+        loop {
+            let id = slots[i];
+            if id == NONE {
+                return None;
+            }
+            if self.bytes(id) == k {
+                return Some(id);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    #[inline]
+    fn normal(&self, k: &[u8]) -> Option<u32> {
+        self.find(&self.normal, k)
+    }
+
+    #[inline]
+    fn reserved(&self, k: &[u8]) -> Option<u32> {
+        self.find(&self.reserved, k)
+    }
+
+    /// Index piece `id` in the normal or reserved table; false if its string is already there.
+    fn insert(&mut self, id: u32, normal: bool) -> bool {
+        let k_range = self.offs[id as usize] as usize..self.offs[id as usize + 1] as usize;
+        let mut i = self.slot(&self.arena[k_range.clone()]);
+        let slots = if normal { &self.normal } else { &self.reserved };
+        let mask = slots.len() - 1;
+        loop {
+            let other = slots[i];
+            if other == NONE {
+                break;
+            }
+            if self.bytes(other) == &self.arena[k_range.clone()] {
+                return false;
+            }
+            i = (i + 1) & mask;
+        }
+        if normal {
+            self.normal[i] = id;
+        } else {
+            self.reserved[i] = id;
+        }
+        true
+    }
+}
 
 /// A loaded SentencePiece model that encodes and decodes like python `sentencepiece`.
 ///
@@ -88,13 +188,9 @@ type PieceMap = HashMap<Box<[u8]>, u32, BuildHasherDefault<PieceHasher>>;
 pub struct Tokenizer {
     model: ModelProto,
     kind: ModelType,
-    pieces: Vec<String>,
+    table: PieceTable,
     scores: Vec<f32>,
     types: Vec<PieceType>,
-    /// NORMAL, USER_DEFINED and UNUSED pieces: the ones merges may form (sentencepiece `pieces_`).
-    normal: PieceMap,
-    /// CONTROL, UNKNOWN and BYTE pieces (sentencepiece `reserved_id_map_`).
-    reserved: PieceMap,
     /// (left piece id, right piece id) → id of the piece spelled left+right, for every way of
     /// cutting a piece of `normal` into two pieces of `normal`. Symbols are almost always pieces,
     /// so this integer lookup replaces hashing the concatenated string (which stays the fallback
@@ -103,6 +199,9 @@ pub struct Tokenizer {
     /// Piece id of each single character that is a `normal` piece: BMP chars by table, others
     /// by map. `NONE` when not a piece.
     char_ids: Vec<u32>,
+    /// Some normal piece's string is also a reserved piece (which then wins, as in
+    /// sentencepiece's `PieceToId`), so symbol ids must be looked up again on output.
+    shadowed: bool,
     char_ids_astral: HashMap<u32, u32, BuildHasherDefault<PieceHasher>>,
     /// User-defined pieces grouped by first byte, longest first.
     user_defined: Vec<Vec<Box<[u8]>>>,
@@ -164,33 +263,30 @@ impl Tokenizer {
         if n > u32::MAX as usize / 2 {
             bail!("too many pieces ({n})");
         }
-        let mut normal = PieceMap::default();
-        let mut reserved = PieceMap::default();
+        let mut table = PieceTable::new(&model.pieces);
         let mut user_defined: Vec<Vec<Box<[u8]>>> = vec![Vec::new(); 256];
         let mut byte_ids = [u32::MAX; 256];
         let mut unk_id = None;
         let mut has_unused = false;
-        let (mut pieces, mut scores, mut types) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
+        let (mut scores, mut types) = (Vec::with_capacity(n), Vec::with_capacity(n));
         for (i, p) in model.pieces.iter().enumerate() {
             let t = p.piece_type();
             let id = i as u32;
             if p.piece.is_empty() {
                 bail!("piece {i} is empty");
             }
-            let key: Box<[u8]> = p.piece.as_bytes().into();
-            let map = match t {
-                PieceType::Normal | PieceType::UserDefined | PieceType::Unused => &mut normal,
-                _ => &mut reserved,
-            };
-            if map.insert(key.clone(), id).is_some() {
+            let is_normal = matches!(
+                t,
+                PieceType::Normal | PieceType::UserDefined | PieceType::Unused
+            );
+            if !table.insert(id, is_normal) {
                 bail!("piece {i} {:?} is defined twice", p.piece);
             }
             match t {
-                PieceType::UserDefined => user_defined[key[0] as usize].push(key),
+                PieceType::UserDefined => {
+                    let key: Box<[u8]> = p.piece.as_bytes().into();
+                    user_defined[key[0] as usize].push(key)
+                }
                 PieceType::Unknown if unk_id.is_some() => bail!("more than one UNKNOWN piece"),
                 PieceType::Unknown => unk_id = Some(id),
                 PieceType::Unused => has_unused = true,
@@ -202,7 +298,6 @@ impl Tokenizer {
                 }
                 _ => {}
             }
-            pieces.push(p.piece.clone());
             scores.push(p.score());
             types.push(t);
         }
@@ -218,19 +313,29 @@ impl Tokenizer {
         }
         let piece_id = |field: u32, default: &str| -> Option<u32> {
             let s = ts.get_str(field).unwrap_or(default);
-            reserved.get(s.as_bytes()).copied()
+            table.reserved(s.as_bytes())
         };
         let control = |id: Option<u32>| id.filter(|&i| types[i as usize] == PieceType::Control);
         let bos_id = control(piece_id(trainer::BOS_PIECE, "<s>"));
         let eos_id = control(piece_id(trainer::EOS_PIECE, "</s>"));
-        let pad_id = control(piece_id(trainer::PAD_PIECE, "<pad>"))
-            .or_else(|| normal.get(b"[PAD]".as_slice()).copied());
+        let pad_id =
+            control(piece_id(trainer::PAD_PIECE, "<pad>")).or_else(|| table.normal(b"[PAD]"));
         let unk_surface = ts.get_str(UNK_SURFACE).unwrap_or(" \u{2047} ").to_string();
-        let mut pair_table = HashMap::default();
+        let mut pair_table = HashMap::with_capacity_and_hasher(2 * n, Default::default());
         let mut char_ids = vec![NONE; 0x10000];
         let mut char_ids_astral = HashMap::default();
-        for (k, &id) in normal.iter() {
-            let s = std::str::from_utf8(k).expect("pieces are UTF-8");
+        let mut shadowed = false;
+        for (id, &t) in types.iter().enumerate() {
+            if !matches!(
+                t,
+                PieceType::Normal | PieceType::UserDefined | PieceType::Unused
+            ) {
+                continue;
+            }
+            let id = id as u32;
+            let s = table.str(id);
+            let k = s.as_bytes();
+            shadowed |= table.reserved(k).is_some();
             let mut cuts = s.char_indices().skip(1).peekable();
             if cuts.peek().is_none() {
                 let c = s.chars().next().unwrap() as u32;
@@ -241,18 +346,18 @@ impl Tokenizer {
                 }
             }
             for (at, _) in cuts {
-                if let (Some(&a), Some(&b)) = (normal.get(&k[..at]), normal.get(&k[at..])) {
+                if let Some(a) = table.normal(&k[..at])
+                    && let Some(b) = table.normal(&k[at..])
+                {
                     pair_table.insert(pair_key(a, b), id);
                 }
             }
         }
         Ok(Tokenizer {
             kind,
-            pieces,
+            table,
             scores,
             types,
-            normal,
-            reserved,
             user_defined,
             byte_ids,
             has_unused,
@@ -271,6 +376,7 @@ impl Tokenizer {
                 .unwrap_or(false),
             unk_surface,
             pair_table,
+            shadowed,
             char_ids,
             char_ids_astral,
             model,
@@ -288,7 +394,7 @@ impl Tokenizer {
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.pieces.len()
+        self.types.len()
     }
 
     pub fn unk_id(&self) -> u32 {
@@ -314,12 +420,12 @@ impl Tokenizer {
     /// The id of piece `s`, if it is a piece of this model.
     pub fn piece_to_id(&self, s: &str) -> Option<u32> {
         let k = s.as_bytes();
-        self.reserved.get(k).or_else(|| self.normal.get(k)).copied()
+        self.table.reserved(k).or_else(|| self.table.normal(k))
     }
 
     /// The piece string of `id`. Panics if `id >= vocab_size()`.
     pub fn id_to_piece(&self, id: u32) -> &str {
-        &self.pieces[id as usize]
+        self.table.str(id)
     }
 
     pub fn score(&self, id: u32) -> f32 {
@@ -433,7 +539,7 @@ impl Tokenizer {
                 };
             }
         }
-        self.normal.get(w).copied().unwrap_or(NONE)
+        self.table.normal(w).unwrap_or(NONE)
     }
 
     fn encode_into(&self, text: &str, sc: &mut Scratch, out: &mut Vec<u32>) {
@@ -515,7 +621,7 @@ impl Tokenizer {
             let w = &bytes[s.start as usize..(s.start + s.len) as usize];
             if self.has_unused {
                 self.resegment(bytes, w, &sc.rev_merge, out, &mut prev_unk);
-            } else if s.id != NONE {
+            } else if s.id != NONE && !self.shadowed {
                 out.push(s.id); // a normal piece: never unknown
                 prev_unk = false;
             } else {
@@ -545,7 +651,7 @@ impl Tokenizer {
             self.pair_table.get(&pair_key(a.id, b.id)).copied()
         } else {
             let s = &bytes[a.start as usize..(a.start + size) as usize];
-            self.normal.get(s).copied()
+            self.table.normal(s)
         };
         if let Some(id) = found {
             heap.push(Cand {
@@ -571,7 +677,7 @@ impl Tokenizer {
         out: &mut Vec<u32>,
         prev_unk: &mut bool,
     ) {
-        if let Some(&id) = self.normal.get(w)
+        if let Some(id) = self.table.normal(w)
             && self.types[id as usize] == PieceType::Unused
             && let Some(&(_, ll, _)) = rev
                 .iter()
@@ -588,11 +694,11 @@ impl Tokenizer {
 
     #[inline]
     fn emit(&self, w: &[u8], out: &mut Vec<u32>, prev_unk: &mut bool) {
+        // sentencepiece's PieceToId: reserved pieces first, then normal ones, else <unk>.
         let id = self
-            .normal
-            .get(w)
-            .or_else(|| self.reserved.get(w))
-            .copied()
+            .table
+            .reserved(w)
+            .or_else(|| self.table.normal(w))
             .unwrap_or(self.unk_id);
         let is_unk = id == self.unk_id;
         if is_unk && self.byte_fallback {
@@ -618,14 +724,14 @@ impl Tokenizer {
                 continue;
             };
             if t == PieceType::Byte {
-                bytes.push(piece_to_byte(&self.pieces[id as usize]).unwrap_or(0));
+                bytes.push(piece_to_byte(self.table.str(id)).unwrap_or(0));
                 continue;
             }
             flush_bytes(&mut bytes, &mut text);
             if bos_ws_seen || !text.is_empty() {
                 is_bos_ws = false;
             }
-            let piece = self.pieces[id as usize].as_str();
+            let piece = self.table.str(id);
             bos_ws_seen = false;
             match t {
                 PieceType::Control => {}
