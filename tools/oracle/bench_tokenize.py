@@ -75,10 +75,13 @@ def main() -> None:
         f.write("\n".join(lines) + "\n")
         joined = f.name
 
-    def cli(threads):
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        empty = f.name
+
+    def cli(threads, path=joined):
         env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
         return lambda: subprocess.run(
-            [zhllama, "tokenize", "--tokenizer", merged, "--input", joined],
+            [zhllama, "tokenize", "--tokenizer", merged, "--input", path],
             stdout=subprocess.DEVNULL, check=True, env=env)
 
     cpus = os.cpu_count()
@@ -95,12 +98,18 @@ def main() -> None:
     times = {}
     for name, f in rows:
         times[name] = best(f, repeats)
+    # Process start + model load alone (empty input); subtracted to estimate the encode itself.
+    lw, lc = best(cli(1, empty), repeats)
+    w1, c1 = times["zhllama tokenize, 1 thread"]
+    times["zhllama encode+JSON only, 1 thread (minus load)"] = (w1 - lw, c1 - lc)
+    print(f"zhllama start + load of the model alone: {lw:.3f} s wall, {lc:.3f} s cpu")
     bw, bc = times["python sentencepiece, 1 thread"]
     print(f"{'':48s} {'wall s':>8s} {'Mtok/s':>8s} {'x sp':>6s} | {'cpu s':>7s} {'Mtok/cpu-s':>10s} {'x sp':>6s}")
     for name, (w, c) in times.items():
         print(f"{name:48s} {w:8.3f} {n_tok / w / 1e6:8.2f} {bw / w:6.2f} | "
               f"{c:7.3f} {n_tok / c / 1e6:10.2f} {bc / c:6.2f}")
     os.unlink(joined)
+    os.unlink(empty)
 
 
 if __name__ == "__main__":
