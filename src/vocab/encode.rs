@@ -1,5 +1,6 @@
-//! [`Tokenizer`]: text ↔ ids with exactly python `sentencepiece`'s results for BPE models
-//! (LLaMA and the merged Chinese-LLaMA/Alpaca vocabularies).
+//! [`Tokenizer`]: text ↔ ids with exactly python `sentencepiece`'s results, for BPE models (LLaMA
+//! and the merged Chinese-LLaMA/Alpaca vocabularies) and unigram models (the released
+//! `chinese_sp.model`, with its `nmt_nfkc` character map).
 //!
 //! Why our own encoder: HF `tokenizers` BPE applies merges by rank, which cannot express
 //! sentencepiece's rule once thousands of appended pieces share score 0 (RECIPE.md §1). Here the
@@ -8,14 +9,15 @@
 //! symbols, with stale queue entries skipped on pop.
 //!
 //! The pipeline for one text:
-//! 1. normalize: (identity character map) optional removal of extra spaces, a `▁` dummy prefix,
-//!    every ' ' → `▁` (U+2581);
-//! 2. split into characters, except that user-defined pieces are matched whole (longest first) and
-//!    never merged further;
-//! 3. BPE merges as above; pieces of type UNUSED that got formed are split back (resegmented);
-//! 4. symbols that are not pieces become `<0xXX>` byte pieces of their UTF-8 bytes when the model
+//! 1. normalize: the character map if any (longest rule first), optional removal of extra
+//!    spaces, a `▁` dummy prefix, every ' ' → `▁` (U+2581);
+//! 2. BPE: split into characters, except that user-defined pieces are matched whole (longest
+//!    first) and never merged further; merge as above; pieces of type UNUSED that got formed are
+//!    split back (resegmented). Unigram: Viterbi over all matching pieces (see `encode_unigram`);
+//! 3. symbols that are not pieces become `<0xXX>` byte pieces of their UTF-8 bytes when the model
 //!    has byte fallback, else `<unk>` (a run of unknown symbols gives one `<unk>`).
 
+use super::charsmap::CharsMap;
 use super::proto::{ModelProto, ModelType, PieceType, normalizer, trainer};
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
@@ -203,6 +205,14 @@ pub struct Tokenizer {
     /// sentencepiece's `PieceToId`), so symbol ids must be looked up again on output.
     shadowed: bool,
     char_ids_astral: HashMap<u32, u32, BuildHasherDefault<PieceHasher>>,
+    /// The normalizer's precompiled character map (e.g. `nmt_nfkc`); `None` for identity.
+    charsmap: Option<CharsMap>,
+    /// Unigram: score of an unknown character (lowest normal score − 10, as sentencepiece).
+    unk_score: f32,
+    /// Unigram: highest normal score (user-defined pieces get a bonus from it).
+    max_score: f32,
+    /// Longest piece of the `normal` table in bytes (bounds the unigram lattice).
+    max_piece_bytes: usize,
     /// User-defined pieces grouped by first byte, longest first.
     user_defined: Vec<Vec<Box<[u8]>>>,
     byte_ids: [u32; 256],
@@ -245,20 +255,18 @@ impl Tokenizer {
         Self::from_model(model).with_context(|| format!("{}", file.display()))
     }
 
-    /// Build from a parsed model. Supports BPE models (identity normalizer).
+    /// Build from a parsed model (BPE or unigram).
     pub fn from_model(model: ModelProto) -> Result<Self> {
         let kind = model.model_type()?;
-        if kind != ModelType::Bpe {
-            bail!("model type {kind:?} is not supported for encoding (BPE only)");
+        if !matches!(kind, ModelType::Bpe | ModelType::Unigram) {
+            bail!("model type {kind:?} is not supported for encoding (BPE and unigram are)");
         }
         let ts = model.trainer_spec();
         let ns = model.normalizer_spec();
-        if let Some(map) = ns.get_bytes(normalizer::PRECOMPILED_CHARSMAP)
-            && !map.is_empty()
-        {
-            let name = ns.get_str(normalizer::NAME).unwrap_or("?");
-            bail!("normalizer {name:?} (a precompiled character map) is not supported");
-        }
+        let charsmap = match ns.get_bytes(normalizer::PRECOMPILED_CHARSMAP) {
+            Some(map) if !map.is_empty() => Some(CharsMap::parse(map)?),
+            _ => None,
+        };
         let n = model.pieces.len();
         if n > u32::MAX as usize / 2 {
             bail!("too many pieces ({n})");
@@ -269,6 +277,8 @@ impl Tokenizer {
         let mut unk_id = None;
         let mut has_unused = false;
         let (mut scores, mut types) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut min_score, mut max_score) = (f32::MAX, f32::MIN_POSITIVE);
+        let mut max_piece_bytes = 1;
         for (i, p) in model.pieces.iter().enumerate() {
             let t = p.piece_type();
             let id = i as u32;
@@ -297,6 +307,13 @@ impl Tokenizer {
                     byte_ids[b as usize] = id;
                 }
                 _ => {}
+            }
+            if t == PieceType::Normal {
+                min_score = min_score.min(p.score());
+                max_score = max_score.max(p.score());
+            }
+            if is_normal {
+                max_piece_bytes = max_piece_bytes.max(p.piece.len());
             }
             scores.push(p.score());
             types.push(t);
@@ -377,6 +394,10 @@ impl Tokenizer {
             unk_surface,
             pair_table,
             shadowed,
+            charsmap,
+            unk_score: min_score - 10.0,
+            max_score,
+            max_piece_bytes,
             char_ids,
             char_ids_astral,
             model,
@@ -388,7 +409,7 @@ impl Tokenizer {
         &self.model
     }
 
-    /// The model type (BPE for every model this encoder accepts).
+    /// The model type (BPE or unigram).
     pub fn model_type(&self) -> ModelType {
         self.kind
     }
@@ -476,10 +497,79 @@ impl Tokenizer {
         out
     }
 
+    /// One normalization step at the start of `s` (sentencepiece's `NormalizePrefix`): a
+    /// user-defined piece as is, else the longest character-map rule, else one character.
+    fn normalize_prefix<'a>(&'a self, s: &'a str) -> (&'a str, usize) {
+        let b = s.as_bytes();
+        let (n, frozen) = self.prefix_match(b);
+        if frozen {
+            return (&s[..n], n);
+        }
+        if let Some(m) = &self.charsmap
+            && let Some((len, rep)) = m.longest_prefix(b)
+        {
+            return (rep, len);
+        }
+        (&s[..n], n)
+    }
+
+    /// Normalization with a character map, step by step as sentencepiece's `Normalize`.
+    fn normalize_mapped(&self, text: &str, out: &mut String) {
+        let ws = if self.escape_whitespaces { SPACE } else { " " };
+        let mut input = text;
+        if self.remove_extra_whitespaces {
+            while !input.is_empty() {
+                let (rep, n) = self.normalize_prefix(input);
+                if rep != " " {
+                    break;
+                }
+                input = &input[n..];
+            }
+        }
+        if input.is_empty() {
+            return;
+        }
+        if self.add_dummy_prefix && !self.treat_whitespace_as_suffix {
+            out.push_str(ws);
+        }
+        let mut is_prev_space = self.remove_extra_whitespaces;
+        while !input.is_empty() {
+            let (rep, n) = self.normalize_prefix(input);
+            let mut sp = rep;
+            while is_prev_space && let Some(rest) = sp.strip_prefix(' ') {
+                sp = rest;
+            }
+            if !sp.is_empty() {
+                for (i, part) in sp.split(' ').enumerate() {
+                    if i > 0 {
+                        out.push_str(ws);
+                    }
+                    out.push_str(part);
+                }
+                is_prev_space = sp.ends_with(' ');
+            }
+            input = &input[n..];
+            if !self.remove_extra_whitespaces {
+                is_prev_space = false;
+            }
+        }
+        if self.remove_extra_whitespaces {
+            while out.ends_with(ws) {
+                out.truncate(out.len() - ws.len());
+            }
+        }
+        if self.add_dummy_prefix && self.treat_whitespace_as_suffix {
+            out.push_str(ws);
+        }
+    }
+
     fn normalize_into(&self, text: &str, out: &mut String) {
         out.clear();
         if text.is_empty() {
             return;
+        }
+        if self.charsmap.is_some() {
+            return self.normalize_mapped(text, out);
         }
         let ws = if self.escape_whitespaces { SPACE } else { " " };
         let mut t = text;
@@ -554,6 +644,11 @@ impl Tokenizer {
         let norm = std::mem::take(&mut sc.norm);
         let bytes = norm.as_bytes();
         if bytes.is_empty() {
+            sc.norm = norm;
+            return;
+        }
+        if self.kind == ModelType::Unigram {
+            self.encode_unigram(bytes, &mut sc.best, out);
             sc.norm = norm;
             return;
         }
@@ -663,6 +758,82 @@ impl Tokenizer {
             });
             if self.types[id as usize] == PieceType::Unused {
                 rev_merge.push((a.start, a.len, b.len));
+            }
+        }
+    }
+
+    /// Unigram: the highest-scoring segmentation (Viterbi over all pieces that match at each
+    /// character; ties to the path whose last piece starts leftmost, as sentencepiece), with an
+    /// `<unk>` node of score `unk_score` for a character no single-character piece covers.
+    fn encode_unigram(&self, bytes: &[u8], best: &mut Vec<(f32, u32, u32)>, out: &mut Vec<u32>) {
+        let n = bytes.len();
+        best.clear();
+        best.resize(n + 1, (0.0, NONE, NONE));
+        best[0].1 = 0;
+        let mut pos = 0;
+        while pos < n {
+            let clen = utf8_len(bytes[pos]).min(n - pos);
+            let base = best[pos].0;
+            let mut has_single = false;
+            let mut end = pos;
+            let mut nchars = 0;
+            while end < n {
+                end += utf8_len(bytes[end]).min(n - end);
+                nchars += 1;
+                if end - pos > self.max_piece_bytes {
+                    break;
+                }
+                let Some(id) = self.table.normal(&bytes[pos..end]) else {
+                    continue;
+                };
+                let t = self.types[id as usize];
+                if t == PieceType::Unused {
+                    continue;
+                }
+                let score = if t == PieceType::UserDefined {
+                    (end - pos) as f32 * self.max_score - 0.1
+                } else {
+                    self.scores[id as usize]
+                };
+                let cand = base + score;
+                if best[end].1 == NONE || cand > best[end].0 {
+                    best[end] = (cand, pos as u32, id);
+                }
+                has_single |= nchars == 1;
+            }
+            if !has_single {
+                let end = pos + clen;
+                let cand = base + self.unk_score;
+                if best[end].1 == NONE || cand > best[end].0 {
+                    best[end] = (cand, pos as u32, self.unk_id);
+                }
+            }
+            pos += clen;
+        }
+        let first = out.len();
+        let mut end = n;
+        while end > 0 {
+            let (_, start, id) = best[end];
+            out.push(id);
+            out.push(start); // start offset, paired with the id; fixed up below
+            end = start as usize;
+        }
+        // Reverse the (id, start) pairs into text order, then emit with unknown handling.
+        let pairs: Vec<(u32, u32)> = out[first..]
+            .chunks_exact(2)
+            .rev()
+            .map(|c| (c[0], c[1]))
+            .collect();
+        out.truncate(first);
+        let mut prev_unk = false;
+        for (i, &(id, start)) in pairs.iter().enumerate() {
+            let stop = pairs.get(i + 1).map_or(n, |p| p.1 as usize);
+            let w = &bytes[start as usize..stop];
+            if id == self.unk_id {
+                self.emit(w, out, &mut prev_unk);
+            } else {
+                out.push(id);
+                prev_unk = false;
             }
         }
     }
@@ -856,6 +1027,8 @@ struct Scratch {
     syms: Vec<Sym>,
     heap: BinaryHeap<Cand>,
     rev_merge: Vec<(u32, u32, u32)>,
+    /// Unigram lattice: per byte position, (best score, start of the last piece, its id).
+    best: Vec<(f32, u32, u32)>,
 }
 
 thread_local! {

@@ -3,6 +3,7 @@
 //! ([`Tokenizer`]), HF `tokenizer.json` export ([`hf`]) and a vocabulary trainer ([`train`]).
 //! Never touches a backend.
 
+pub mod charsmap;
 pub mod encode;
 pub mod hf;
 pub mod merge;
