@@ -92,6 +92,20 @@ fn trained_vocab_loads_in_sentencepiece_and_round_trips() {
             vec!["--byte-fallback", "--character-coverage", "0.98"],
         ),
         (4000, vec!["--character-coverage", "0.995"]),
+        (
+            3500,
+            vec![
+                "--model-type",
+                "unigram",
+                "--character-coverage",
+                "0.99",
+                "--byte-fallback",
+            ],
+        ),
+        (
+            4000,
+            vec!["--model-type", "unigram", "--character-coverage", "0.995"],
+        ),
     ] {
         let model = tmp.path().join(format!("v{size}.model"));
         let mut args = vec!["--vocab-size".to_string(), size.to_string()];

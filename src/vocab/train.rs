@@ -1,10 +1,12 @@
-//! A SentencePiece-compatible BPE vocabulary trainer (how a user makes their own
+//! SentencePiece-compatible vocabulary trainers, BPE and unigram (how a user makes their own
 //! "chinese_sp.model" before merging).
 //!
-//! The output is a LLaMA-style model that python `sentencepiece` loads: `<unk>`, `<s>`, `</s>`,
-//! then (with byte fallback) the 256 `<0xXX>` pieces, then the learned merges in the order they
-//! were learned with scores 0, -1, -2, …, then the single characters (most frequent first) with
-//! the scores continuing downwards. Normalizer: identity, dummy prefix, spaces → `▁`.
+//! The output is a model python `sentencepiece` loads: `<unk>`, `<s>`, `</s>`, then (with byte
+//! fallback) the 256 `<0xXX>` pieces, then the learned pieces. BPE (LLaMA-style): the merges in
+//! the order they were learned with scores 0, -1, -2, …, then the single characters (most
+//! frequent first) with the scores continuing downwards. Unigram: all pieces, characters
+//! included, sorted by their log-probability score. Normalizer: identity, dummy prefix, spaces →
+//! `▁` (sentencepiece's nmt_nfkc map cannot be generated here without copying its tables).
 //! Every covered character is a piece, so encode → decode is lossless for covered text (and for
 //! all text with byte fallback).
 //!
@@ -13,6 +15,7 @@
 //! pieces never cross those boundaries, as sentencepiece's `split_by_whitespace` and
 //! `split_by_unicode_script` do. BPE then repeatedly merges the most frequent adjacent pair
 //! (ties: the smaller pair of symbol ids), with counts updated incrementally per affected word.
+//! Unigram: see `train_unigram`.
 
 use super::encode::SPACE;
 use super::proto::{Message, ModelProto, ModelType, Piece, PieceType, normalizer, trainer};
@@ -125,9 +128,9 @@ fn split_words<'a>(s: &'a str, mut emit: impl FnMut(&'a str)) {
 
 /// Train a vocabulary from `sentences` (one example each; empty ones are skipped).
 pub fn train(sentences: &[&str], opt: &TrainOptions) -> Result<(ModelProto, TrainReport)> {
-    if opt.model_type != ModelType::Bpe {
+    if !matches!(opt.model_type, ModelType::Bpe | ModelType::Unigram) {
         bail!(
-            "model type {:?} is not implemented by this trainer (use bpe)",
+            "model type {:?} is not implemented by this trainer (use bpe or unigram)",
             opt.model_type
         );
     }
@@ -213,6 +216,20 @@ pub fn train(sentences: &[&str], opt: &TrainOptions) -> Result<(ModelProto, Trai
             words.push(cur);
             freq.push(f as i64);
         }
+    }
+
+    if opt.model_type == ModelType::Unigram {
+        let target = opt.vocab_size - meta;
+        let scored = train_unigram(&words, &freq, &kept, target, opt.max_piece_chars)?;
+        let report = TrainReport {
+            sentences: n_sent,
+            characters: chars.len(),
+            kept_characters: kept.len(),
+            merges: scored.len() - kept.len(),
+        };
+        let mut pieces = specials(opt.byte_fallback);
+        pieces.extend(scored.iter().map(|(p, sc)| Piece::new(p, *sc)));
+        return Ok((finish_model(pieces, opt, ModelType::Unigram), report));
     }
 
     // 3. BPE with incremental pair counts and a lazy max-heap.
@@ -320,16 +337,7 @@ pub fn train(sentences: &[&str], opt: &TrainOptions) -> Result<(ModelProto, Trai
     }
 
     // 4. The model.
-    let mut pieces = vec![
-        Piece::new("<unk>", 0.0).with_type(PieceType::Unknown),
-        Piece::new("<s>", 0.0).with_type(PieceType::Control),
-        Piece::new("</s>", 0.0).with_type(PieceType::Control),
-    ];
-    if opt.byte_fallback {
-        for b in 0..=255u8 {
-            pieces.push(Piece::new(&format!("<0x{b:02X}>"), 0.0).with_type(PieceType::Byte));
-        }
-    }
+    let mut pieces = specials(opt.byte_fallback);
     let mut score = 0.0f32;
     for &id in &learned {
         pieces.push(Piece::new(&sym_str[id as usize], score));
@@ -340,11 +348,37 @@ pub fn train(sentences: &[&str], opt: &TrainOptions) -> Result<(ModelProto, Trai
         score -= 1.0;
     }
     debug_assert_eq!(pieces.len(), opt.vocab_size);
+    let model = finish_model(pieces, opt, ModelType::Bpe);
+    let report = TrainReport {
+        sentences: n_sent,
+        characters: chars.len(),
+        kept_characters: kept.len(),
+        merges: learned.len(),
+    };
+    Ok((model, report))
+}
 
+/// `<unk>`, `<s>`, `</s>` and, with byte fallback, `<0x00>`..`<0xFF>`.
+fn specials(byte_fallback: bool) -> Vec<Piece> {
+    let mut pieces = vec![
+        Piece::new("<unk>", 0.0).with_type(PieceType::Unknown),
+        Piece::new("<s>", 0.0).with_type(PieceType::Control),
+        Piece::new("</s>", 0.0).with_type(PieceType::Control),
+    ];
+    if byte_fallback {
+        for b in 0..=255u8 {
+            pieces.push(Piece::new(&format!("<0x{b:02X}>"), 0.0).with_type(PieceType::Byte));
+        }
+    }
+    pieces
+}
+
+/// The model file around `pieces`: trainer spec recording the options, identity normalizer.
+fn finish_model(pieces: Vec<Piece>, opt: &TrainOptions, kind: ModelType) -> ModelProto {
     let mut ts = Message::default();
     ts.set_str(trainer::INPUT, &opt.input_description);
     ts.set_str(trainer::MODEL_PREFIX, "zhllama");
-    ts.set_i32(trainer::MODEL_TYPE, ModelType::Bpe as i32);
+    ts.set_i32(trainer::MODEL_TYPE, kind as i32);
     ts.set_i32(trainer::VOCAB_SIZE, opt.vocab_size as i32);
     ts.set_f32(trainer::CHARACTER_COVERAGE, opt.character_coverage as f32);
     ts.set_i32(
@@ -365,12 +399,214 @@ pub fn train(sentences: &[&str], opt: &TrainOptions) -> Result<(ModelProto, Trai
     ns.set_bool(normalizer::ADD_DUMMY_PREFIX, true);
     ns.set_bool(normalizer::REMOVE_EXTRA_WHITESPACES, false);
     ns.set_bool(normalizer::ESCAPE_WHITESPACES, true);
-    let model = ModelProto::new(pieces, &ts, &ns);
-    let report = TrainReport {
-        sentences: n_sent,
-        characters: chars.len(),
-        kept_characters: kept.len(),
-        merges: learned.len(),
+    ModelProto::new(pieces, &ts, &ns)
+}
+
+#[inline]
+fn log_add(a: f64, b: f64) -> f64 {
+    if a == f64::NEG_INFINITY {
+        return b;
+    }
+    let (hi, lo) = if a > b { (a, b) } else { (b, a) };
+    hi + (lo - hi).exp().ln_1p()
+}
+
+/// Unigram training (the sentencepiece recipe, simplified): seed with every substring of up to
+/// `max_chars` characters seen at least twice (found level by level: a substring is counted only
+/// if its prefix was frequent), then alternate EM (forward–backward expected counts over each
+/// word's lattice; log-probability scores) with pruning to max(target, 75%) of the pieces, by
+/// the likelihood lost when a piece is replaced by its best segmentation into other pieces.
+/// Characters are always kept. Returns (piece, score) for `target` pieces, best score first.
+fn train_unigram(
+    words: &[Vec<u32>],
+    freq: &[i64],
+    kept: &[char],
+    target: usize,
+    max_chars: usize,
+) -> Result<Vec<(String, f32)>> {
+    let nc = kept.len();
+    // Seeds, level by level.
+    let mut frequent: HashMap<&[u32], u64> = HashMap::new();
+    let mut prev_level: HashSet<&[u32]> = HashSet::new();
+    for len in 2..=max_chars.max(2) {
+        let mut counts: HashMap<&[u32], u64> = HashMap::new();
+        for (w, &f) in words.iter().zip(freq) {
+            for i in 0..w.len().saturating_sub(len - 1) {
+                let sub = &w[i..i + len];
+                if len == 2 || prev_level.contains(&sub[..len - 1]) {
+                    *counts.entry(sub).or_default() += f as u64;
+                }
+            }
+        }
+        prev_level = counts
+            .iter()
+            .filter(|&(_, &c)| c >= 2)
+            .map(|(&k, _)| k)
+            .collect();
+        if prev_level.is_empty() {
+            break;
+        }
+        frequent.extend(counts.into_iter().filter(|&(_, c)| c >= 2));
+    }
+    let need = target.saturating_sub(nc);
+    let mut seeds: Vec<(&[u32], u64)> = frequent.into_iter().collect();
+    seeds.sort_unstable_by(|a, b| {
+        (b.1 * b.0.len() as u64)
+            .cmp(&(a.1 * a.0.len() as u64))
+            .then(a.0.cmp(b.0))
+    });
+    seeds.truncate((need * 8).max(20_000));
+    // Never a piece that spells a special one (`<s>`, `<0x41>`, ...).
+    let spell = |k: &[u32]| -> String { k.iter().map(|&c| kept[c as usize]).collect() };
+    seeds.retain(|(k, _)| {
+        let s = spell(k);
+        !(matches!(s.as_str(), "<unk>" | "<s>" | "</s>")
+            || s.len() == 6 && s.starts_with("<0x") && s.ends_with('>'))
+    });
+    if seeds.len() < need {
+        bail!(
+            "the corpus supports at most {} pieces beside the special ones (only {} substrings \
+             occur twice); lower --vocab-size",
+            nc + seeds.len(),
+            seeds.len()
+        );
+    }
+    let mut id_of: HashMap<&[u32], u32> = HashMap::new();
+    let mut seqs: Vec<Vec<u32>> = (0..nc as u32).map(|c| vec![c]).collect();
+    let mut init: Vec<f64> = vec![1.0; nc];
+    for (k, c) in &seeds {
+        id_of.insert(k, seqs.len() as u32);
+        seqs.push(k.to_vec());
+        init.push(*c as f64);
+    }
+    let np = seqs.len();
+    // Lattice edges per word: (start, end, piece), sorted by start.
+    let mut edges: Vec<(u32, u32, u32)> = Vec::new();
+    let mut spans: Vec<(usize, usize)> = Vec::with_capacity(words.len());
+    for w in words {
+        let s = edges.len();
+        for i in 0..w.len() {
+            edges.push((i as u32, i as u32 + 1, w[i]));
+            for len in 2..=max_chars.min(w.len() - i) {
+                if let Some(&p) = id_of.get(&w[i..i + len]) {
+                    edges.push((i as u32, (i + len) as u32, p));
+                }
+            }
+        }
+        spans.push((s, edges.len()));
+    }
+    let total: f64 = init.iter().sum();
+    let mut score: Vec<f64> = init.iter().map(|c| (c / total).ln()).collect();
+    let mut alive = vec![true; np];
+    let mut n_alive = np - nc;
+    let mut expected = vec![0f64; np];
+    let (mut alpha, mut beta) = (Vec::new(), Vec::new());
+    let mut e_step = |score: &[f64], alive: &[bool], expected: &mut Vec<f64>| {
+        expected.iter_mut().for_each(|e| *e = 0.0);
+        for ((w, &f), &(s, e)) in words.iter().zip(freq).zip(&spans) {
+            let n = w.len();
+            alpha.clear();
+            alpha.resize(n + 1, f64::NEG_INFINITY);
+            beta.clear();
+            beta.resize(n + 1, f64::NEG_INFINITY);
+            alpha[0] = 0.0;
+            beta[n] = 0.0;
+            for &(a, b, p) in &edges[s..e] {
+                if alive[p as usize] {
+                    alpha[b as usize] =
+                        log_add(alpha[b as usize], alpha[a as usize] + score[p as usize]);
+                }
+            }
+            for &(a, b, p) in edges[s..e].iter().rev() {
+                if alive[p as usize] {
+                    beta[a as usize] =
+                        log_add(beta[a as usize], beta[b as usize] + score[p as usize]);
+                }
+            }
+            let z = alpha[n];
+            for &(a, b, p) in &edges[s..e] {
+                if alive[p as usize] {
+                    let lp = alpha[a as usize] + score[p as usize] + beta[b as usize] - z;
+                    expected[p as usize] += f as f64 * lp.exp();
+                }
+            }
+        }
     };
-    Ok((model, report))
+    let m_step = |expected: &[f64], alive: &mut [bool], score: &mut [f64], n_alive: &mut usize| {
+        for p in nc..np {
+            // Expected count below 0.5: dropped, as sentencepiece does.
+            if alive[p] && expected[p] < 0.5 && *n_alive > need {
+                alive[p] = false;
+                *n_alive -= 1;
+            }
+        }
+        let total: f64 = (0..np).filter(|&p| alive[p]).map(|p| expected[p]).sum();
+        for p in 0..np {
+            // Characters never seen inside a word still need a (low) score.
+            score[p] = (expected[p].max(1e-3) / total).ln();
+        }
+    };
+    loop {
+        for _ in 0..2 {
+            e_step(&score, &alive, &mut expected);
+            m_step(&expected, &mut alive, &mut score, &mut n_alive);
+        }
+        if n_alive <= need {
+            break;
+        }
+        // Loss of removing each piece: its expected count times the drop from its own score
+        // to the best segmentation of its string by the other live pieces (Viterbi).
+        let mut loss: Vec<(f64, u32)> = Vec::with_capacity(n_alive);
+        let mut best = Vec::new();
+        for p in nc..np {
+            if !alive[p] {
+                continue;
+            }
+            let q = &seqs[p];
+            best.clear();
+            best.resize(q.len() + 1, f64::NEG_INFINITY);
+            best[0] = 0.0;
+            for i in 0..q.len() {
+                for len in 1..=(q.len() - i).min(max_chars) {
+                    let id = if len == 1 {
+                        q[i] as usize
+                    } else {
+                        match id_of.get(&q[i..i + len]) {
+                            Some(&id) => id as usize,
+                            None => continue,
+                        }
+                    };
+                    if id == p || !alive[id] {
+                        continue;
+                    }
+                    let c = best[i] + score[id];
+                    if c > best[i + len] {
+                        best[i + len] = c;
+                    }
+                }
+            }
+            loss.push((expected[p] * (score[p] - best[q.len()]), p as u32));
+        }
+        loss.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let keep = need.max(n_alive * 3 / 4);
+        for &(_, p) in &loss[keep..] {
+            alive[p as usize] = false;
+        }
+        n_alive = keep;
+    }
+    if n_alive < need {
+        bail!(
+            "the corpus supports at most {} pieces; lower --vocab-size",
+            target - need + n_alive
+        );
+    }
+    let mut out: Vec<(String, f32)> = (0..np)
+        .filter(|&p| alive[p])
+        .map(|p| {
+            let s: String = seqs[p].iter().map(|&c| kept[c as usize]).collect();
+            (s, score[p] as f32)
+        })
+        .collect();
+    out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    Ok(out)
 }
