@@ -616,18 +616,30 @@ impl Tokenizer {
     }
 
     /// Piece id of the symbol `w` (one character or a user-defined piece), `NONE` if none.
+    /// `w` is a slice of a `str` cut at character boundaries, so it is valid UTF-8.
     #[inline]
     fn symbol_id(&self, w: &[u8], freeze: bool) -> u32 {
-        if !freeze && let Ok(s) = std::str::from_utf8(w) {
-            let mut cs = s.chars();
-            if let (Some(c), None) = (cs.next(), cs.next()) {
-                let c = c as u32;
-                return if c < 0x10000 {
-                    self.char_ids[c as usize]
-                } else {
-                    self.char_ids_astral.get(&c).copied().unwrap_or(NONE)
-                };
-            }
+        if !freeze && w.len() == utf8_len(w[0]) {
+            let c = match w.len() {
+                1 => u32::from(w[0]),
+                2 => (u32::from(w[0] & 0x1f) << 6) | u32::from(w[1] & 0x3f),
+                3 => {
+                    (u32::from(w[0] & 0x0f) << 12)
+                        | (u32::from(w[1] & 0x3f) << 6)
+                        | u32::from(w[2] & 0x3f)
+                }
+                _ => {
+                    (u32::from(w[0] & 0x07) << 18)
+                        | (u32::from(w[1] & 0x3f) << 12)
+                        | (u32::from(w[2] & 0x3f) << 6)
+                        | u32::from(w[3] & 0x3f)
+                }
+            };
+            return if c < 0x10000 {
+                self.char_ids[c as usize]
+            } else {
+                self.char_ids_astral.get(&c).copied().unwrap_or(NONE)
+            };
         }
         self.table.normal(w).unwrap_or(NONE)
     }
