@@ -14,6 +14,7 @@ pub mod llama;
 pub mod lora;
 pub mod params;
 pub mod peft;
+pub mod resize;
 pub mod weights;
 
 pub use config::LlamaConfig;
