@@ -32,7 +32,7 @@ fn nonfinite_steps_are_skipped_then_the_run_stops() {
     let out = tmp.path().join("out");
     let comm = LocalComm;
     let be = Arc::new(CpuBackend::new());
-    let model = setup::load_model(be, &model_dir, &cfg(), Stage::Pt2, 64).unwrap();
+    let model = setup::load_model(be, &model_dir, &cfg(), Stage::Pt2, 64, None).unwrap();
     let mut t = Trainer::new(model, &data, cfg(), Stage::Pt2, &comm, &out, None).unwrap();
 
     // Step 4 (0-based) is poisoned once: skipped, counted, weights untouched; training goes on.
@@ -46,7 +46,10 @@ fn nonfinite_steps_are_skipped_then_the_run_stops() {
     assert_eq!(rec.skipped, Some(true));
     assert!(rec.loss.unwrap().is_nan());
     assert_eq!(t.state().skipped_steps, 1);
-    assert!(before == t.params(), "a skipped step must not change any weight");
+    assert!(
+        before == t.params(),
+        "a skipped step must not change any weight"
+    );
     let rec = t.step(false).unwrap();
     assert_eq!(rec.skipped, Some(false));
     assert_eq!(t.state().consecutive_skips, 0);
@@ -59,7 +62,10 @@ fn nonfinite_steps_are_skipped_then_the_run_stops() {
         ..RunOptions::default()
     };
     let err = format!("{:#}", t.run(&opts).unwrap_err());
-    assert!(err.contains("3 consecutive") && err.contains("checkpoint-3"), "{err}");
+    assert!(
+        err.contains("3 consecutive") && err.contains("checkpoint-3"),
+        "{err}"
+    );
     assert_eq!(t.state().step, 9);
     assert_eq!(t.state().skipped_steps, 4);
     let newest = checkpoint::list(&out).unwrap();
@@ -74,8 +80,17 @@ fn nonfinite_steps_are_skipped_then_the_run_stops() {
     );
     // Resuming from it works and reaches the end.
     let be = Arc::new(CpuBackend::new());
-    let model = setup::load_model(be, &model_dir, &cfg(), Stage::Pt2, 64).unwrap();
-    let mut t = Trainer::new(model, &data, cfg(), Stage::Pt2, &comm, &out, Some(&newest[0].1)).unwrap();
+    let model = setup::load_model(be, &model_dir, &cfg(), Stage::Pt2, 64, None).unwrap();
+    let mut t = Trainer::new(
+        model,
+        &data,
+        cfg(),
+        Stage::Pt2,
+        &comm,
+        &out,
+        Some(&newest[0].1),
+    )
+    .unwrap();
     assert!(t.params().iter().all(|x| x.is_finite()));
     let s = t
         .run(&RunOptions {

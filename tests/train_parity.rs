@@ -135,7 +135,7 @@ fn parity(stage: Stage) {
         "HF warmup rounding"
     );
     let be = Arc::new(CpuBackend::new());
-    let mut model = setup::load_model(be.clone(), &fx.join("base"), &cfg, stage, 65).unwrap();
+    let mut model = setup::load_model(be.clone(), &fx.join("base"), &cfg, stage, 65, None).unwrap();
     // The oracle's initial trainable weights (its LoRA A/B) into our flat buffer.
     let init = read_st(&fx.join(format!("{stage}_init.safetensors")));
     let mut host = model.download_params().unwrap();
@@ -342,21 +342,32 @@ fn cosine_schedule_matches_hf() {
 fn peft_and_transformers_load_our_outputs_with_our_logits() {
     let fx = fixtures();
     let check: Value =
-        serde_json::from_str(&std::fs::read_to_string(fx.join("peft_check.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fx.join("peft_check.json")).unwrap())
+            .unwrap();
     let peft_vs_merged = check["max_abs_logit_diff"].as_f64().unwrap();
-    assert!(peft_vs_merged < 1e-5, "PEFT vs transformers-merged: {peft_vs_merged}");
+    assert!(
+        peft_vs_merged < 1e-5,
+        "PEFT vs transformers-merged: {peft_vs_merged}"
+    );
     let tmp = tempfile::tempdir().unwrap();
     let ad = zhllama::model::peft::load_adapter(&fx.join("zhllama_sft_adapter")).unwrap();
     let merged = tmp.path().join("merged");
     zhllama::model::peft::merge_into_dir(&fx.join("base"), &[ad], &merged, 1 << 30).unwrap();
     let be = Arc::new(CpuBackend::new());
-    let model = zhllama::model::Llama::from_dir(be.clone(), &merged, zhllama::model::TrainSpec::frozen())
-        .unwrap();
+    let model =
+        zhllama::model::Llama::from_dir(be.clone(), &merged, zhllama::model::TrainSpec::frozen())
+            .unwrap();
     let ids: Vec<Vec<i32>> = check["ids"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i32).collect())
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_i64().unwrap() as i32)
+                .collect()
+        })
         .collect();
     let (b, t) = (ids.len(), ids[0].len());
     let mut acts = zhllama::model::Activations::new_inference(&model, b, t).unwrap();
@@ -369,7 +380,12 @@ fn peft_and_transformers_load_our_outputs_with_our_logits() {
         .unwrap()
         .iter()
         .flat_map(|r| r.as_array().unwrap().iter())
-        .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32))
+        .flat_map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+        })
         .collect();
     assert_eq!(got.len(), want.len());
     let w = worst(&got, &want, 1e-5, 0.0);
