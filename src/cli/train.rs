@@ -165,7 +165,13 @@ fn train(args: Args, cfg: TrainConfig) -> Result<()> {
     let tok_vocab = match (&tokenizer, args.vocab_size) {
         (Some(t), _) => t.vocab_size().max(data.vocab_size()),
         (None, Some(v)) => v,
-        (None, None) => data.vocab_size(),
+        // No tokenizer: keep the model's vocabulary (the data must fit in it).
+        (None, None) => {
+            let cfg_path = args.model.join("config.json");
+            zhllama::model::LlamaConfig::load(&cfg_path)?
+                .vocab_size
+                .max(data.vocab_size())
+        }
     };
     let resume = match (&args.resume_from, args.resume) {
         (Some(p), _) => Some(p.clone()),
