@@ -134,3 +134,35 @@ fn stages_outputs_merge_and_plot() {
     zh(&["plot"], &[("", &o3), ("--output", &png2)]);
     assert_eq!(&std::fs::read(&png2).unwrap()[..4], b"\x89PNG");
 }
+
+/// Not a test: writes the LoRA-SFT benchmark's data (64 examples of exactly 256 tokens, the
+/// first ~156 of them prompt) to `<temp dir>/zhllama-bench-sft` for docs/PERF.md's command.
+/// Run with `cargo test --release --test train_cli -- --ignored make_bench_sft_data`.
+#[test]
+#[ignore]
+fn make_bench_sft_data() {
+    let d = std::env::temp_dir().join("zhllama-bench-sft");
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let src = d.join("a.json");
+    let recs: Vec<serde_json::Value> = (0..64)
+        .map(|i| {
+            serde_json::json!({"instruction": format!("写一首诗 {i}"), "input": "",
+                               "output": "x".repeat(400 + i)})
+        })
+        .collect();
+    std::fs::write(&src, serde_json::to_string(&recs).unwrap()).unwrap();
+    let cfg = zhllama::data::SftConfig {
+        max_len: 256,
+        ..Default::default()
+    };
+    let m = zhllama::data::sft::build_sft(
+        &train_common::ByteEncoder { vocab: 64 },
+        &[src],
+        &d.join("sft"),
+        &cfg,
+    )
+    .unwrap();
+    assert_eq!(m.tokens, 64 * 256);
+    println!("{}", d.join("sft").display());
+}
