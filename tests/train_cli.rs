@@ -7,18 +7,16 @@ mod train_common;
 use std::path::Path;
 use std::process::Command;
 
-/// `zhllama ARGS[..3] PATHS ARGS[3..]` (config overrides come after the named options).
+/// `zhllama ARGS PATHS` (named options may follow the config overrides).
 fn zh(args: &[&str], paths: &[(&str, &Path)]) -> String {
     let mut c = Command::new(env!("CARGO_BIN_EXE_zhllama"));
-    let k = args.len().min(3);
-    c.args(&args[..k]);
+    c.args(args);
     for (flag, p) in paths {
         if !flag.is_empty() {
             c.arg(flag);
         }
         c.arg(p);
     }
-    c.args(&args[k..]);
     let o = c.output().unwrap();
     assert!(
         o.status.success(),

@@ -8,7 +8,7 @@ use zhllama::train::dryrun;
 #[derive(clap::Args)]
 #[command(
     after_help = "Any config key can be overridden with `--key value` (dashes or \
-underscores), after the options above, e.g. `--learning-rate 5e-5 --lora-targets q_proj,v_proj`."
+underscores), before or after the options above, e.g. `--learning-rate 5e-5 --lora-targets q_proj,v_proj`."
 )]
 pub struct Args {
     /// Recipe stage: pt1 (embedding only), pt2 (LoRA q,k,v,o + embed + lm_head), sft.
@@ -16,7 +16,7 @@ pub struct Args {
     pub stage: Stage,
     /// HF LLaMA model directory (config.json + safetensors); config.json alone for --dry-run.
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// SentencePiece tokenizer.model; the model's vocab is resized to its size.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -99,11 +99,78 @@ pub fn build_config(args: &Args) -> Result<TrainConfig> {
     Ok(cfg)
 }
 
-pub fn run(args: Args) -> Result<()> {
+/// Named options that appear after a config override (clap hands everything after the first
+/// unknown `--key` to `overrides`) are moved back into their fields.
+fn take_named_options(args: &mut Args) -> Result<()> {
+    let rest = std::mem::take(&mut args.overrides);
+    let mut it = rest.into_iter().peekable();
+    while let Some(flag) = it.next() {
+        let (name, inline) = match flag.split_once('=') {
+            Some((n, v)) => (n.to_string(), Some(v.to_string())),
+            None => (flag.clone(), None),
+        };
+        let is_flag = matches!(name.as_str(), "--resume" | "--dry-run");
+        let named = matches!(
+            name.as_str(),
+            "--model"
+                | "--tokenizer"
+                | "--base-tokenizer"
+                | "--data"
+                | "--output"
+                | "--max-steps"
+                | "--save-steps"
+                | "--seed"
+                | "--config"
+                | "--world-size"
+                | "--vocab-size"
+                | "--precision"
+                | "--resume-from"
+        );
+        if is_flag {
+            match name.as_str() {
+                "--resume" => args.resume = true,
+                _ => args.dry_run = true,
+            }
+            continue;
+        }
+        if !named {
+            args.overrides.push(flag);
+            continue;
+        }
+        let value = match inline {
+            Some(v) => v,
+            None => it.next().with_context(|| format!("{name} needs a value"))?,
+        };
+        let bad = || format!("{name}: cannot parse {value:?}");
+        match name.as_str() {
+            "--model" => args.model = Some(value.clone().into()),
+            "--tokenizer" => args.tokenizer = Some(value.clone().into()),
+            "--base-tokenizer" => args.base_tokenizer = Some(value.clone().into()),
+            "--data" => args.data = Some(value.clone().into()),
+            "--output" => args.output = Some(value.clone().into()),
+            "--config" => args.config = Some(value.clone().into()),
+            "--resume-from" => args.resume_from = Some(value.clone().into()),
+            "--precision" => args.precision = value.clone(),
+            "--max-steps" => args.max_steps = Some(value.parse().with_context(bad)?),
+            "--save-steps" => args.save_steps = Some(value.parse().with_context(bad)?),
+            "--seed" => args.seed = Some(value.parse().with_context(bad)?),
+            "--world-size" => args.world_size = Some(value.parse().with_context(bad)?),
+            _ => args.vocab_size = Some(value.parse().with_context(bad)?),
+        }
+    }
+    if args.model.is_none() {
+        bail!("--model DIR is required");
+    }
+    Ok(())
+}
+
+pub fn run(mut args: Args) -> Result<()> {
+    take_named_options(&mut args)?;
     let cfg = build_config(&args)?;
+    let model_dir = args.model.clone().expect("checked above");
     if args.dry_run {
         cfg.validate()?;
-        let dims = dryrun::Dims::from_model_dir(&args.model)?;
+        let dims = dryrun::Dims::from_model_dir(&model_dir)?;
         let vocab = match (args.vocab_size, &args.tokenizer) {
             (Some(v), _) => v,
             (None, Some(path)) => tokenizer_size(path)?,
@@ -120,7 +187,7 @@ pub fn run(args: Args) -> Result<()> {
         println!("{line}");
         return Ok(());
     }
-    train(args, cfg)
+    train(args, cfg, &model_dir)
 }
 
 /// Number of pieces in a SentencePiece model file.
@@ -128,7 +195,7 @@ fn tokenizer_size(path: &std::path::Path) -> Result<usize> {
     Ok(zhllama::vocab::encode::Tokenizer::load(path)?.vocab_size())
 }
 
-fn train(args: Args, cfg: TrainConfig) -> Result<()> {
+fn train(args: Args, cfg: TrainConfig, model_dir: &std::path::Path) -> Result<()> {
     use zhllama::backend::cpu::CpuBackend;
     use zhllama::train::{checkpoint, data::Data, setup, trainer};
     cfg.validate()?;
@@ -167,7 +234,7 @@ fn train(args: Args, cfg: TrainConfig) -> Result<()> {
         (None, Some(v)) => v,
         // No tokenizer: keep the model's vocabulary (the data must fit in it).
         (None, None) => {
-            let cfg_path = args.model.join("config.json");
+            let cfg_path = model_dir.join("config.json");
             zhllama::model::LlamaConfig::load(&cfg_path)?
                 .vocab_size
                 .max(data.vocab_size())
@@ -194,14 +261,7 @@ fn train(args: Args, cfg: TrainConfig) -> Result<()> {
         new,
         old: base_tokenizer.as_ref(),
     });
-    let model = setup::load_model(
-        backend,
-        &args.model,
-        &cfg,
-        args.stage,
-        tok_vocab,
-        resize_toks,
-    )?;
+    let model = setup::load_model(backend, model_dir, &cfg, args.stage, tok_vocab, resize_toks)?;
     if comm.rank() == 0 {
         let l = model.layout();
         eprintln!(
@@ -232,7 +292,7 @@ fn train(args: Args, cfg: TrainConfig) -> Result<()> {
     };
     let summary = t.run(&opts)?;
     if comm.rank() == 0 {
-        let out = setup::save_outputs(&t.model, &cfg, output, &args.model)?;
+        let out = setup::save_outputs(&t.model, &cfg, output, model_dir)?;
         let png = output.join("loss.png");
         if let Err(e) = zhllama::train::plot::plot_run(output, &png) {
             eprintln!("warning: no loss plot: {e:#}");
