@@ -125,3 +125,37 @@ fn eval_rejects_bad_input_with_one_line_errors() {
         assert!(stderr.contains(w), "{stderr:?} should mention {w:?}");
     }
 }
+
+#[test]
+fn bench_tiny_runs_and_counts_flops_by_hand() {
+    let out = Command::new(env!("CARGO_BIN_EXE_zhllama"))
+        .args(["bench", "--preset", "tiny", "--steps", "1", "--warmup", "0"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // tiny: V 1000, C 64, F 176, 2 layers, 4 heads of 16, batch 2 × seq 64. Counted by shape:
+    // per layer q,k,v,o 64×64, gate,up 176×64, down 64×176; lm_head 1000×64; each weight matmul
+    // 2·N·in·out forward and twice that backward.
+    let n = 128.0;
+    let weights = 2.0 * (4.0 * 64.0 * 64.0 + 3.0 * 176.0 * 64.0) + 1000.0 * 64.0;
+    let matmul = 3.0 * 2.0 * n * weights;
+    // Causal attention: per (sequence, head) sum over queries i of (i+1) keys, QKᵀ and PV at
+    // 2·16 FLOPs per pair, forward; the backward does 2× that.
+    let pairs: f64 = (1..=64).map(|i| i as f64).sum();
+    let attention = 3.0 * 2.0 * (2.0 * 16.0 * pairs) * 2.0 * 4.0 * 2.0;
+    let got = j["gflop_per_step"].as_f64().unwrap() * 1e9;
+    assert!(
+        (got - (matmul + attention)).abs() < 1.0,
+        "{got} vs {}",
+        matmul + attention
+    );
+    // Random init (std 0.02) gives near-uniform predictions: loss ≈ ln(1000) = 6.91.
+    let loss = j["loss"].as_f64().unwrap();
+    assert!((loss - 1000f64.ln()).abs() < 0.1, "loss {loss}");
+    assert!(j["tokens_per_s"].as_f64().unwrap() > 0.0);
+}

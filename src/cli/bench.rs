@@ -43,6 +43,18 @@ pub struct Args {
     backend: String,
 }
 
+/// CPU seconds used so far by this process, all threads (Linux: `/proc/self/stat` utime + stime,
+/// in USER_HZ = 100 ticks per second); `None` elsewhere. On a machine shared with other jobs the
+/// CPU time of a step is steadier than its wall time.
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
 /// `(config, batch, seq, default steps)` of a preset.
 fn preset(name: &str) -> Result<(LlamaConfig, usize, usize, usize)> {
     Ok(match name {
@@ -127,18 +139,21 @@ fn run_on<B: Backend>(backend: Arc<B>, args: &Args) -> Result<()> {
         step(&mut grads)?;
     }
     let start = Instant::now();
+    let cpu0 = cpu_seconds();
     let mut loss = 0.0;
     for _ in 0..steps {
         loss = step(&mut grads)?;
     }
     let secs = start.elapsed().as_secs_f64() / steps as f64;
+    let cpu_s = cpu0.zip(cpu_seconds()).map(|(a, b)| (b - a) / steps as f64);
     let flops = cfg.train_step_flops(b, t);
     let tok_s = (b * t) as f64 / secs;
     let gflops = flops / secs / 1e9;
     eprintln!(
-        "{} on {name}: {b}×{t} tokens, {:.1} ms/step, {tok_s:.0} tokens/s, {gflops:.1} GFLOP/s (loss {loss:.4})",
+        "{} on {name}: {b}×{t} tokens, {:.1} ms/step ({:.2} CPU-s/step), {tok_s:.0} tokens/s, {gflops:.1} GFLOP/s (loss {loss:.4})",
         args.preset,
-        secs * 1e3
+        secs * 1e3,
+        cpu_s.unwrap_or(f64::NAN)
     );
     println!(
         "{}",
@@ -146,6 +161,7 @@ fn run_on<B: Backend>(backend: Arc<B>, args: &Args) -> Result<()> {
             "impl": "zhllama", "backend": name, "preset": args.preset, "batch": b, "seq": t,
             "layers": cfg.num_hidden_layers, "steps": steps, "step_ms": secs * 1e3,
             "tokens_per_s": tok_s, "gflop_per_step": flops / 1e9, "gflops": gflops, "loss": loss,
+            "cpu_s_per_step": cpu_s,
         })
     );
     Ok(())

@@ -359,9 +359,20 @@ mod tests {
             l.num_trainable(),
             2 * 204_607_488 + 32 * 4 * (4096 * 8 + 8 * 4096)
         );
-        let share =
-            100.0 * l.num_trainable() as f64 / (all + (l.num_params() - c.num_params()) as f64);
+        // The recipe's shares count the LoRA factors in the total.
+        let share = 100.0 * l.num_trainable() as f64 / l.num_params() as f64;
         assert_eq!(format!("{share:.2}"), "6.06");
+        // Instruction tuning: LoRA on all seven projections, vocab 49954.
+        let c = LlamaConfig::new(49954, 4096, 11008, 32, 32, 32);
+        let sft = TrainSpec {
+            lora: Some(LoraConfig::new(8, 32.0, 0.05, &Proj::ALL, 0).unwrap()),
+            ..pt2
+        };
+        let l = ParamLayout::new(&c, &sft).unwrap();
+        let want = 2 * 49954 * 4096 + 32 * (4 * 65536 + 3 * (4096 * 8 + 8 * 11008));
+        assert_eq!(l.num_trainable(), want);
+        let share = 100.0 * l.num_trainable() as f64 / l.num_params() as f64;
+        assert_eq!(format!("{share:.2}"), "6.22");
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! f32 hyper-parameters are first widened through their shortest decimal form (`0.9f32 → 0.9`), so
 //! a config value gives the same f64 as the Python literal would.
 
+use super::math::simd_fn;
 use crate::backend::AdamW;
 use rayon::prelude::*;
 
@@ -27,7 +28,7 @@ fn widen(x: f32) -> f64 {
 }
 
 /// torch's `lerp(a, b, w)` in f32 (two formulas, chosen by `|w| < 0.5`, for accuracy).
-#[inline]
+#[inline(always)]
 fn lerp(a: f32, b: f32, w: f32) -> f32 {
     if w.abs() < 0.5 {
         a + w * (b - a)
@@ -70,12 +71,39 @@ pub fn adamw_step(param: &mut [f32], m: &mut [f32], v: &mut [f32], grad: &[f32],
         .zip(v.par_chunks_mut(CHUNK))
         .zip(grad.par_chunks(CHUNK))
         .for_each(|(((p, m), v), g)| {
-            for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
-                *p *= decay;
-                *m = lerp(*m, g, w1);
-                *v = *v * beta2 + w2 * g * g;
-                let denom = v.sqrt() / bc2_sqrt + eps;
-                *p += neg_step_size * *m / denom;
-            }
+            let k = Coefs {
+                decay,
+                w1,
+                beta2,
+                w2,
+                bc2_sqrt,
+                eps,
+                neg_step_size,
+            };
+            adamw_chunk(p, m, v, g, k)
         });
+}
+
+/// The f32 scalars of one step, as torch's kernels receive them.
+#[derive(Clone, Copy)]
+struct Coefs {
+    decay: f32,
+    w1: f32,
+    beta2: f32,
+    w2: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+    neg_step_size: f32,
+}
+
+simd_fn! {
+    fn adamw_chunk(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: Coefs) {
+        for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
+            *p *= k.decay;
+            *m = lerp(*m, g, k.w1);
+            *v = *v * k.beta2 + k.w2 * g * g;
+            let denom = v.sqrt() / k.bc2_sqrt + k.eps;
+            *p += k.neg_step_size * *m / denom;
+        }
+    }
 }

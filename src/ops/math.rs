@@ -1,5 +1,5 @@
 //! Small numerical building blocks shared by the ops: a dot product and an `exp` written so the
-//! compiler vectorises them, [`simd_fn!`] that compiles a kernel for AVX2 too and picks it when the
+//! compiler vectorises them, `simd_fn!` that compiles a kernel for AVX2 too and picks it when the
 //! CPU has it, and a handle for writing disjoint parts of one slice from several rayon tasks.
 
 use std::marker::PhantomData;
@@ -8,7 +8,7 @@ use std::marker::PhantomData;
 /// registers (reassociation is explicit, so the result is deterministic).
 const LANES: usize = 16;
 
-/// `Σ a[i]·b[i]` in f32 with [`LANES`] partial sums added pairwise at the end.
+/// `Σ a[i]·b[i]` in f32 with `LANES` (16) partial sums added pairwise at the end.
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
@@ -49,7 +49,7 @@ pub fn axpy_slice(y: &mut [f32], alpha: f32, x: &[f32]) {
     }
 }
 
-/// `out = exp(x − m)`; returns `Σ out` in [`LANES`] partial sums, added pairwise.
+/// `out = exp(x − m)`; returns `Σ out` in `LANES` partial sums, added pairwise.
 #[inline(always)]
 pub fn exp_sub_sum_into(out: &mut [f32], x: &[f32], m: f32) -> f32 {
     assert_eq!(out.len(), x.len());
@@ -74,7 +74,7 @@ pub fn exp_sub_sum_into(out: &mut [f32], x: &[f32], m: f32) -> f32 {
     reduce_lanes(acc)
 }
 
-/// `x ← exp(x − m)` in place; returns `Σ x` (after) in [`LANES`] partial sums, added pairwise.
+/// `x ← exp(x − m)` in place; returns `Σ x` (after) in `LANES` partial sums, added pairwise.
 #[inline(always)]
 pub fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
     let mut acc = [0.0f32; LANES];
@@ -92,7 +92,7 @@ pub fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
     reduce_lanes(acc)
 }
 
-/// Max of a slice (`-inf` when empty), in [`LANES`] lanes. NaNs are skipped; callers feed the
+/// Max of a slice (`-inf` when empty), in `LANES` lanes. NaNs are skipped; callers feed the
 /// values on through `exp`, so a NaN still reaches their result.
 #[inline(always)]
 pub fn max(x: &[f32]) -> f32 {
@@ -152,8 +152,6 @@ impl<'a> SharedMut<'a> {
 /// 4). Rust never fuses `a * b + c` on its own, so both versions perform the same roundings in the
 /// same order: the results are bit-identical, only the speed differs. Helpers the body calls must
 /// be `#[inline(always)]` to be compiled into the fast version.
-#[macro_export]
-#[doc(hidden)]
 macro_rules! simd_fn {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
@@ -177,7 +175,7 @@ macro_rules! simd_fn {
         }
     };
 }
-pub use simd_fn;
+pub(crate) use simd_fn;
 
 /// `e^x` in f32 without branches or calls, so loops over it vectorise: Cody–Waite reduction
 /// `x = n·ln2 + r` (`|r| ≤ ln2/2`), a degree-7 polynomial for `e^r`, and `2^n` built in the exponent

@@ -20,12 +20,18 @@ pub fn inv_freq(theta: f32, d: usize, i: usize) -> f32 {
     1.0 / p
 }
 
-/// `cos[i]`, `sin[i]` (`i < d/2`) of position `pos`, as HF computes them in f32.
+/// `(cos, sin)` of an f32 angle, correctly rounded to f32 (evaluated in f64).
+#[inline]
+pub fn cos_sin_of(angle: f32) -> (f32, f32) {
+    let (s, c) = (angle as f64).sin_cos();
+    (c as f32, s as f32)
+}
+
+/// `cos[i]`, `sin[i]` (`i < d/2`) of position `pos`, as HF computes them in f32
+/// (`freqs = inv_freq · pos` in f32, then cos/sin).
 pub fn cos_sin(cos: &mut [f32], sin: &mut [f32], theta: f32, d: usize, pos: usize) {
     for (i, (c, s)) in cos.iter_mut().zip(sin.iter_mut()).enumerate() {
-        let angle = inv_freq(theta, d, i) * pos as f32;
-        *c = (angle as f64).cos() as f32;
-        *s = (angle as f64).sin() as f32;
+        (*c, *s) = cos_sin_of(inv_freq(theta, d, i) * pos as f32);
     }
 }
 
@@ -51,6 +57,7 @@ fn rope_apply(
         return;
     }
     let half = d / 2;
+    let inv: Vec<f32> = (0..half).map(|i| inv_freq(theta, d, i)).collect();
     x.par_chunks_mut(h * d)
         .enumerate()
         .with_min_len(4)
@@ -58,7 +65,9 @@ fn rope_apply(
             let pos = pos_offset + row % t;
             let mut cos = vec![0.0f32; half];
             let mut sin = vec![0.0f32; half];
-            cos_sin(&mut cos, &mut sin, theta, d, pos);
+            for ((c, s), &f) in cos.iter_mut().zip(sin.iter_mut()).zip(&inv) {
+                (*c, *s) = cos_sin_of(f * pos as f32);
+            }
             for head in xr.chunks_mut(d) {
                 let (x1, x2) = head.split_at_mut(half);
                 for i in 0..half {

@@ -66,19 +66,20 @@ def main():
 
     for _ in range(a.warmup):
         step()
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         loss = step()
     secs = (time.perf_counter() - start) / steps
+    cpu_s = (time.process_time() - cpu0) / steps  # all threads, as zhllama's /proc/self/stat
     flops = train_step_flops(v, c, f, layers, h, kvh, b, t)
     tok_s = b * t / secs
     print(f"{a.preset} on torch {torch.__version__} ({a.threads} threads, {a.attn}): {b}×{t} tokens, "
-          f"{secs * 1e3:.1f} ms/step, {tok_s:.0f} tokens/s, {flops / secs / 1e9:.1f} GFLOP/s (loss {loss:.4f})",
+          f"{secs * 1e3:.1f} ms/step ({cpu_s:.2f} CPU-s/step), {tok_s:.0f} tokens/s, {flops / secs / 1e9:.1f} GFLOP/s (loss {loss:.4f})",
           file=sys.stderr)
     print(json.dumps({"impl": "torch", "backend": f"torch-cpu-{a.threads}t-{a.attn}", "preset": a.preset,
                       "batch": b, "seq": t, "layers": layers, "steps": steps, "step_ms": secs * 1e3,
                       "tokens_per_s": tok_s, "gflop_per_step": flops / 1e9, "gflops": flops / secs / 1e9,
-                      "loss": loss}))
+                      "loss": loss, "cpu_s_per_step": cpu_s}))
 
 
 if __name__ == "__main__":
