@@ -49,13 +49,9 @@ fn reduce_scatter_all_reduce_all_gather_match_hand_written_order() {
         });
         for (r, res) in results.into_iter().enumerate() {
             let (mine, all, gathered, d, sent) = res.unwrap();
-            for i in 0..n {
+            for (i, m) in mine.iter().enumerate() {
                 let e = canonical_sum(world, r * n + i);
-                assert_eq!(
-                    mine[i].to_bits(),
-                    e.to_bits(),
-                    "world {world} rank {r} i {i}"
-                );
+                assert_eq!(m.to_bits(), e.to_bits(), "world {world} rank {r} i {i}");
             }
             for (i, a) in all.iter().enumerate() {
                 assert_eq!(
