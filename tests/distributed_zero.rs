@@ -49,7 +49,7 @@ fn run_cfg(steps: u64, accum: usize) -> ToyRun {
 /// Run the toy at `world` ranks; return every rank's result.
 fn run_world(world: usize, cfg: &ToyRun) -> Vec<ToyResult> {
     ThreadComm::run(world, TIMEOUT, |c| {
-        toy::train(&c, &PROBLEM, cfg, &mut |_, _| Ok(()))
+        toy::train(&c, &PROBLEM, cfg, &mut |_, _, _| Ok(()))
     })
     .into_iter()
     .map(|r| r.unwrap())
@@ -205,7 +205,7 @@ fn tree_sum_of_squares_is_pairwise() {
 fn optimizer_state_is_a_shard_per_rank() {
     for world in 1..=4 {
         let results = ThreadComm::run(world, TIMEOUT, |c| {
-            let r = toy::train(&c, &PROBLEM, &run_cfg(1, 1), &mut |_, _| Ok(()))?;
+            let r = toy::train(&c, &PROBLEM, &run_cfg(1, 1), &mut |_, _, _| Ok(()))?;
             Ok((r.zero.state_lens(), r.zero.shard_range()))
         });
         let s = PROBLEM.n_params.div_ceil(world);
@@ -414,7 +414,7 @@ fn a_failed_rank_stops_the_others_and_leaves_the_last_checkpoint_whole() {
     let results = ThreadComm::run(3, Duration::from_secs(60), |c| {
         let mut z_cfg = cfg.clone();
         z_cfg.steps = 5;
-        let r = toy::train(&c, &PROBLEM, &z_cfg, &mut |_, _| Ok(()))?;
+        let r = toy::train(&c, &PROBLEM, &z_cfg, &mut |_, _, _| Ok(()))?;
         if c.rank() == 1 {
             r.zero.save_shard(&{
                 let d = checkpoint_dir(root, 6);

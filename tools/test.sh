@@ -4,3 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --release --all-targets
+
+# --- distributed (issue 8): OpenMPI from the system packages, then the multi-process tests ---
+# (the `mpi` crate needs libopenmpi-dev + libclang-dev for bindgen; the tests call mpirun themselves)
+if ! command -v mpirun >/dev/null 2>&1 || ! command -v mpicc >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y libopenmpi-dev openmpi-bin libclang-dev pkg-config
+fi
+cargo test --release --features mpi --test distributed_mpi

@@ -149,13 +149,13 @@ pub fn latest_checkpoint(root: &Path) -> Result<Option<PathBuf>> {
     Ok(best)
 }
 
-/// Run (or resume) a toy training on this rank. `after_step(step, comm)` runs after every
+/// Run (or resume) a toy training on this rank. `after_step(step, comm, zero)` runs after every
 /// optimizer step and checkpoint (tests use it to fail a rank on purpose).
 pub fn train(
     comm: &dyn Comm,
     problem: &ToyProblem,
     run: &ToyRun,
-    after_step: &mut dyn FnMut(u64, &dyn Comm) -> Result<()>,
+    after_step: &mut dyn FnMut(u64, &dyn Comm, &Zero2) -> Result<()>,
 ) -> Result<ToyResult> {
     let (rank, world, p) = (comm.rank(), comm.world_size(), problem.n_params);
     let frozen = problem.frozen();
@@ -207,7 +207,7 @@ pub fn train(
         {
             zero.save(comm, &checkpoint_dir(root, step + 1))?;
         }
-        after_step(step + 1, comm)?;
+        after_step(step + 1, comm, &zero)?;
     }
     Ok(ToyResult {
         params,
