@@ -256,6 +256,7 @@ impl Zero2 {
             grads.len()
         );
         self.check_comm(comm)?;
+        ensure!(hp.step >= 1, "AdamW step is 1-based, got {}", hp.step);
         let sent0 = comm.bytes_sent();
         let range = self.shard_range();
         let valid = range.len();
@@ -284,7 +285,7 @@ impl Zero2 {
                 *g *= coef;
             }
         }
-        adamw_update(
+        crate::ops::adamw_step(
             &mut self.master[..valid],
             &mut self.m[..valid],
             &mut self.v[..valid],
@@ -702,31 +703,4 @@ pub fn global_sum_squares(
         eval(lo, lo + h, v) + eval(lo + h, hi, v)
     }
     Ok(eval(0, p, &values))
-}
-
-/// One AdamW step in place, with `torch.optim.AdamW`'s single-tensor arithmetic (scalars in f64
-/// as Python computes them, rounded to f32 where torch hands them to the kernel).
-fn adamw_update(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], hp: AdamW) {
-    let (lr, b1, b2) = (hp.lr as f64, hp.beta1 as f64, hp.beta2 as f64);
-    let step = hp.step.max(1) as f64;
-    let decay = (1.0 - lr * hp.weight_decay as f64) as f32;
-    let w1 = (1.0 - b1) as f32;
-    let (b2f, w2) = (b2 as f32, (1.0 - b2) as f32);
-    let bc1 = 1.0 - b1.powf(step);
-    let bc2 = 1.0 - b2.powf(step);
-    let neg_step = (-(lr / bc1)) as f32;
-    let bc2_sqrt = bc2.sqrt() as f32;
-    for i in 0..p.len() {
-        let gi = g[i];
-        p[i] *= decay;
-        // torch.lerp: weight < 0.5 ? self + w·(end − self) : end − (end − self)·(1 − w)
-        m[i] = if w1 < 0.5 {
-            m[i] + w1 * (gi - m[i])
-        } else {
-            gi - (gi - m[i]) * (1.0 - w1)
-        };
-        v[i] = v[i] * b2f + w2 * gi * gi;
-        let denom = v[i].sqrt() / bc2_sqrt + hp.eps;
-        p[i] += neg_step * m[i] / denom;
-    }
 }
