@@ -335,3 +335,20 @@ fn batches_split_without_overlap_and_match_across_world_sizes() {
         assert_eq!(all.len(), len);
     }
 }
+
+#[test]
+fn init_picks_the_communicator_for_the_launch() {
+    use zhllama::distributed::{MPI_ENABLED, init};
+    let c = init(None, None).unwrap();
+    assert_eq!((c.rank(), c.world_size()), (0, 1));
+    if !MPI_ENABLED {
+        let launched = LaunchInfo {
+            rank: 1,
+            local_rank: 1,
+            world_size: 2,
+            launcher: Launcher::OpenMpi,
+        };
+        let e = format!("{:#}", init(Some(&launched), None).err().unwrap());
+        assert!(e.contains("--features mpi"), "{e}");
+    }
+}

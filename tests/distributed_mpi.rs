@@ -249,8 +249,8 @@ fn killed_rank_ends_the_job_and_the_last_checkpoint_resumes() {
     assert_eq!(resumed, read_params(Path::new(&full_out)));
 }
 
-/// A rank that errors (MPI_Abort), one killed while writing a checkpoint (no manifest: the torn
-/// checkpoint is never picked), and one that hangs (the others' watchdog ends the job).
+/// A rank that errors (MPI_Abort), one killed while writing a checkpoint (the torn checkpoint
+/// stays in `step-N.tmp`, never picked), and one that hangs (the others' watchdog ends the job).
 #[test]
 fn errors_torn_checkpoints_and_hangs_end_the_job() {
     let Some(bin) = driver() else { return };
@@ -274,7 +274,12 @@ fn errors_torn_checkpoints_and_hangs_end_the_job() {
     args.extend(["--die-at", "5", "--die-how", "kill-in-save"]);
     let r = mpirun(bin, 3, &args);
     assert!(!r.ok && r.secs < 60.0, "{}", r.stderr);
-    assert!(!checkpoint_dir(&ck, 5).join(MANIFEST_NAME).exists());
+    assert!(
+        !checkpoint_dir(&ck, 5).exists(),
+        "the torn checkpoint never gets its name"
+    );
+    let tmp5 = zhllama::distributed::zero::tmp_dir(&checkpoint_dir(&ck, 5));
+    assert!(!tmp5.join(MANIFEST_NAME).exists());
     assert_eq!(
         toy::latest_checkpoint(&ck).unwrap().unwrap(),
         checkpoint_dir(&ck, 4)

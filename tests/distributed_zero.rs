@@ -444,6 +444,13 @@ fn a_failed_rank_stops_the_others_and_leaves_the_last_checkpoint_whole() {
     assert!(e.contains("incomplete"), "{e}");
     let last = toy::latest_checkpoint(root).unwrap().unwrap();
     assert_eq!(last, checkpoint_dir(root, 4));
+    // Checkpoints written by the loop are whole directories: shards, manifest, loop state.
+    let names: Vec<String> = std::fs::read_dir(&last)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names.len(), 5, "{names:?}");
+    assert!(names.contains(&"loop.json".to_string()) && names.contains(&MANIFEST_NAME.into()));
     // Resume from the last whole checkpoint at world 3 and finish: matches an uninterrupted run.
     let resumed = run_world(
         3,
@@ -495,4 +502,71 @@ fn corrupt_or_mismatched_checkpoints_are_refused_with_the_file_named() {
     std::fs::write(&f, b"hello").unwrap();
     let e = format!("{:#}", Zero2::load(&ck, 1, 2, p, 64).err().unwrap());
     assert!(e.contains("not a ZeRO-2 shard"), "{e}");
+}
+
+#[test]
+fn save_checkpoint_is_all_or_nothing_under_its_final_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = checkpoint_dir(tmp.path(), 7);
+    // Rank 2 fails after writing its shard into the temporary directory.
+    let results = ThreadComm::run(3, TIMEOUT, |c| {
+        let mut params = PROBLEM.init_params();
+        let mut z = Zero2::new(c.rank(), 3, PROBLEM.n_params, 64);
+        let mut g: Vec<f32> = (0..PROBLEM.n_params)
+            .map(|j| PROBLEM.feature(c.rank(), j))
+            .collect();
+        z.step(
+            &c,
+            &mut params,
+            &mut g,
+            1.0,
+            None,
+            AdamW { step: 1, ..hp() },
+        )?;
+        if c.rank() == 2 {
+            c.barrier()?;
+            z.save_shard(&zhllama::distributed::zero::tmp_dir(&dir))?;
+            anyhow::bail!("killed");
+        }
+        z.save_checkpoint(&c, &dir, |t| {
+            std::fs::write(t.join("weights.bin"), b"loop files")?;
+            Ok(())
+        })
+    });
+    assert!(results.iter().all(|r| r.is_err()));
+    assert!(!dir.exists(), "no checkpoint under the final name");
+    assert_eq!(toy::latest_checkpoint(tmp.path()).unwrap(), None);
+    // A successful save replaces the stale temporary directory and produces the whole set.
+    let results = ThreadComm::run(3, TIMEOUT, |c| {
+        let mut params = PROBLEM.init_params();
+        let mut z = Zero2::new(c.rank(), 3, PROBLEM.n_params, 64);
+        let mut g: Vec<f32> = (0..PROBLEM.n_params)
+            .map(|j| PROBLEM.feature(c.rank(), j))
+            .collect();
+        z.step(
+            &c,
+            &mut params,
+            &mut g,
+            1.0,
+            None,
+            AdamW { step: 1, ..hp() },
+        )?;
+        z.save_checkpoint(&c, &dir, |t| {
+            std::fs::write(t.join("weights.bin"), b"loop files")?;
+            Ok(())
+        })?;
+        Ok(params)
+    });
+    let params: Vec<Vec<f32>> = results.into_iter().map(|r| r.unwrap()).collect();
+    assert!(dir.join(MANIFEST_NAME).exists() && dir.join("weights.bin").exists());
+    assert!(!zhllama::distributed::zero::tmp_dir(&dir).exists());
+    assert_eq!(
+        toy::latest_checkpoint(tmp.path()).unwrap(),
+        Some(dir.clone())
+    );
+    // And it loads back into the same weights at another world size.
+    let mut z = Zero2::load(&dir, 0, 1, PROBLEM.n_params, 64).unwrap();
+    let mut back = vec![0f32; PROBLEM.n_params];
+    z.gather_params(&LocalComm, &mut back).unwrap();
+    assert_eq!(bits(&back), bits(&params[0]));
 }

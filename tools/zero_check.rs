@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use zhllama::backend::AdamW;
 use zhllama::distributed::toy::{self, ToyProblem, ToyRun, checkpoint_dir};
+use zhllama::distributed::zero::tmp_dir;
 use zhllama::distributed::{Comm, Zero2, launch_info};
 
 #[derive(Parser)]
@@ -191,14 +192,16 @@ fn run(comm: &dyn Comm, cmd: Cmd) -> Result<()> {
                             DieHow::Kill => kill_self(),
                             DieHow::Hang => std::thread::sleep(Duration::from_secs(3600)),
                             DieHow::KillInSave => {
+                                // What `save_checkpoint` does on this rank, up to its shard.
                                 let dir = checkpoint_dir(ckpt.as_ref().expect("--ckpt"), step);
-                                std::fs::create_dir_all(&dir)?;
-                                z.save_shard(&dir)?;
+                                c.barrier()?;
+                                z.save_shard(&tmp_dir(&dir))?;
                                 kill_self()
                             }
                         }
                     } else if die_how == DieHow::KillInSave {
-                        z.save(c, &checkpoint_dir(ckpt.as_ref().expect("--ckpt"), step))?;
+                        let dir = checkpoint_dir(ckpt.as_ref().expect("--ckpt"), step);
+                        z.save_checkpoint(c, &dir, |_| Ok(()))?;
                     }
                 }
                 t = Instant::now();
