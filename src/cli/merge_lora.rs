@@ -1,8 +1,36 @@
-use anyhow::{Result, bail};
+//! `zhllama merge-lora --base DIR --adapter DIR [--adapter DIR ...] --output DIR`.
+
+use anyhow::Result;
+use std::path::PathBuf;
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Base HF model directory.
+    #[arg(long)]
+    pub base: PathBuf,
+    /// PEFT LoRA adapter directory; repeat to merge several in order (e.g. pt2 then sft).
+    #[arg(long, required = true)]
+    pub adapter: Vec<PathBuf>,
+    /// Output HF model directory (config + sharded safetensors + index).
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Largest shard, in bytes of tensor data.
+    #[arg(long, default_value_t = 2 << 30)]
+    pub max_shard_bytes: usize,
+}
 
-pub fn run(_args: Args) -> Result<()> {
-    bail!("not yet: `zhllama merge-lora` lands with issue 5")
+pub fn run(args: Args) -> Result<()> {
+    let adapters = args
+        .adapter
+        .iter()
+        .map(|d| zhllama::model::peft::load_adapter(d))
+        .collect::<Result<Vec<_>>>()?;
+    zhllama::model::peft::merge_into_dir(
+        &args.base,
+        &adapters,
+        &args.output,
+        args.max_shard_bytes,
+    )?;
+    println!("{}", args.output.display());
+    Ok(())
 }

@@ -1,8 +1,20 @@
-use anyhow::{Result, bail};
+//! `zhllama plot RUN_DIR [--output FILE]`: the loss curve of a run to PNG.
+
+use anyhow::Result;
+use std::path::PathBuf;
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Run directory (the `--output` of `zhllama train`; reads its metrics.jsonl).
+    pub run_dir: PathBuf,
+    /// PNG to write (default RUN_DIR/loss.png).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+}
 
-pub fn run(_args: Args) -> Result<()> {
-    bail!("not yet: `zhllama plot` lands with issue 5")
+pub fn run(args: Args) -> Result<()> {
+    let png = args.output.unwrap_or_else(|| args.run_dir.join("loss.png"));
+    zhllama::train::plot::plot_run(&args.run_dir, &png)?;
+    println!("{}", png.display());
+    Ok(())
 }

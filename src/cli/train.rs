@@ -1,8 +1,223 @@
-use anyhow::{Result, bail};
+//! `zhllama train --stage pt1|pt2|sft ...`: argument parsing and glue; the work is in `zhllama::train`.
+
+use anyhow::{Context, Result, bail};
+use std::path::PathBuf;
+use zhllama::train::config::{Stage, TrainConfig};
+use zhllama::train::dryrun;
 
 #[derive(clap::Args)]
-pub struct Args {}
+#[command(
+    after_help = "Any config key can be overridden with `--key value` (dashes or \
+underscores), after the options above, e.g. `--learning-rate 5e-5 --lora-targets q_proj,v_proj`."
+)]
+pub struct Args {
+    /// Recipe stage: pt1 (embedding only), pt2 (LoRA q,k,v,o + embed + lm_head), sft.
+    #[arg(long)]
+    pub stage: Stage,
+    /// HF LLaMA model directory (config.json + safetensors); config.json alone for --dry-run.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// SentencePiece tokenizer.model; the model's vocab is resized to its size.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Token shards directory (pre-training blocks for pt1/pt2, SFT examples for sft).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Run directory: checkpoints, metrics.jsonl, loss.png, the final adapter/weights.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    #[arg(long)]
+    pub save_steps: Option<u64>,
+    /// Continue from the newest checkpoint in --output (a fresh start when there is none).
+    #[arg(long)]
+    pub resume: bool,
+    /// Continue from this checkpoint directory (e.g. an older one when the newest is damaged).
+    #[arg(long)]
+    pub resume_from: Option<PathBuf>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// TOML file of config keys applied over the stage preset.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Print parameter counts and the memory plan as one JSON line, then exit (reads config.json only).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Ranks to plan the memory for in --dry-run.
+    #[arg(long)]
+    pub world_size: Option<usize>,
+    /// Tokenizer vocab size for --dry-run without a tokenizer file.
+    #[arg(long)]
+    pub vocab_size: Option<usize>,
+    /// Storage precision for the --dry-run memory plan: f32 (CPU backend) or bf16 (CUDA, fp32 master).
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
+    /// `--key value` config overrides.
+    #[arg(allow_hyphen_values = true, trailing_var_arg = true, num_args = 0.., hide = true)]
+    pub overrides: Vec<String>,
+}
 
-pub fn run(_args: Args) -> Result<()> {
-    bail!("not yet: `zhllama train` lands with issue 5")
+/// The run's config: stage preset, then the TOML file, then flags.
+pub fn build_config(args: &Args) -> Result<TrainConfig> {
+    let mut cfg = TrainConfig::preset(args.stage);
+    if let Some(path) = &args.config {
+        cfg.merge_toml_file(path)?;
+    }
+    let mut it = args.overrides.iter();
+    while let Some(flag) = it.next() {
+        let Some(key) = flag.strip_prefix("--") else {
+            bail!("unexpected argument {flag:?}: config overrides take the form --key value");
+        };
+        let (key, value) = match key.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => {
+                let v = it
+                    .next()
+                    .with_context(|| format!("--{key} needs a value"))?;
+                (key.to_string(), v.clone())
+            }
+        };
+        cfg.set(&key, &value)?;
+    }
+    if let Some(v) = args.max_steps {
+        cfg.max_steps = v;
+    }
+    if let Some(v) = args.save_steps {
+        cfg.save_steps = v;
+    }
+    if let Some(v) = args.seed {
+        cfg.seed = v;
+    }
+    if let Some(v) = args.world_size {
+        cfg.world_size = v;
+    }
+    Ok(cfg)
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let cfg = build_config(&args)?;
+    if args.dry_run {
+        cfg.validate()?;
+        let dims = dryrun::Dims::from_model_dir(&args.model)?;
+        let vocab = match (args.vocab_size, &args.tokenizer) {
+            (Some(v), _) => v,
+            (None, Some(path)) => tokenizer_size(path)?,
+            (None, None) => dims.vocab_size,
+        };
+        let line = dryrun::plan(
+            &dims,
+            &cfg,
+            &args.stage.to_string(),
+            vocab,
+            cfg.world_size,
+            &args.precision,
+        )?;
+        println!("{line}");
+        return Ok(());
+    }
+    train(args, cfg)
+}
+
+/// Number of pieces in a SentencePiece model file.
+fn tokenizer_size(path: &std::path::Path) -> Result<usize> {
+    Ok(zhllama::vocab::encode::Tokenizer::load(path)?.vocab_size())
+}
+
+fn train(args: Args, cfg: TrainConfig) -> Result<()> {
+    use zhllama::backend::cpu::CpuBackend;
+    use zhllama::train::{checkpoint, data::Data, setup, trainer};
+    cfg.validate()?;
+    let data_dir = args.data.as_ref().context("--data DIR is required")?;
+    let output = args.output.as_ref().context("--output DIR is required")?;
+    let vars: std::collections::HashMap<String, String> = std::env::vars().collect();
+    let launch = zhllama::distributed::launch_info(&vars)?;
+    let comm =
+        zhllama::distributed::init(launch.as_ref(), Some(std::time::Duration::from_secs(60)))?;
+    let comm: &dyn zhllama::distributed::Comm = &*comm;
+    let data = Data::open(data_dir)?;
+    if (args.stage == Stage::Sft) != data.is_sft() {
+        bail!(
+            "stage {} needs {} data, {} holds {} data",
+            args.stage,
+            if args.stage == Stage::Sft {
+                "SFT"
+            } else {
+                "pre-training"
+            },
+            data_dir.display(),
+            if data.is_sft() { "SFT" } else { "pre-training" }
+        );
+    }
+    let tok_vocab = match (&args.tokenizer, args.vocab_size) {
+        (Some(p), _) => tokenizer_size(p)?.max(data.vocab_size()),
+        (None, Some(v)) => v,
+        (None, None) => data.vocab_size(),
+    };
+    let resume = match (&args.resume_from, args.resume) {
+        (Some(p), _) => Some(p.clone()),
+        (None, false) => None,
+        (None, true) => match checkpoint::latest(output)? {
+            Some((dir, _)) => Some(dir),
+            None => {
+                if comm.rank() == 0 {
+                    eprintln!(
+                        "no checkpoint in {}: starting from the beginning",
+                        output.display()
+                    );
+                }
+                None
+            }
+        },
+    };
+    let backend = std::sync::Arc::new(CpuBackend::new());
+    let model = setup::load_model(backend, &args.model, &cfg, args.stage, tok_vocab)?;
+    if comm.rank() == 0 {
+        let l = model.layout();
+        eprintln!(
+            "stage {}: {} trainable of {} parameters ({:.2}%), vocab {}, world {}, accumulation {}",
+            args.stage,
+            l.num_trainable(),
+            l.num_params(),
+            100.0 * l.num_trainable() as f64 / l.num_params() as f64,
+            model.config().vocab_size,
+            comm.world_size(),
+            cfg.accumulation_steps(comm.world_size())?
+        );
+    }
+    let mut t = trainer::Trainer::new(
+        model,
+        &data,
+        cfg.clone(),
+        args.stage,
+        comm,
+        output,
+        resume.as_deref(),
+    )?;
+    let opts = trainer::RunOptions {
+        resume_from: resume.clone(),
+        progress: true,
+        stop_after: None,
+        inject_nonfinite_steps: Vec::new(),
+    };
+    let summary = t.run(&opts)?;
+    if comm.rank() == 0 {
+        let out = setup::save_outputs(&t.model, &cfg, output, &args.model)?;
+        let png = output.join("loss.png");
+        if let Err(e) = zhllama::train::plot::plot_run(output, &png) {
+            eprintln!("warning: no loss plot: {e:#}");
+        }
+        println!(
+            "{}",
+            serde_json::json!({
+                "step": summary.step,
+                "skipped_steps": summary.skipped_steps,
+                "final_loss": summary.losses.last(),
+                "output": out.display().to_string(),
+                "checkpoint": summary.last_checkpoint.map(|p| p.display().to_string()),
+            })
+        );
+    }
+    comm.barrier()?;
+    Ok(())
 }

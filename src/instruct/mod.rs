@@ -1,1 +1,4 @@
 //! See ARCHITECTURE.md.
+pub mod convert;
+pub mod filter;
+pub mod mix;

@@ -1,1 +1,12 @@
-//! See ARCHITECTURE.md.
+//! Training: flat config + recipe presets, the LR schedule, the training loop, checkpoints and
+//! resume, metrics, the loss-curve plot, and the dry-run memory plan. See ARCHITECTURE.md.
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod dryrun;
+pub mod metrics;
+pub mod plot;
+pub mod schedule;
+pub mod setup;
+pub mod trainer;

@@ -1,0 +1,1238 @@
+//! `LlamaForCausalLM` over flat parameter buffers: an explicit forward and a full backward, every
+//! numerical op through the [`Backend`] trait (the model never sees CUDA).
+//!
+//! Forward, per HF `modeling_llama` (B batch, T sequence, N = B·T rows, C hidden, F ffn, V vocab):
+//! embedding → per layer [RMSNorm → q,k,v (+LoRA) → RoPE(q,k) → causal GQA attention → o (+LoRA)
+//! → residual → RMSNorm → gate,up (+LoRA) → SwiGLU → down (+LoRA) → residual] → RMSNorm → lm_head
+//! → cross-entropy against the labels shifted left by one, ignore index -100, mean over the
+//! non-ignored targets.
+//!
+//! Backward accumulates (`+=`) into a gradient buffer laid out like the trainable flat buffer;
+//! weight-gradient GEMMs of frozen tensors are skipped, but the input gradient flows through every
+//! layer, so an embedding-only run still reaches the embedding. The gradient w.r.t. the input
+//! embeddings is left in the activations ([`Activations::d_embeddings`]).
+
+use super::config::LlamaConfig;
+use super::lora::{LoraConfig, Proj, apply_dropout_mask, init_lora_a};
+use super::params::{Group, Kind, Loc, ParamEntry, ParamLayout, TrainSpec, proj_shape};
+use super::weights::{Checkpoint, HostTensor, SaveOptions, save_model_dir};
+use crate::backend::{Backend, Role};
+use anyhow::{Context, Result, bail, ensure};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::borrow::Cow;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The label value that contributes no loss (HF's `ignore_index`).
+pub const IGNORE_INDEX: i32 = -100;
+
+/// Where one projection's tensors live.
+#[derive(Clone, Copy, Debug)]
+struct ProjLocs {
+    w: Loc,
+    /// `(A, B)` when the projection is LoRA-adapted.
+    lora: Option<(Loc, Loc)>,
+    out: usize,
+    inp: usize,
+}
+
+#[derive(Clone, Debug)]
+struct LayerLocs {
+    ln1: Loc,
+    ln2: Loc,
+    proj: [ProjLocs; 7],
+}
+
+/// A LLaMA causal LM on backend `B`, parameters in a frozen and a trainable flat buffer.
+pub struct Llama<B: Backend> {
+    backend: Arc<B>,
+    config: LlamaConfig,
+    spec: TrainSpec,
+    layout: ParamLayout,
+    frozen: B::Buf,
+    trainable: B::Buf,
+    embed: Loc,
+    final_norm: Loc,
+    lm_head: Loc,
+    layers: Vec<LayerLocs>,
+}
+
+/// Parameters copied to the host: the two flat buffers and the layout to slice them.
+pub struct HostParams {
+    pub layout: ParamLayout,
+    pub frozen: Vec<f32>,
+    pub trainable: Vec<f32>,
+}
+
+impl HostParams {
+    /// The values of tensor `name` (HF name), if the layout has it.
+    pub fn get(&self, name: &str) -> Option<&[f32]> {
+        let e = self.layout.get(name)?;
+        Some(self.entry(e))
+    }
+
+    pub fn entry(&self, e: &ParamEntry) -> &[f32] {
+        match e.group {
+            Group::Frozen => &self.frozen[e.range.clone()],
+            Group::Trainable => &self.trainable[e.range.clone()],
+        }
+    }
+}
+
+fn v<'a, B: Backend>(be: &B, buf: &'a B::Buf) -> B::View<'a> {
+    be.view(buf, 0..be.buf_len(buf))
+}
+
+fn vm<'a, B: Backend>(be: &B, buf: &'a mut B::Buf) -> B::ViewMut<'a> {
+    let n = be.buf_len(buf);
+    be.view_mut(buf, 0..n)
+}
+
+/// HF's `_init_weights` for a LLaMA: normal(0, `initializer_range`) for linear and embedding
+/// weights, ones for RMSNorm weights. Seeded per tensor from `(seed, tensor index)`.
+fn random_fill(e: &ParamEntry, index: usize, std: f32, seed: u64, out: &mut [f32]) {
+    match e.kind {
+        Kind::Norm { .. } | Kind::FinalNorm => out.fill(1.0),
+        _ => {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ super::lora::mix64(index as u64));
+            // Box–Muller: two uniforms give two independent standard normals.
+            for pair in out.chunks_mut(2) {
+                let u1: f64 = 1.0 - rng.random::<f64>(); // (0, 1]
+                let u2: f64 = rng.random::<f64>();
+                let r = (-2.0 * u1.ln()).sqrt();
+                let th = std::f64::consts::TAU * u2;
+                pair[0] = (r * th.cos()) as f32 * std;
+                if pair.len() > 1 {
+                    pair[1] = (r * th.sin()) as f32 * std;
+                }
+            }
+        }
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Build a model: lays out `config` under `spec`, asks `load` for each tensor's values
+    /// (`load(entry, out)` fills `out` and returns `true`, or returns `false` for "no value": an
+    /// error for a base tensor; LoRA factors then get PEFT's init, A kaiming-uniform from
+    /// `lora.init_seed`, B zero), and uploads both flat buffers.
+    pub fn new(
+        backend: Arc<B>,
+        config: LlamaConfig,
+        spec: TrainSpec,
+        mut load: impl FnMut(&ParamEntry, &mut [f32]) -> Result<bool>,
+    ) -> Result<Self> {
+        let layout = ParamLayout::new(&config, &spec)?;
+        let mut frozen = vec![0.0f32; layout.frozen_len()];
+        let mut trainable = vec![0.0f32; layout.trainable_len()];
+        for e in layout.entries() {
+            let out = match e.group {
+                Group::Frozen => &mut frozen[e.range.clone()],
+                Group::Trainable => &mut trainable[e.range.clone()],
+            };
+            if load(e, out)? {
+                continue;
+            }
+            match (e.kind, &spec.lora) {
+                (Kind::LoraA { layer, proj }, Some(lora)) => {
+                    init_lora_a(out, e.shape[1], lora.init_seed, layer, proj)
+                }
+                (Kind::LoraB { .. }, _) => out.fill(0.0),
+                _ => bail!("no value for tensor {}", e.name),
+            }
+        }
+        let mut frozen_buf = backend.alloc(frozen.len(), Role::Weight)?;
+        backend.upload(&mut frozen_buf, &frozen)?;
+        drop(frozen);
+        let mut trainable_buf = backend.alloc(trainable.len(), Role::Weight)?;
+        backend.upload(&mut trainable_buf, &trainable)?;
+        Self::assemble(backend, config, spec, layout, frozen_buf, trainable_buf)
+    }
+
+    fn assemble(
+        backend: Arc<B>,
+        config: LlamaConfig,
+        spec: TrainSpec,
+        layout: ParamLayout,
+        frozen: B::Buf,
+        trainable: B::Buf,
+    ) -> Result<Self> {
+        let (c, f, kv) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.kv_dim(),
+        );
+        let layers = (0..config.num_hidden_layers)
+            .map(|layer| LayerLocs {
+                ln1: layout.loc(Kind::Norm { layer, post: false }),
+                ln2: layout.loc(Kind::Norm { layer, post: true }),
+                proj: Proj::ALL.map(|proj| {
+                    let (out, inp) = proj_shape(proj, c, f, kv);
+                    ProjLocs {
+                        w: layout.loc(Kind::Proj { layer, proj }),
+                        lora: layout
+                            .try_loc(Kind::LoraA { layer, proj })
+                            .zip(layout.try_loc(Kind::LoraB { layer, proj })),
+                        out,
+                        inp,
+                    }
+                }),
+            })
+            .collect();
+        Ok(Llama {
+            embed: layout.loc(Kind::Embedding),
+            final_norm: layout.loc(Kind::FinalNorm),
+            lm_head: layout.loc(Kind::LmHead),
+            layers,
+            backend,
+            config,
+            spec,
+            layout,
+            frozen,
+            trainable,
+        })
+    }
+
+    /// A randomly initialised model (HF's init: normal(0, `initializer_range`), norms one).
+    pub fn random(
+        backend: Arc<B>,
+        config: LlamaConfig,
+        spec: TrainSpec,
+        seed: u64,
+    ) -> Result<Self> {
+        let std = config.initializer_range;
+        let mut index = 0usize;
+        Self::new(backend, config, spec, |e, out| {
+            index += 1;
+            if matches!(e.kind, Kind::LoraA { .. } | Kind::LoraB { .. }) {
+                return Ok(false);
+            }
+            random_fill(e, index, std, seed, out);
+            Ok(true)
+        })
+    }
+
+    /// Load `dir/config.json` and its safetensors weights (any of f32/f16/bf16, single or
+    /// sharded). Every expected tensor must be present with the right shape, and no unknown tensor
+    /// may be present (besides `rotary_emb.inv_freq` buffers, and `lm_head.weight` of a tied model).
+    pub fn from_dir(backend: Arc<B>, dir: &Path, spec: TrainSpec) -> Result<Self> {
+        let config = LlamaConfig::load(&dir.join("config.json"))?;
+        let ck = Checkpoint::open(dir)?;
+        let layout = ParamLayout::new(&config, &spec)?;
+        for name in ck.names() {
+            let tied_head = name == "lm_head.weight" && config.tie_word_embeddings;
+            if layout.get(name).is_none() && !name.ends_with("rotary_emb.inv_freq") && !tied_head {
+                bail!(
+                    "{}: unexpected tensor {name} for a LLaMA with this config",
+                    ck.file_of(name).unwrap().display()
+                );
+            }
+        }
+        Self::new(backend, config, spec, |e, out| {
+            if matches!(e.kind, Kind::LoraA { .. } | Kind::LoraB { .. }) {
+                return Ok(false);
+            }
+            ck.read_into(&e.name, &e.shape, out)?;
+            Ok(true)
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+    pub fn spec(&self) -> &TrainSpec {
+        &self.spec
+    }
+    pub fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+    pub fn backend(&self) -> &Arc<B> {
+        &self.backend
+    }
+    pub fn lora(&self) -> Option<&LoraConfig> {
+        self.spec.lora.as_ref()
+    }
+
+    /// The trainable flat buffer (layout: [`ParamLayout`] entries with `Group::Trainable`).
+    pub fn trainable(&self) -> &B::Buf {
+        &self.trainable
+    }
+    /// The trainable flat buffer, for the optimizer to update in place.
+    pub fn trainable_mut(&mut self) -> &mut B::Buf {
+        &mut self.trainable
+    }
+    /// The frozen flat buffer.
+    pub fn frozen(&self) -> &B::Buf {
+        &self.frozen
+    }
+    /// Mutable frozen buffer (merging LoRA into base weights, resizing).
+    pub fn frozen_mut(&mut self) -> &mut B::Buf {
+        &mut self.frozen
+    }
+
+    /// A zero gradient buffer with the trainable layout (fp32 on every backend).
+    pub fn alloc_grads(&self) -> Result<B::Buf> {
+        self.backend.alloc(self.layout.trainable_len(), Role::Fp32)
+    }
+
+    /// Both flat buffers copied to the host.
+    pub fn download_params(&self) -> Result<HostParams> {
+        let mut frozen = vec![0.0; self.layout.frozen_len()];
+        self.backend.download(&self.frozen, &mut frozen)?;
+        let mut trainable = vec![0.0; self.layout.trainable_len()];
+        self.backend.download(&self.trainable, &mut trainable)?;
+        Ok(HostParams {
+            layout: self.layout.clone(),
+            frozen,
+            trainable,
+        })
+    }
+
+    /// The base model's tensors under their HF names (no LoRA factors; a tied model has no
+    /// `lm_head.weight`), ready for [`crate::model::weights::save_model_dir`].
+    pub fn export_hf<'a>(&self, host: &'a HostParams) -> Vec<HostTensor<'a>> {
+        host.layout
+            .entries()
+            .iter()
+            .filter(|e| !matches!(e.kind, Kind::LoraA { .. } | Kind::LoraB { .. }))
+            .map(|e| HostTensor {
+                name: e.name.clone(),
+                shape: e.shape.clone(),
+                data: Cow::Borrowed(host.entry(e)),
+            })
+            .collect()
+    }
+
+    /// Save the base model (config + weights, no LoRA) as an HF directory, atomically.
+    pub fn save_hf(&self, dir: &Path, opts: SaveOptions) -> Result<()> {
+        let host = self.download_params()?;
+        save_model_dir(dir, &self.config, &self.export_hf(&host), opts)
+    }
+
+    fn p(&self, loc: Loc) -> B::View<'_> {
+        match loc.group {
+            Group::Frozen => self.backend.view(&self.frozen, loc.range()),
+            Group::Trainable => self.backend.view(&self.trainable, loc.range()),
+        }
+    }
+
+    // ---- forward ------------------------------------------------------------------------------
+
+    /// `acts.logits[B·T, V] =` the logits for `ids` (`[B, T]` row-major, every id in `0..V`).
+    pub fn forward_logits(&self, acts: &mut Activations<B>, ids: &[i32]) -> Result<()> {
+        let be = &*self.backend;
+        let (b, t) = (acts.b, acts.t);
+        let n = b * t;
+        let cfg = &self.config;
+        let (c, h, hkv, d) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim(),
+        );
+        ensure!(
+            ids.len() == n,
+            "got {} token ids for a batch of {b}×{t}",
+            ids.len()
+        );
+        for (i, &id) in ids.iter().enumerate() {
+            if id < 0 || id as usize >= cfg.vocab_size {
+                bail!(
+                    "token id {id} at position {} of sequence {} is outside the vocabulary (size {})",
+                    i % t,
+                    i / t,
+                    cfg.vocab_size
+                );
+            }
+        }
+        be.upload_ids(&mut acts.ids, ids)?;
+        acts.has_targets = false;
+        acts.dropout_active = acts.training && self.lora().is_some_and(|l| l.dropout > 0.0);
+        let key = acts.rng_key;
+        let dropout = acts.dropout_active;
+
+        be.embedding_forward(
+            vm(be, &mut acts.layers[0].resid_in),
+            &acts.ids,
+            self.p(self.embed),
+            n,
+            c,
+        );
+        for (li, ll) in self.layers.iter().enumerate() {
+            let (cur, rest) = acts.layers.split_at_mut(li + 1);
+            let la = &mut cur[li];
+            let next = match rest.first_mut() {
+                Some(nl) => &mut nl.resid_in,
+                None => &mut acts.resid_out,
+            };
+            let host = &mut acts.host;
+            be.rmsnorm_forward(
+                vm(be, &mut la.ln1),
+                vm(be, &mut la.rstd1),
+                v(be, &la.resid_in),
+                self.p(ll.ln1),
+                n,
+                c,
+                cfg.rms_norm_eps,
+            );
+            let [lq, lk, lv, lo, lg, lu, ld] = &mut la.lora;
+            let ctx = LinCtx {
+                n,
+                li,
+                key,
+                dropout,
+            };
+            self.linear_forward(
+                &mut la.q,
+                0.0,
+                &la.ln1,
+                lq.as_mut(),
+                &ll.proj[0],
+                Proj::Q,
+                &ctx,
+                host,
+            )?;
+            self.linear_forward(
+                &mut la.k,
+                0.0,
+                &la.ln1,
+                lk.as_mut(),
+                &ll.proj[1],
+                Proj::K,
+                &ctx,
+                host,
+            )?;
+            self.linear_forward(
+                &mut la.v,
+                0.0,
+                &la.ln1,
+                lv.as_mut(),
+                &ll.proj[2],
+                Proj::V,
+                &ctx,
+                host,
+            )?;
+            be.rope_forward(vm(be, &mut la.q), b, t, h, d, cfg.rope_theta, 0);
+            be.rope_forward(vm(be, &mut la.k), b, t, hkv, d, cfg.rope_theta, 0);
+            be.attention_forward(
+                vm(be, &mut la.att),
+                vm(be, &mut la.lse),
+                v(be, &la.q),
+                v(be, &la.k),
+                v(be, &la.v),
+                b,
+                t,
+                h,
+                hkv,
+                d,
+            );
+            be.copy(vm(be, &mut la.resid_mid), v(be, &la.resid_in));
+            self.linear_forward(
+                &mut la.resid_mid,
+                1.0,
+                &la.att,
+                lo.as_mut(),
+                &ll.proj[3],
+                Proj::O,
+                &ctx,
+                host,
+            )?;
+            be.rmsnorm_forward(
+                vm(be, &mut la.ln2),
+                vm(be, &mut la.rstd2),
+                v(be, &la.resid_mid),
+                self.p(ll.ln2),
+                n,
+                c,
+                cfg.rms_norm_eps,
+            );
+            self.linear_forward(
+                &mut la.gate,
+                0.0,
+                &la.ln2,
+                lg.as_mut(),
+                &ll.proj[4],
+                Proj::Gate,
+                &ctx,
+                host,
+            )?;
+            self.linear_forward(
+                &mut la.up,
+                0.0,
+                &la.ln2,
+                lu.as_mut(),
+                &ll.proj[5],
+                Proj::Up,
+                &ctx,
+                host,
+            )?;
+            be.swiglu_forward(vm(be, &mut la.hid), v(be, &la.gate), v(be, &la.up));
+            be.copy(vm(be, next), v(be, &la.resid_mid));
+            self.linear_forward(
+                next,
+                1.0,
+                &la.hid,
+                ld.as_mut(),
+                &ll.proj[6],
+                Proj::Down,
+                &ctx,
+                host,
+            )?;
+        }
+        be.rmsnorm_forward(
+            vm(be, &mut acts.normf),
+            vm(be, &mut acts.normf_rstd),
+            v(be, &acts.resid_out),
+            self.p(self.final_norm),
+            n,
+            c,
+            cfg.rms_norm_eps,
+        );
+        be.matmul(
+            vm(be, &mut acts.logits),
+            v(be, &acts.normf),
+            self.p(self.lm_head),
+            n,
+            cfg.vocab_size,
+            c,
+            false,
+            true,
+            1.0,
+            0.0,
+        );
+        Ok(())
+    }
+
+    /// The mean cross-entropy of `ids` against `labels` (both `[B, T]`; HF semantics: position
+    /// `t` predicts `labels[t+1]`, `-100` ignored, mean over the non-ignored targets). Leaves the
+    /// logits and everything the backward needs in `acts`. With no target at all the loss is 0
+    /// (HF would give NaN) and the backward adds nothing.
+    pub fn forward(&self, acts: &mut Activations<B>, ids: &[i32], labels: &[i32]) -> Result<f32> {
+        let (b, t, vsz) = (acts.b, acts.t, self.config.vocab_size);
+        let n = b * t;
+        ensure!(
+            labels.len() == n,
+            "got {} labels for a batch of {b}×{t}",
+            labels.len()
+        );
+        // Shift: target of (bi, ti) is labels[bi, ti+1]; the last position has none.
+        let mut count = 0usize;
+        for bi in 0..b {
+            for ti in 0..t {
+                let tgt = if ti + 1 < t {
+                    labels[bi * t + ti + 1]
+                } else {
+                    IGNORE_INDEX
+                };
+                if tgt != IGNORE_INDEX {
+                    if tgt < 0 || tgt as usize >= vsz {
+                        bail!(
+                            "label {tgt} at position {} of sequence {bi} is outside the vocabulary (size {vsz}) and is not -100",
+                            ti + 1
+                        );
+                    }
+                    count += 1;
+                }
+                acts.targets_host[bi * t + ti] = tgt;
+            }
+        }
+        self.forward_logits(acts, ids)?;
+        let be = &*self.backend;
+        be.upload_ids(&mut acts.targets, &acts.targets_host)?;
+        acts.count = count;
+        acts.has_targets = true;
+        be.cross_entropy_forward(
+            vm(be, &mut acts.losses),
+            v(be, &acts.logits),
+            &acts.targets,
+            n,
+            vsz,
+        );
+        let mut losses = vec![0.0f32; n];
+        be.download(&acts.losses, &mut losses)?;
+        acts.loss_sum = losses.iter().map(|&x| x as f64).sum();
+        Ok(if count == 0 {
+            0.0
+        } else {
+            (acts.loss_sum / count as f64) as f32
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn linear_forward(
+        &self,
+        out: &mut B::Buf,
+        beta: f32,
+        x: &B::Buf,
+        lora_acts: Option<&mut LoraActs<B>>,
+        pl: &ProjLocs,
+        proj: Proj,
+        ctx: &LinCtx,
+        host: &mut Vec<f32>,
+    ) -> Result<()> {
+        let be = &*self.backend;
+        let n = ctx.n;
+        // out[n,out] (+)= x[n,in] · W[out,in]ᵀ
+        be.matmul(
+            vm(be, out),
+            v(be, x),
+            self.p(pl.w),
+            n,
+            pl.out,
+            pl.inp,
+            false,
+            true,
+            1.0,
+            beta,
+        );
+        if let (Some((a, bl)), Some(la)) = (pl.lora, lora_acts) {
+            let lora = self.lora().expect("LoRA locs imply a LoRA config");
+            let (r, s) = (lora.r, lora.scaling());
+            let xin = if ctx.dropout {
+                let xd = la.xd.as_mut().expect("dropout buffers allocated");
+                host.resize(n * pl.inp, 0.0);
+                be.download(x, host)?;
+                apply_dropout_mask(host, lora.dropout, ctx.key, ctx.li, proj);
+                be.upload(xd, host)?;
+                &*xd
+            } else {
+                x
+            };
+            // xa[n,r] = x_d · Aᵀ;  out += s · xa · Bᵀ
+            be.matmul(
+                vm(be, &mut la.xa),
+                v(be, xin),
+                self.p(a),
+                n,
+                r,
+                pl.inp,
+                false,
+                true,
+                1.0,
+                0.0,
+            );
+            be.matmul(
+                vm(be, out),
+                v(be, &la.xa),
+                self.p(bl),
+                n,
+                pl.out,
+                r,
+                false,
+                true,
+                s,
+                1.0,
+            );
+        }
+        Ok(())
+    }
+
+    // ---- backward -----------------------------------------------------------------------------
+
+    /// `grads +=` `scale · ∂loss/∂θ` for every trainable tensor (`grads` has the trainable layout,
+    /// see [`Llama::alloc_grads`]), where `loss` is what the last [`Llama::forward`] on `acts`
+    /// returned. `scale` carries a loss scale or a micro-batch weight for gradient accumulation.
+    /// Afterwards [`Activations::d_embeddings`] holds `scale · ∂loss/∂(input embeddings)`.
+    pub fn backward(
+        &self,
+        acts: &mut Activations<B>,
+        grads: &mut B::Buf,
+        scale: f32,
+    ) -> Result<()> {
+        let be = &*self.backend;
+        ensure!(
+            acts.has_targets,
+            "backward needs a forward with labels first"
+        );
+        ensure!(
+            be.buf_len(grads) == self.layout.trainable_len(),
+            "gradient buffer has {} elements, the trainable layout {}",
+            be.buf_len(grads),
+            self.layout.trainable_len()
+        );
+        let cfg = &self.config;
+        let (b, t) = (acts.b, acts.t);
+        let n = b * t;
+        let (c, h, hkv, d, vsz) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim(),
+            cfg.vocab_size,
+        );
+        let bw = acts
+            .bw
+            .as_mut()
+            .context("these activations were allocated for inference only")?;
+        be.zero(vm(be, &mut bw.dres));
+        if acts.count == 0 {
+            return Ok(());
+        }
+        be.cross_entropy_backward(
+            vm(be, &mut bw.dlogits),
+            v(be, &acts.logits),
+            &acts.targets,
+            n,
+            vsz,
+            scale / acts.count as f32,
+        );
+        // logits = normf · lm_headᵀ
+        if self.lm_head.trainable() {
+            be.matmul(
+                be.view_mut(grads, self.lm_head.range()),
+                v(be, &bw.dlogits),
+                v(be, &acts.normf),
+                vsz,
+                c,
+                n,
+                true,
+                false,
+                1.0,
+                1.0,
+            );
+        }
+        be.matmul(
+            vm(be, &mut bw.dln),
+            v(be, &bw.dlogits),
+            self.p(self.lm_head),
+            n,
+            c,
+            vsz,
+            false,
+            false,
+            1.0,
+            0.0,
+        );
+        self.norm_backward(
+            bw,
+            grads,
+            &acts.resid_out,
+            &acts.normf_rstd,
+            self.final_norm,
+            n,
+        );
+        let key = acts.rng_key;
+        let dropout = acts.dropout_active;
+        for (li, ll) in self.layers.iter().enumerate().rev() {
+            let la = &mut acts.layers[li];
+            let ctx = LinCtx {
+                n,
+                li,
+                key,
+                dropout,
+            };
+            let [lq, lk, lv, lo, lg, lu, ld] = &la.lora;
+            // MLP: next = resid_mid + down(swiglu(gate(ln2), up(ln2)))
+            self.linear_backward(
+                &mut bw.dhid,
+                0.0,
+                &bw.dres,
+                &la.hid,
+                ld.as_ref(),
+                &ll.proj[6],
+                Proj::Down,
+                &ctx,
+                grads,
+                &mut bw.scratch,
+            )?;
+            be.swiglu_backward(
+                vm(be, &mut bw.dgate),
+                vm(be, &mut bw.dup),
+                v(be, &bw.dhid),
+                v(be, &la.gate),
+                v(be, &la.up),
+            );
+            self.linear_backward(
+                &mut bw.dln,
+                0.0,
+                &bw.dgate,
+                &la.ln2,
+                lg.as_ref(),
+                &ll.proj[4],
+                Proj::Gate,
+                &ctx,
+                grads,
+                &mut bw.scratch,
+            )?;
+            self.linear_backward(
+                &mut bw.dln,
+                1.0,
+                &bw.dup,
+                &la.ln2,
+                lu.as_ref(),
+                &ll.proj[5],
+                Proj::Up,
+                &ctx,
+                grads,
+                &mut bw.scratch,
+            )?;
+            self.norm_backward(bw, grads, &la.resid_mid, &la.rstd2, ll.ln2, n);
+            // Attention: resid_mid = resid_in + o(attn(rope(q(ln1)), rope(k(ln1)), v(ln1)))
+            self.linear_backward(
+                &mut bw.datt,
+                0.0,
+                &bw.dres,
+                &la.att,
+                lo.as_ref(),
+                &ll.proj[3],
+                Proj::O,
+                &ctx,
+                grads,
+                &mut bw.scratch,
+            )?;
+            be.attention_backward(
+                vm(be, &mut bw.dq),
+                vm(be, &mut bw.dk),
+                vm(be, &mut bw.dv),
+                v(be, &bw.datt),
+                v(be, &la.q),
+                v(be, &la.k),
+                v(be, &la.v),
+                v(be, &la.att),
+                v(be, &la.lse),
+                b,
+                t,
+                h,
+                hkv,
+                d,
+            );
+            be.rope_backward(vm(be, &mut bw.dq), b, t, h, d, cfg.rope_theta, 0);
+            be.rope_backward(vm(be, &mut bw.dk), b, t, hkv, d, cfg.rope_theta, 0);
+            self.linear_backward(
+                &mut bw.dln,
+                0.0,
+                &bw.dq,
+                &la.ln1,
+                lq.as_ref(),
+                &ll.proj[0],
+                Proj::Q,
+                &ctx,
+                grads,
+                &mut bw.scratch,
+            )?;
+            self.linear_backward(
+                &mut bw.dln,
+                1.0,
+                &bw.dk,
+                &la.ln1,
+                lk.as_ref(),
+                &ll.proj[1],
+                Proj::K,
+                &ctx,
+                grads,
+                &mut bw.scratch,
+            )?;
+            self.linear_backward(
+                &mut bw.dln,
+                1.0,
+                &bw.dv,
+                &la.ln1,
+                lv.as_ref(),
+                &ll.proj[2],
+                Proj::V,
+                &ctx,
+                grads,
+                &mut bw.scratch,
+            )?;
+            self.norm_backward(bw, grads, &la.resid_in, &la.rstd1, ll.ln1, n);
+        }
+        if self.embed.trainable() {
+            be.embedding_backward(
+                be.view_mut(grads, self.embed.range()),
+                v(be, &bw.dres),
+                &acts.ids,
+                n,
+                c,
+            );
+        }
+        Ok(())
+    }
+
+    /// `bw.dres += ∂/∂x` of `rmsnorm(x, w)` given `bw.dln`; `grads[w] +=` when `w` trains.
+    fn norm_backward(
+        &self,
+        bw: &mut BackwardBufs<B>,
+        grads: &mut B::Buf,
+        x: &B::Buf,
+        rstd: &B::Buf,
+        w: Loc,
+        n: usize,
+    ) {
+        let be = &*self.backend;
+        let dw = if w.trainable() {
+            be.view_mut(grads, w.range())
+        } else {
+            // A frozen weight's gradient goes to scratch (the op always writes one).
+            vm(be, &mut bw.dnorm_scratch)
+        };
+        be.rmsnorm_backward(
+            vm(be, &mut bw.dres),
+            dw,
+            v(be, &bw.dln),
+            v(be, x),
+            self.p(w),
+            v(be, rstd),
+            n,
+            self.config.hidden_size,
+        );
+    }
+
+    /// For `y = x·Wᵀ (+ s·x_d·Aᵀ·Bᵀ)` given `dy`: `dx (beta)=` the input gradient; `grads +=` the
+    /// weight gradients of the trainable tensors among W, A, B.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &self,
+        dx: &mut B::Buf,
+        dx_beta: f32,
+        dy: &B::Buf,
+        x: &B::Buf,
+        lora_acts: Option<&LoraActs<B>>,
+        pl: &ProjLocs,
+        proj: Proj,
+        ctx: &LinCtx,
+        grads: &mut B::Buf,
+        scratch: &mut LoraScratch<B>,
+    ) -> Result<()> {
+        let be = &*self.backend;
+        let n = ctx.n;
+        if pl.w.trainable() {
+            // dW[out,in] += dyᵀ · x
+            be.matmul(
+                be.view_mut(grads, pl.w.range()),
+                v(be, dy),
+                v(be, x),
+                pl.out,
+                pl.inp,
+                n,
+                true,
+                false,
+                1.0,
+                1.0,
+            );
+        }
+        // dx[n,in] (beta)= dy · W
+        be.matmul(
+            vm(be, dx),
+            v(be, dy),
+            self.p(pl.w),
+            n,
+            pl.inp,
+            pl.out,
+            false,
+            false,
+            1.0,
+            dx_beta,
+        );
+        if let (Some((a, bl)), Some(la)) = (pl.lora, lora_acts) {
+            let lora = self.lora().expect("LoRA locs imply a LoRA config");
+            let (r, s) = (lora.r, lora.scaling());
+            let xin = if ctx.dropout {
+                la.xd.as_ref().expect("dropout buffers allocated")
+            } else {
+                x
+            };
+            let dxa_range = 0..n * r;
+            // dB[out,r] += s · dyᵀ · xa
+            be.matmul(
+                be.view_mut(grads, bl.range()),
+                v(be, dy),
+                v(be, &la.xa),
+                pl.out,
+                r,
+                n,
+                true,
+                false,
+                s,
+                1.0,
+            );
+            // dxa[n,r] = s · dy · B
+            be.matmul(
+                be.view_mut(&mut scratch.dxa, dxa_range.clone()),
+                v(be, dy),
+                self.p(bl),
+                n,
+                r,
+                pl.out,
+                false,
+                false,
+                s,
+                0.0,
+            );
+            // dA[r,in] += dxaᵀ · x_d
+            be.matmul(
+                be.view_mut(grads, a.range()),
+                be.view(&scratch.dxa, dxa_range.clone()),
+                v(be, xin),
+                r,
+                pl.inp,
+                n,
+                true,
+                false,
+                1.0,
+                1.0,
+            );
+            if ctx.dropout {
+                // dx += mask ⊙ (dxa · A) / (1-p), the same mask as the forward.
+                let len = n * pl.inp;
+                let buf = scratch
+                    .dxd
+                    .get_mut(&pl.inp)
+                    .expect("scratch per input width");
+                be.matmul(
+                    vm(be, buf),
+                    be.view(&scratch.dxa, dxa_range),
+                    self.p(a),
+                    n,
+                    pl.inp,
+                    r,
+                    false,
+                    false,
+                    1.0,
+                    0.0,
+                );
+                scratch.host.resize(len, 0.0);
+                be.download(buf, &mut scratch.host)?;
+                apply_dropout_mask(&mut scratch.host, lora.dropout, ctx.key, ctx.li, proj);
+                be.upload(buf, &scratch.host)?;
+                be.axpy(vm(be, dx), 1.0, v(be, buf));
+            } else {
+                // dx[n,in] += dxa · A
+                be.matmul(
+                    vm(be, dx),
+                    be.view(&scratch.dxa, dxa_range),
+                    self.p(a),
+                    n,
+                    pl.inp,
+                    r,
+                    false,
+                    false,
+                    1.0,
+                    1.0,
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Per-projection context of a forward/backward call.
+struct LinCtx {
+    n: usize,
+    li: usize,
+    key: u64,
+    dropout: bool,
+}
+
+struct LoraActs<B: Backend> {
+    /// `x_d · Aᵀ` `[N, r]`.
+    xa: B::Buf,
+    /// The dropped-out input `[N, in]`, only when the LoRA dropout is on.
+    xd: Option<B::Buf>,
+}
+
+struct LayerActs<B: Backend> {
+    resid_in: B::Buf,
+    ln1: B::Buf,
+    rstd1: B::Buf,
+    /// After RoPE.
+    q: B::Buf,
+    /// After RoPE.
+    k: B::Buf,
+    v: B::Buf,
+    att: B::Buf,
+    lse: B::Buf,
+    resid_mid: B::Buf,
+    ln2: B::Buf,
+    rstd2: B::Buf,
+    gate: B::Buf,
+    up: B::Buf,
+    hid: B::Buf,
+    lora: [Option<LoraActs<B>>; 7],
+}
+
+struct LoraScratch<B: Backend> {
+    dxa: B::Buf,
+    /// `dx_d` per input width (only with dropout).
+    dxd: std::collections::HashMap<usize, B::Buf>,
+    host: Vec<f32>,
+}
+
+struct BackwardBufs<B: Backend> {
+    dlogits: B::Buf,
+    /// The gradient of the residual stream, `[N, C]`; after backward, of the input embeddings.
+    dres: B::Buf,
+    dln: B::Buf,
+    dq: B::Buf,
+    dk: B::Buf,
+    dv: B::Buf,
+    datt: B::Buf,
+    dgate: B::Buf,
+    dup: B::Buf,
+    dhid: B::Buf,
+    dnorm_scratch: B::Buf,
+    scratch: LoraScratch<B>,
+}
+
+/// Everything a forward saves for the backward, plus the backward's scratch, for one (B, T) shape.
+/// Allocate once per shape and reuse.
+pub struct Activations<B: Backend> {
+    b: usize,
+    t: usize,
+    /// Apply the LoRA dropout (training). Off by default: eval and generation want none.
+    pub training: bool,
+    /// Key of the LoRA dropout masks of the next forward (and its backward). The trainer sets it
+    /// per micro-step (e.g. the global micro-step number) so a resumed run draws the same masks.
+    pub rng_key: u64,
+    dropout_active: bool,
+    has_targets: bool,
+    count: usize,
+    loss_sum: f64,
+    ids: B::Ids,
+    targets: B::Ids,
+    targets_host: Vec<i32>,
+    host: Vec<f32>,
+    layers: Vec<LayerActs<B>>,
+    resid_out: B::Buf,
+    normf: B::Buf,
+    normf_rstd: B::Buf,
+    logits: B::Buf,
+    losses: B::Buf,
+    bw: Option<BackwardBufs<B>>,
+}
+
+impl<B: Backend> Activations<B> {
+    /// Buffers for forward and backward of `model` at batch `b`, sequence `t`.
+    pub fn new(model: &Llama<B>, b: usize, t: usize) -> Result<Self> {
+        Self::alloc(model, b, t, true)
+    }
+
+    /// Buffers for the forward only (eval, generation): no gradient scratch.
+    pub fn new_inference(model: &Llama<B>, b: usize, t: usize) -> Result<Self> {
+        Self::alloc(model, b, t, false)
+    }
+
+    fn alloc(model: &Llama<B>, b: usize, t: usize, backward: bool) -> Result<Self> {
+        ensure!(b > 0 && t > 0, "batch and sequence length must be positive");
+        let be = &*model.backend;
+        let cfg = &model.config;
+        let n = b * t;
+        let (c, f, kv, h, vsz) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.kv_dim(),
+            cfg.num_attention_heads,
+            cfg.vocab_size,
+        );
+        let act = |len: usize| be.alloc(len, Role::Activation);
+        let stat = |len: usize| be.alloc(len, Role::Fp32);
+        let lora = model.lora();
+        let dropout = lora.is_some_and(|l| l.dropout > 0.0);
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for ll in &model.layers {
+            let mut lora_acts: [Option<LoraActs<B>>; 7] = Default::default();
+            for (i, pl) in ll.proj.iter().enumerate() {
+                if pl.lora.is_some() {
+                    let r = lora.unwrap().r;
+                    lora_acts[i] = Some(LoraActs {
+                        xa: act(n * r)?,
+                        xd: if dropout {
+                            Some(act(n * pl.inp)?)
+                        } else {
+                            None
+                        },
+                    });
+                }
+            }
+            layers.push(LayerActs {
+                resid_in: act(n * c)?,
+                ln1: act(n * c)?,
+                rstd1: stat(n)?,
+                q: act(n * c)?,
+                k: act(n * kv)?,
+                v: act(n * kv)?,
+                att: act(n * c)?,
+                lse: stat(b * h * t)?,
+                resid_mid: act(n * c)?,
+                ln2: act(n * c)?,
+                rstd2: stat(n)?,
+                gate: act(n * f)?,
+                up: act(n * f)?,
+                hid: act(n * f)?,
+                lora: lora_acts,
+            });
+        }
+        let bw = if backward {
+            let mut dxd = std::collections::HashMap::new();
+            if dropout {
+                for w in [c, f] {
+                    dxd.insert(w, act(n * w)?);
+                }
+            }
+            Some(BackwardBufs {
+                dlogits: act(n * vsz)?,
+                dres: act(n * c)?,
+                dln: act(n * c)?,
+                dq: act(n * c)?,
+                dk: act(n * kv)?,
+                dv: act(n * kv)?,
+                datt: act(n * c)?,
+                dgate: act(n * f)?,
+                dup: act(n * f)?,
+                dhid: act(n * f)?,
+                dnorm_scratch: stat(c)?,
+                scratch: LoraScratch {
+                    dxa: act(n * lora.map_or(1, |l| l.r))?,
+                    dxd,
+                    host: Vec::new(),
+                },
+            })
+        } else {
+            None
+        };
+        Ok(Activations {
+            b,
+            t,
+            training: false,
+            rng_key: 0,
+            dropout_active: false,
+            has_targets: false,
+            count: 0,
+            loss_sum: 0.0,
+            ids: be.alloc_ids(n)?,
+            targets: be.alloc_ids(n)?,
+            targets_host: vec![IGNORE_INDEX; n],
+            host: Vec::new(),
+            layers,
+            resid_out: act(n * c)?,
+            normf: act(n * c)?,
+            normf_rstd: stat(n)?,
+            logits: act(n * vsz)?,
+            losses: stat(n)?,
+            bw,
+        })
+    }
+
+    pub fn batch(&self) -> usize {
+        self.b
+    }
+    pub fn seq_len(&self) -> usize {
+        self.t
+    }
+    /// Non-ignored targets of the last forward (the loss is their mean).
+    pub fn num_targets(&self) -> usize {
+        self.count
+    }
+    /// Sum of the per-token losses of the last forward (the loss times [`Self::num_targets`]).
+    pub fn loss_sum(&self) -> f64 {
+        self.loss_sum
+    }
+    /// `[B·T, V]` logits of the last forward.
+    pub fn logits(&self) -> &B::Buf {
+        &self.logits
+    }
+    /// `[B·T, C]` gradient w.r.t. the input embeddings (the output of `embed_tokens`), valid after
+    /// a backward.
+    pub fn d_embeddings(&self) -> Option<&B::Buf> {
+        self.bw.as_ref().map(|bw| &bw.dres)
+    }
+}

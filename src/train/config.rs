@@ -1,0 +1,340 @@
+//! Flat training configuration (nanoGPT style): defaults in code, one preset per recipe stage
+//! (RECIPE.md §3), then a TOML file, then `--key value` overrides, in that order.
+//!
+//! Every field is a plain scalar or a list of strings so that the TOML file and the command-line
+//! overrides use the same keys (`lora_rank = 8` in the file, `--lora-rank 8` or `--lora_rank 8` on
+//! the command line).
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The recipe's three training stages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// Pre-training 1: the input embedding alone trains; everything else frozen.
+    Pt1,
+    /// Pre-training 2: LoRA on q,k,v,o + embedding + lm_head trained in full.
+    Pt2,
+    /// Instruction tuning: LoRA on all seven projections + embedding + lm_head, response-only loss.
+    Sft,
+}
+
+impl std::str::FromStr for Stage {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "pt1" => Ok(Stage::Pt1),
+            "pt2" => Ok(Stage::Pt2),
+            "sft" => Ok(Stage::Sft),
+            _ => bail!("unknown stage {s:?}: expected pt1, pt2 or sft"),
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stage::Pt1 => "pt1",
+            Stage::Pt2 => "pt2",
+            Stage::Sft => "sft",
+        })
+    }
+}
+
+/// All hyper-parameters of a run. Paths and the stage itself come from the command line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Global batch in sequences per optimizer step (= micro_batch_size × accumulation × world).
+    pub batch_size: usize,
+    /// Sequences per forward/backward pass on one rank.
+    pub micro_batch_size: usize,
+    /// Peak learning rate (after warmup).
+    pub learning_rate: f64,
+    /// Optimizer steps of the whole run (the schedule's length).
+    pub max_steps: u64,
+    /// Tokens per sequence (the pre-training block size; SFT truncation length).
+    pub max_length: usize,
+    /// Fraction of `max_steps` spent warming up; warmup steps = ceil(ratio × max_steps) as HF's
+    /// `TrainingArguments.get_warmup_steps`.
+    pub warmup_ratio: f64,
+    /// Explicit warmup steps; when > 0 it wins over `warmup_ratio` (as in HF).
+    pub warmup_steps: u64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    /// Global gradient-norm clipping threshold (0 disables clipping).
+    pub max_grad_norm: f64,
+    /// LoRA rank r (0 = no LoRA).
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    /// Projections that get LoRA adapters (HF module names).
+    pub lora_targets: Vec<String>,
+    /// Modules trained in full (PEFT's `modules_to_save`): `embed_tokens`, `lm_head`.
+    pub modules_to_save: Vec<String>,
+    /// Initialisation of embedding rows added by a vocab resize: `mean` (mean of the old pieces
+    /// that the new piece decodes to, see `model::resize`) or `hf` (HF's default: mean of all rows).
+    pub new_token_init: String,
+    /// Save a checkpoint every this many optimizer steps (0 = only at the end).
+    pub save_steps: u64,
+    /// Keep at most this many checkpoints (oldest deleted after a newer one is complete; 0 = all).
+    pub save_total_limit: usize,
+    /// Write a metrics line every this many optimizer steps.
+    pub logging_steps: u64,
+    /// Evaluate on the validation split every this many steps (0 = only at the end).
+    pub eval_steps: u64,
+    /// Validation micro-batches per evaluation (0 = the whole split).
+    pub eval_batches: usize,
+    /// Stop the run after this many consecutive skipped (non-finite) steps.
+    pub max_consecutive_skips: u64,
+    pub seed: u64,
+    /// Ranks the run is planned for (dry-run memory plan; the real world size comes from the Comm).
+    pub world_size: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            batch_size: 8,
+            micro_batch_size: 1,
+            learning_rate: 1e-4,
+            max_steps: 1000,
+            max_length: 512,
+            warmup_ratio: 0.0,
+            warmup_steps: 0,
+            weight_decay: 0.0,
+            // torch.optim.AdamW's defaults.
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            lora_rank: 0,
+            lora_alpha: 32.0,
+            lora_dropout: 0.05,
+            lora_targets: Vec::new(),
+            modules_to_save: Vec::new(),
+            new_token_init: "mean".into(),
+            save_steps: 500,
+            save_total_limit: 2,
+            logging_steps: 1,
+            eval_steps: 0,
+            eval_batches: 0,
+            max_consecutive_skips: 10,
+            seed: 42,
+            world_size: 1,
+        }
+    }
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+impl TrainConfig {
+    /// The recipe's settings for `stage` (RECIPE.md §3, the released scripts' defaults).
+    pub fn preset(stage: Stage) -> TrainConfig {
+        let base = TrainConfig {
+            micro_batch_size: 4,
+            max_length: 512,
+            lora_rank: 8,
+            lora_alpha: 32.0,
+            lora_dropout: 0.05,
+            save_steps: 500,
+            ..TrainConfig::default()
+        };
+        match stage {
+            Stage::Pt1 => TrainConfig {
+                batch_size: 1024,
+                learning_rate: 2e-4,
+                max_steps: 3000,
+                warmup_ratio: 0.05,
+                weight_decay: 0.01,
+                lora_rank: 0,
+                lora_targets: Vec::new(),
+                modules_to_save: strings(&["embed_tokens"]),
+                ..base
+            },
+            Stage::Pt2 => TrainConfig {
+                batch_size: 1024,
+                learning_rate: 1e-4,
+                max_steps: 6000,
+                warmup_ratio: 0.05,
+                weight_decay: 0.01,
+                lora_targets: strings(&["q_proj", "k_proj", "v_proj", "o_proj"]),
+                modules_to_save: strings(&["embed_tokens", "lm_head"]),
+                ..base
+            },
+            Stage::Sft => TrainConfig {
+                batch_size: 512,
+                learning_rate: 1e-4,
+                max_steps: 6000,
+                warmup_ratio: 0.03,
+                weight_decay: 0.0,
+                lora_targets: strings(&[
+                    "q_proj",
+                    "k_proj",
+                    "v_proj",
+                    "o_proj",
+                    "gate_proj",
+                    "up_proj",
+                    "down_proj",
+                ]),
+                modules_to_save: strings(&["embed_tokens", "lm_head"]),
+                ..base
+            },
+        }
+    }
+
+    /// Apply the keys of a TOML file (a flat table) on top of `self`.
+    pub fn merge_toml_file(&mut self, path: &Path) -> Result<()> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let table: toml::Table = text
+            .parse()
+            .with_context(|| format!("config file {} is not valid TOML", path.display()))?;
+        for (k, v) in table {
+            self.set_value(&k, v)
+                .with_context(|| format!("config file {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Set one key from its command-line text (`--lora-rank 8`, `--lora-targets q_proj,v_proj`).
+    /// The text is parsed as the type the key already has.
+    pub fn set(&mut self, key: &str, text: &str) -> Result<()> {
+        let key = key.replace('-', "_");
+        let current = self.to_table();
+        let old = current
+            .get(&key)
+            .with_context(|| format!("unknown config key {key:?} (known: {})", Self::keys()))?;
+        let bad = || format!("config key {key}: cannot parse {text:?}");
+        let value = match old {
+            toml::Value::Integer(_) => {
+                toml::Value::Integer(text.trim().parse::<i64>().with_context(bad)?)
+            }
+            toml::Value::Float(_) => {
+                toml::Value::Float(text.trim().parse::<f64>().with_context(bad)?)
+            }
+            toml::Value::Boolean(_) => {
+                toml::Value::Boolean(text.trim().parse::<bool>().with_context(bad)?)
+            }
+            toml::Value::Array(_) => toml::Value::Array(
+                text.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| toml::Value::String(s.to_string()))
+                    .collect(),
+            ),
+            _ => toml::Value::String(text.to_string()),
+        };
+        self.set_value(&key, value)
+    }
+
+    fn set_value(&mut self, key: &str, value: toml::Value) -> Result<()> {
+        let mut table = self.to_table();
+        if !table.contains_key(key) {
+            bail!("unknown config key {key:?} (known: {})", Self::keys());
+        }
+        // TOML integers are accepted where a float is expected (`learning_rate = 1`).
+        let value = match (&table[key], value) {
+            (toml::Value::Float(_), toml::Value::Integer(i)) => toml::Value::Float(i as f64),
+            (_, v) => v,
+        };
+        table.insert(key.to_string(), value);
+        *self = toml::Value::Table(table)
+            .try_into()
+            .with_context(|| format!("config key {key}: wrong type"))?;
+        Ok(())
+    }
+
+    fn to_table(&self) -> toml::Table {
+        match toml::Value::try_from(self).expect("config serializes") {
+            toml::Value::Table(t) => t,
+            _ => unreachable!(),
+        }
+    }
+
+    fn keys() -> String {
+        TrainConfig::default()
+            .to_table()
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Micro-batches per rank per optimizer step: `batch_size / (micro_batch_size × world)`;
+    /// an error when the batch does not divide evenly.
+    pub fn accumulation_steps(&self, world: usize) -> Result<usize> {
+        let per_pass = self.micro_batch_size * world;
+        if self.micro_batch_size == 0 || world == 0 || !self.batch_size.is_multiple_of(per_pass) {
+            bail!(
+                "batch_size {} is not a multiple of micro_batch_size {} × world size {}",
+                self.batch_size,
+                self.micro_batch_size,
+                world
+            );
+        }
+        Ok(self.batch_size / per_pass)
+    }
+
+    /// Warmup steps as HF `TrainingArguments.get_warmup_steps`: explicit steps if > 0, else
+    /// `ceil(max_steps × warmup_ratio)`.
+    pub fn warmup(&self) -> u64 {
+        if self.warmup_steps > 0 {
+            self.warmup_steps
+        } else {
+            (self.max_steps as f64 * self.warmup_ratio).ceil() as u64
+        }
+    }
+
+    /// Check values that would otherwise fail deep inside the run.
+    pub fn validate(&self) -> Result<()> {
+        if self.max_steps == 0 {
+            bail!("max_steps must be > 0");
+        }
+        if self.max_length < 2 {
+            bail!("max_length must be ≥ 2");
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            bail!("lora_dropout {} must be in [0, 1)", self.lora_dropout);
+        }
+        if self.lora_rank == 0 && !self.lora_targets.is_empty() {
+            bail!("lora_targets set but lora_rank is 0");
+        }
+        const PROJ: [&str; 7] = [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ];
+        for t in &self.lora_targets {
+            if !PROJ.contains(&t.as_str()) {
+                bail!("unknown LoRA target {t:?} (known: {})", PROJ.join(", "));
+            }
+        }
+        for m in &self.modules_to_save {
+            if m != "embed_tokens" && m != "lm_head" {
+                bail!("unknown module to train in full {m:?} (known: embed_tokens, lm_head)");
+            }
+        }
+        if self.new_token_init != "mean" && self.new_token_init != "hf" {
+            bail!(
+                "new_token_init {:?}: expected \"mean\" or \"hf\"",
+                self.new_token_init
+            );
+        }
+        if self.lora_targets.is_empty() && self.modules_to_save.is_empty() {
+            bail!("nothing to train: lora_targets and modules_to_save are both empty");
+        }
+        self.accumulation_steps(self.world_size)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,213 @@
+//! The dry run: parameter counts and a memory plan from `config.json` alone (no weights read).
+//!
+//! Counts follow PEFT's `print_trainable_parameters`: the total includes the LoRA matrices, and
+//! the model's vocab is the tokenizer's (after the resize the real run performs).
+
+use super::config::TrainConfig;
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use serde_json::json;
+use std::path::Path;
+
+/// The shape fields of an HF LLaMA `config.json` that the counts need.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Dims {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    pub vocab_size: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+}
+
+impl Dims {
+    pub fn from_model_dir(dir: &Path) -> Result<Dims> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let dims: Dims = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a LLaMA config", path.display()))?;
+        if dims.num_attention_heads == 0
+            || !dims.hidden_size.is_multiple_of(dims.num_attention_heads)
+        {
+            bail!(
+                "{}: hidden_size {} is not a multiple of num_attention_heads {}",
+                path.display(),
+                dims.hidden_size,
+                dims.num_attention_heads
+            );
+        }
+        Ok(dims)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// (in, out) features of a projection by HF name.
+    pub fn proj_shape(&self, name: &str) -> Result<(usize, usize)> {
+        let c = self.hidden_size;
+        let q = self.num_attention_heads * self.head_dim();
+        let kv = self.kv_heads() * self.head_dim();
+        let f = self.intermediate_size;
+        Ok(match name {
+            "q_proj" => (c, q),
+            "k_proj" | "v_proj" => (c, kv),
+            "o_proj" => (q, c),
+            "gate_proj" | "up_proj" => (c, f),
+            "down_proj" => (f, c),
+            _ => bail!("unknown projection {name:?}"),
+        })
+    }
+
+    /// Parameters of the base model at vocab `v`.
+    pub fn base_params(&self, v: usize) -> u64 {
+        let c = self.hidden_size as u64;
+        let per_layer: u64 = [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        .iter()
+        .map(|p| {
+            let (i, o) = self.proj_shape(p).unwrap();
+            (i * o) as u64
+        })
+        .sum::<u64>()
+            + 2 * c;
+        let emb = v as u64 * c;
+        let head = if self.tie_word_embeddings { 0 } else { emb };
+        self.num_hidden_layers as u64 * per_layer + c + emb + head
+    }
+}
+
+/// Parameter counts of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counts {
+    pub total: u64,
+    pub trainable: u64,
+    pub lora: u64,
+}
+
+/// Count total and trainable parameters for `cfg` on `dims` with the tokenizer's `vocab`.
+pub fn count(dims: &Dims, cfg: &TrainConfig, vocab: usize) -> Result<Counts> {
+    let c = dims.hidden_size as u64;
+    let mut lora = 0u64;
+    for t in &cfg.lora_targets {
+        let (i, o) = dims.proj_shape(t)?;
+        lora += (cfg.lora_rank * (i + o)) as u64;
+    }
+    lora *= dims.num_hidden_layers as u64;
+    let mut trainable = lora;
+    for m in &cfg.modules_to_save {
+        match m.as_str() {
+            "embed_tokens" => trainable += vocab as u64 * c,
+            "lm_head" if !dims.tie_word_embeddings => trainable += vocab as u64 * c,
+            "lm_head" => {}
+            _ => bail!("unknown module {m:?}"),
+        }
+    }
+    Ok(Counts {
+        total: dims.base_params(vocab) + lora,
+        trainable,
+        lora,
+    })
+}
+
+/// Bytes per element of weights / activations / fp32 state for a precision name.
+fn precision_bytes(precision: &str) -> Result<(u64, u64, bool)> {
+    // (weight bytes, activation bytes, keeps an fp32 master copy of the trainable weights)
+    match precision {
+        "f32" => Ok((4, 4, false)),
+        "bf16" => Ok((2, 2, true)),
+        _ => bail!("unknown precision {precision:?}: expected f32 or bf16"),
+    }
+}
+
+/// Activation elements saved for backward by one micro-batch of `b` sequences of `t` tokens:
+/// per layer the residual input, the two RMSNorm outputs and 1/rms, q/k/v, the attention output
+/// and its log-sum-exp, the post-attention residual, gate/up/SwiGLU output, and for each LoRA
+/// target its (dropped-out) input and the rank-r intermediate; then the final norm and the logits
+/// with their gradient. An estimate of what an explicit-backward LLaMA keeps, not a measurement.
+pub fn activation_elems(dims: &Dims, cfg: &TrainConfig, b: usize, t: usize, vocab: usize) -> u64 {
+    let n = (b * t) as u64;
+    let c = dims.hidden_size as u64;
+    let h = dims.num_attention_heads as u64;
+    let q = (dims.num_attention_heads * dims.head_dim()) as u64;
+    let kv = (dims.kv_heads() * dims.head_dim()) as u64;
+    let f = dims.intermediate_size as u64;
+    let mut layer = n * (c + 1 + c) // residual in, rstd1, norm1 out
+        + n * (q + 2 * kv) // q, k, v
+        + n * q + n * h // attention out, lse
+        + n * (c + 1 + c) // residual mid, rstd2, norm2 out
+        + n * 3 * f; // gate, up, swiglu out
+    for tgt in &cfg.lora_targets {
+        let (i, _) = dims.proj_shape(tgt).unwrap_or((0, 0));
+        let dropped = if cfg.lora_dropout > 0.0 { i as u64 } else { 0 };
+        layer += n * (dropped + cfg.lora_rank as u64);
+    }
+    dims.num_hidden_layers as u64 * layer + n * (c + 1) + 2 * n * vocab as u64
+}
+
+/// The dry-run JSON line.
+pub fn plan(
+    dims: &Dims,
+    cfg: &TrainConfig,
+    stage: &str,
+    vocab: usize,
+    world: usize,
+    precision: &str,
+) -> Result<serde_json::Value> {
+    if world == 0 {
+        bail!("world size must be ≥ 1");
+    }
+    let counts = count(dims, cfg, vocab)?;
+    let (wb, ab, master) = precision_bytes(precision)?;
+    let p = counts.trainable;
+    let shard = p.div_ceil(world as u64);
+    // AdamW m and v in fp32, plus an fp32 master copy of trainable weights in mixed precision.
+    let opt_per_elem = if master { 12 } else { 8 };
+    let weights = counts.total * wb;
+    let gradients = p * 4;
+    let optimizer = p * opt_per_elem;
+    let acts = activation_elems(dims, cfg, cfg.micro_batch_size, cfg.max_length, vocab) * ab;
+    let opt_rank = shard * opt_per_elem;
+    // Gradients are accumulated in full (fp32) during the micro-batches, then reduce-scattered:
+    // each rank keeps its averaged shard for the optimizer.
+    let grad_rank = shard * 4;
+    Ok(json!({
+        "stage": stage,
+        "vocab_size": vocab,
+        "total_params": counts.total,
+        "trainable_params": counts.trainable,
+        "trainable_percent": (counts.trainable as f64 / counts.total as f64 * 1e4).round() / 100.0,
+        "lora_params": counts.lora,
+        "precision": precision,
+        "world_size": world,
+        "micro_batch_size": cfg.micro_batch_size,
+        "max_length": cfg.max_length,
+        "accumulation_steps": cfg.accumulation_steps(world)?,
+        "weights_bytes": weights,
+        "gradient_bytes": gradients,
+        "optimizer_bytes": optimizer,
+        "activation_bytes_per_micro_batch": acts,
+        "optimizer_bytes_per_rank": opt_rank,
+        "gradient_bytes_per_rank": grad_rank,
+        "gradient_accumulation_bytes_per_rank": gradients,
+        "total_bytes_per_rank": weights + gradients + opt_rank + acts,
+    }))
+}

@@ -1,0 +1,148 @@
+//! What users watch: `metrics.jsonl` (one JSON object per line: training steps and evaluations)
+//! and a progress bar with step, loss, LR, tokens/s and ETA. Only rank 0 creates these.
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// One line of `metrics.jsonl`. Training lines carry `loss`; evaluation lines `eval_loss`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Optimizer steps done when the line was written (1-based after the first step).
+    pub step: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub eval_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub lr: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub grad_norm: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub skipped: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub skipped_steps: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub tokens_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub elapsed_s: Option<f64>,
+}
+
+/// Appends records to `metrics.jsonl`.
+pub struct MetricsWriter {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl MetricsWriter {
+    /// Open `dir/metrics.jsonl` for appending. `keep_until`: on resume, lines of steps after the
+    /// checkpoint (written before the interruption, about to be redone) are dropped first, so the
+    /// file reads as one uninterrupted run; `None` starts a fresh file.
+    pub fn open(dir: &Path, keep_until: Option<u64>) -> Result<Self> {
+        let path = dir.join(METRICS_FILE);
+        let kept = match keep_until {
+            Some(step) => read(&path)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|r| r.step <= step)
+                .collect(),
+            None => Vec::new(),
+        };
+        let mut text = String::new();
+        for r in &kept {
+            text.push_str(&serde_json::to_string(r)?);
+            text.push('\n');
+        }
+        crate::util::write_atomic(&path, text.as_bytes())?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        Ok(MetricsWriter { path, file })
+    }
+
+    pub fn write(&mut self, r: &Record) -> Result<()> {
+        let mut line = serde_json::to_string(r)?;
+        line.push('\n');
+        self.file
+            .write_all(line.as_bytes())
+            .with_context(|| format!("cannot append to {}", self.path.display()))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Every record of a `metrics.jsonl`; a torn last line (a crash mid-write) is ignored, any other
+/// bad line is an error naming the line.
+pub fn read(path: &Path) -> Result<Vec<Record>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Record>(line) {
+            Ok(r) => out.push(r),
+            Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => {}
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("{}:{}: bad metrics line", path.display(), i + 1));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The progress bar: `step/total`, loss, LR, tokens/s, ETA (hidden when stderr is no terminal).
+pub struct Progress {
+    bar: ProgressBar,
+}
+
+impl Progress {
+    pub fn new(total: u64, start: u64, visible: bool) -> Self {
+        let bar = ProgressBar::with_draw_target(
+            Some(total),
+            if visible {
+                ProgressDrawTarget::stderr()
+            } else {
+                ProgressDrawTarget::hidden()
+            },
+        );
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} step {pos}/{len} [{bar:30}] {msg} eta {eta_precise}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_position(start);
+        bar.reset_eta();
+        Progress { bar }
+    }
+
+    pub fn update(&self, step: u64, loss: f64, lr: f64, tokens_per_s: f64) {
+        self.bar.set_position(step);
+        self.bar.set_message(format!(
+            "loss {loss:.4} lr {lr:.3e} {:.0} tok/s",
+            tokens_per_s
+        ));
+    }
+
+    pub fn println(&self, msg: &str) {
+        self.bar.println(msg);
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish();
+    }
+}

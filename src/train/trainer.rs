@@ -1,0 +1,468 @@
+//! The training loop: micro-batches → forward/backward → gradient accumulation → one ZeRO-2 step
+//! (reduce-scatter, global norm, non-finite skip, clipping, AdamW on the shard, all-gather), the
+//! cosine schedule, metrics, evaluation and checkpoints.
+//!
+//! Generic over the backend `B` and the communicator (`&dyn Comm`): world 1 runs the same code
+//! path as world N ([`Zero2`] over a [`crate::distributed::LocalComm`]). Only rank 0 logs, writes
+//! metrics and writes the checkpoint manifest.
+//!
+//! Loss semantics (the original scripts' Trainer): each micro-batch's loss is the mean over its
+//! non-ignored targets; the step's gradient is the mean over the micro-batches of all ranks
+//! (`grad_scale = 1 / (accumulation × world)`); the logged loss is the mean of the micro-batch
+//! losses.
+
+use super::checkpoint::{self, TrainerState};
+use super::config::{Stage, TrainConfig};
+use super::data::{Batch, Data};
+use super::metrics::{MetricsWriter, Progress, Record};
+use super::schedule::CosineSchedule;
+use crate::backend::{AdamW, Backend};
+use crate::distributed::shard::BatchSchedule;
+use crate::distributed::{Comm, GradAccumulator, Zero2};
+use crate::model::Llama;
+use crate::model::llama::Activations;
+use crate::model::lora::mix64;
+use anyhow::{Context, Result, bail, ensure};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// ZeRO-2 bucket: elements per reduce-scatter / all-gather call, all ranks together (the
+/// recipe's DeepSpeed `reduce_bucket_size` / `allgather_bucket_size` of 1e8).
+pub const BUCKET_ELEMS: usize = 100_000_000;
+
+/// Run options that are not hyper-parameters.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Continue from this checkpoint directory.
+    pub resume_from: Option<PathBuf>,
+    /// Show the progress bar (rank 0 only).
+    pub progress: bool,
+    /// Stop after this many optimizer steps in this process (the run itself is not shortened:
+    /// a later `--resume` continues). For tests and time-boxed jobs.
+    pub stop_after: Option<u64>,
+    /// Fault injection for tests: make the loss of these (0-based) steps NaN on every rank.
+    pub inject_nonfinite_steps: Vec<u64>,
+}
+
+/// What a finished (or stopped) run reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    /// Optimizer steps done (skipped included).
+    pub step: u64,
+    /// Mean loss of each step run in this process, in order (NaN for a non-finite step).
+    pub losses: Vec<f64>,
+    pub skipped_steps: u64,
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+/// Key of the LoRA dropout masks of global micro-batch `k` (counter-based: the RNG state is
+/// just `(seed, k)`).
+pub fn dropout_key(seed: u64, k: u64) -> u64 {
+    mix64(seed ^ mix64(k ^ 0x5eed_d409))
+}
+
+struct ActCache<B: Backend> {
+    map: HashMap<(usize, usize), Activations<B>>,
+}
+
+impl<B: Backend> ActCache<B> {
+    /// Activations for shape `(b, t)`, allocated once per shape (at most 8 kept).
+    fn get(&mut self, model: &Llama<B>, b: usize, t: usize) -> Result<&mut Activations<B>> {
+        if !self.map.contains_key(&(b, t)) {
+            if self.map.len() >= 8 {
+                self.map.clear();
+            }
+            self.map.insert((b, t), Activations::new(model, b, t)?);
+        }
+        Ok(self.map.get_mut(&(b, t)).expect("inserted"))
+    }
+}
+
+/// The trainer: a model, its data, the optimizer state, and where the run lives.
+pub struct Trainer<'a, B: Backend> {
+    pub model: Llama<B>,
+    pub data: &'a Data,
+    pub cfg: TrainConfig,
+    pub stage: Stage,
+    pub comm: &'a dyn Comm,
+    pub output: PathBuf,
+    zero: Zero2,
+    sched: CosineSchedule,
+    batches: BatchSchedule,
+    accum: usize,
+    /// Host copy of the trainable flat buffer (replicated; ZeRO-2 all-gathers into it).
+    params: Vec<f32>,
+    grads_host: Vec<f32>,
+    grads: B::Buf,
+    acc: GradAccumulator,
+    acts: ActCache<B>,
+    state: TrainerState,
+}
+
+impl<'a, B: Backend> Trainer<'a, B> {
+    /// Set up a run of `model` on `data`; with `resume_from`, restore the optimizer state, the
+    /// trainable weights, the schedule position, the RNG state and the data cursor.
+    pub fn new(
+        model: Llama<B>,
+        data: &'a Data,
+        cfg: TrainConfig,
+        stage: Stage,
+        comm: &'a dyn Comm,
+        output: &Path,
+        resume_from: Option<&Path>,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let world = comm.world_size();
+        let accum = cfg.accumulation_steps(world)?;
+        let vocab = model.config().vocab_size;
+        ensure!(
+            data.vocab_size() <= vocab,
+            "the data was tokenized with a vocabulary of {} ids, the model has {vocab}",
+            data.vocab_size()
+        );
+        ensure!(data.train_len() > 0, "the data has no training examples");
+        ensure!(
+            data.max_seq_len() <= cfg.max_length,
+            "the data's sequences are up to {} tokens, max_length is {}",
+            data.max_seq_len(),
+            cfg.max_length
+        );
+        let be = model.backend().clone();
+        let p = model.layout().trainable_len();
+        let mut params = vec![0.0f32; p];
+        be.download(model.trainable(), &mut params)?;
+        let grads = model.alloc_grads()?;
+        let sched = CosineSchedule {
+            base_lr: cfg.learning_rate,
+            warmup_steps: cfg.warmup(),
+            total_steps: cfg.max_steps,
+        };
+        let batches = BatchSchedule::new(
+            data.train_len(),
+            cfg.seed,
+            cfg.micro_batch_size,
+            accum,
+            world,
+        );
+        let mut state = TrainerState {
+            stage: stage.to_string(),
+            step: 0,
+            next_example: 0,
+            global_batch: batches.global_batch(),
+            train_examples: data.train_len(),
+            rng_seed: cfg.seed,
+            next_micro_batch: 0,
+            skipped_steps: 0,
+            consecutive_skips: 0,
+            tokens: 0,
+            world_size: world,
+            trainable_len: p,
+            vocab_size: vocab,
+            config: cfg.clone(),
+        };
+        let mut zero = Zero2::new(comm.rank(), world, p, BUCKET_ELEMS);
+        let mut model = model;
+        if let Some(dir) = resume_from {
+            let saved = checkpoint::verify(dir)
+                .with_context(|| format!("refusing to resume from {}", dir.display()))?;
+            checkpoint::check_compatible(&saved.config, &cfg)?;
+            ensure!(
+                saved.stage == state.stage
+                    && saved.trainable_len == p
+                    && saved.vocab_size == vocab
+                    && saved.train_examples == state.train_examples,
+                "{}: checkpoint of stage {} with {} trainable elements, vocab {}, {} examples; \
+                 this run: stage {}, {p}, vocab {vocab}, {} examples",
+                dir.display(),
+                saved.stage,
+                saved.trainable_len,
+                saved.vocab_size,
+                saved.train_examples,
+                state.stage,
+                state.train_examples
+            );
+            ensure!(
+                saved.global_batch == state.global_batch,
+                "{}: global batch {} in the checkpoint, {} now",
+                dir.display(),
+                saved.global_batch,
+                state.global_batch
+            );
+            zero = Zero2::load(dir, comm.rank(), world, p, BUCKET_ELEMS)?;
+            zero.gather_params(comm, &mut params)?;
+            be.upload(model.trainable_mut(), &params)?;
+            state = TrainerState {
+                world_size: world,
+                config: cfg.clone(),
+                ..saved
+            };
+        }
+        Ok(Trainer {
+            acc: GradAccumulator::new(p),
+            grads_host: vec![0.0; p],
+            acts: ActCache {
+                map: HashMap::new(),
+            },
+            model,
+            data,
+            cfg,
+            stage,
+            comm,
+            output: output.to_path_buf(),
+            zero,
+            sched,
+            batches,
+            accum,
+            params,
+            grads,
+            state,
+        })
+    }
+
+    pub fn state(&self) -> &TrainerState {
+        &self.state
+    }
+
+    pub fn zero(&self) -> &Zero2 {
+        &self.zero
+    }
+
+    /// The host copy of the trainable flat buffer (what the checkpoint's master weights hold).
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
+    /// One micro-batch: forward (training mode, dropout key of global micro-batch `k`) and
+    /// backward into a zeroed gradient buffer; returns the loss and the gradient on the host.
+    fn micro_step(&mut self, batch: &Batch, k: u64, poison: bool) -> Result<f32> {
+        let be = self.model.backend().clone();
+        let acts = self.acts.get(&self.model, batch.b, batch.t)?;
+        acts.training = true;
+        acts.rng_key = dropout_key(self.cfg.seed, k);
+        let mut loss = self.model.forward(acts, &batch.ids, &batch.labels)?;
+        let n = be.buf_len(&self.grads);
+        be.zero(be.view_mut(&mut self.grads, 0..n));
+        self.model.backward(acts, &mut self.grads, 1.0)?;
+        be.download(&self.grads, &mut self.grads_host)?;
+        if poison {
+            loss = f32::NAN;
+        }
+        if !loss.is_finite() {
+            // A non-finite loss poisons the gradient so the step is skipped on every rank
+            // (ZeRO-2 sees a non-finite global norm).
+            self.grads_host[0] = f32::NAN;
+        }
+        Ok(loss)
+    }
+
+    /// One optimizer step (all micro-batches of this rank, then the ZeRO-2 step). Returns the
+    /// metrics record (loss = mean over every rank's micro-batches).
+    pub fn step(&mut self, inject_nonfinite: bool) -> Result<Record> {
+        let t0 = Instant::now();
+        let (rank, world) = (self.comm.rank(), self.comm.world_size());
+        let step = self.state.step;
+        let micro = self.batches.rank_micro_batches(step, rank);
+        let mut local = [0.0f64; 3]; // loss sum, tokens, non-finite micro-batches
+        for (a, idx) in micro.iter().enumerate() {
+            let batch = self.data.batch(idx);
+            let k = (step * world as u64 + rank as u64) * self.accum as u64 + a as u64;
+            let loss = self.micro_step(&batch, k, inject_nonfinite)?;
+            if loss.is_finite() {
+                local[0] += loss as f64;
+            } else {
+                local[2] += 1.0;
+            }
+            local[1] += batch.tokens as f64;
+            self.acc.push(&self.grads_host)?;
+        }
+        self.acc.finish(&mut self.grads_host)?;
+        let lr = self.sched.lr(step);
+        let hp = AdamW {
+            lr: lr as f32,
+            beta1: self.cfg.adam_beta1 as f32,
+            beta2: self.cfg.adam_beta2 as f32,
+            eps: self.cfg.adam_epsilon as f32,
+            weight_decay: self.cfg.weight_decay as f32,
+            step: self.zero.updates() + 1,
+        };
+        let max_norm = (self.cfg.max_grad_norm > 0.0).then_some(self.cfg.max_grad_norm as f32);
+        let report = self.zero.step(
+            self.comm,
+            &mut self.params,
+            &mut self.grads_host,
+            1.0 / (self.accum * world) as f32,
+            max_norm,
+            hp,
+        )?;
+        if !report.skipped {
+            let be = self.model.backend().clone();
+            be.upload(self.model.trainable_mut(), &self.params)?;
+        }
+        self.comm.all_reduce_sum_f64(&mut local)?;
+        let n_micro = (self.accum * world) as f64;
+        let loss = if local[2] > 0.0 {
+            f64::NAN
+        } else {
+            local[0] / n_micro
+        };
+        self.state.step += 1;
+        self.state.next_example = self.state.step * self.state.global_batch as u64;
+        self.state.next_micro_batch = self.state.step * n_micro as u64;
+        self.state.tokens += local[1] as u64;
+        if report.skipped {
+            self.state.skipped_steps += 1;
+            self.state.consecutive_skips += 1;
+        } else {
+            self.state.consecutive_skips = 0;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        Ok(Record {
+            step: self.state.step,
+            loss: Some(loss),
+            lr: Some(lr),
+            grad_norm: Some(report.grad_norm),
+            skipped: Some(report.skipped),
+            skipped_steps: Some(self.state.skipped_steps),
+            tokens: Some(self.state.tokens),
+            tokens_per_s: Some(local[1] / secs.max(1e-9)),
+            ..Record::default()
+        })
+    }
+
+    /// Mean loss over the validation blocks (`eval_batches` micro-batches at most), split across
+    /// ranks; `None` without a validation split.
+    pub fn evaluate(&mut self) -> Result<Option<f64>> {
+        let n = self.data.validation_len();
+        if n == 0 {
+            return Ok(None);
+        }
+        let (rank, world) = (self.comm.rank(), self.comm.world_size());
+        let mb = self.cfg.micro_batch_size;
+        let mut starts: Vec<usize> = (0..n).step_by(mb).collect();
+        if self.cfg.eval_batches > 0 {
+            starts.truncate(self.cfg.eval_batches);
+        }
+        let mut local = [0.0f64; 2]; // loss sum over tokens, target count
+        for (j, &s) in starts.iter().enumerate() {
+            if j % world != rank {
+                continue;
+            }
+            let idx: Vec<usize> = (s..(s + mb).min(n)).collect();
+            let batch = self.data.validation_batch(&idx);
+            let acts = self.acts.get(&self.model, batch.b, batch.t)?;
+            acts.training = false;
+            self.model.forward(acts, &batch.ids, &batch.labels)?;
+            local[0] += acts.loss_sum();
+            local[1] += acts.num_targets() as f64;
+        }
+        self.comm.all_reduce_sum_f64(&mut local)?;
+        Ok((local[1] > 0.0).then(|| local[0] / local[1]))
+    }
+
+    /// Save `checkpoint-<step>` (collective); refuses non-finite weights.
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        let be = self.model.backend().clone();
+        let n = be.buf_len(self.model.trainable());
+        let ss = be.sum_squares(be.view(self.model.trainable(), 0..n))?;
+        ensure!(
+            ss.is_finite(),
+            "refusing to save a checkpoint at step {}: the trainable weights are not finite",
+            self.state.step
+        );
+        let dir = checkpoint::save(self.comm, &self.output, &self.state, &self.zero)?;
+        if self.comm.rank() == 0 {
+            checkpoint::prune(&self.output, self.cfg.save_total_limit)?;
+        }
+        self.comm.barrier()?;
+        Ok(dir)
+    }
+
+    /// Train until `max_steps` (or `opts.stop_after` steps in this call), logging, evaluating and
+    /// checkpointing; a checkpoint is always written at the end of the run.
+    pub fn run(&mut self, opts: &RunOptions) -> Result<Summary> {
+        let rank0 = self.comm.rank() == 0;
+        if rank0 {
+            std::fs::create_dir_all(&self.output)
+                .with_context(|| format!("cannot create {}", self.output.display()))?;
+        }
+        self.comm.barrier()?;
+        let start = self.state.step;
+        let mut metrics = if rank0 {
+            Some(MetricsWriter::open(
+                &self.output,
+                opts.resume_from.as_ref().map(|_| start),
+            )?)
+        } else {
+            None
+        };
+        let progress = Progress::new(self.cfg.max_steps, start, rank0 && opts.progress);
+        let t_run = Instant::now();
+        let mut summary = Summary {
+            step: start,
+            losses: Vec::new(),
+            skipped_steps: self.state.skipped_steps,
+            last_checkpoint: None,
+        };
+        let mut done_here = 0u64;
+        while self.state.step < self.cfg.max_steps {
+            if opts.stop_after.is_some_and(|n| done_here >= n) {
+                break;
+            }
+            let inject = opts.inject_nonfinite_steps.contains(&self.state.step);
+            let mut rec = self.step(inject)?;
+            done_here += 1;
+            let step = self.state.step;
+            summary.losses.push(rec.loss.unwrap_or(f64::NAN));
+            rec.elapsed_s = Some(t_run.elapsed().as_secs_f64());
+            let log_now =
+                step.is_multiple_of(self.cfg.logging_steps.max(1)) || step == self.cfg.max_steps;
+            if let Some(m) = metrics.as_mut()
+                && (log_now || rec.skipped == Some(true))
+            {
+                m.write(&rec)?;
+            }
+            progress.update(
+                step,
+                rec.loss.unwrap_or(f64::NAN),
+                rec.lr.unwrap_or(0.0),
+                rec.tokens_per_s.unwrap_or(0.0),
+            );
+            if self.state.consecutive_skips >= self.cfg.max_consecutive_skips.max(1) {
+                progress.finish();
+                let last = checkpoint::list(&self.output)?
+                    .first()
+                    .map(|(_, d)| d.display().to_string())
+                    .unwrap_or_else(|| "none yet".into());
+                bail!(
+                    "stopping at step {step}: {} consecutive steps had a non-finite loss or \
+                     gradient (skipped, weights untouched); last good checkpoint: {last}",
+                    self.state.consecutive_skips
+                );
+            }
+            let eval_now = self.cfg.eval_steps > 0 && step.is_multiple_of(self.cfg.eval_steps);
+            if (eval_now || step == self.cfg.max_steps)
+                && let Some(eval_loss) = self.evaluate()?
+            {
+                if let Some(m) = metrics.as_mut() {
+                    m.write(&Record {
+                        step,
+                        eval_loss: Some(eval_loss),
+                        ..Record::default()
+                    })?;
+                }
+                if rank0 {
+                    progress.println(&format!("step {step}: eval loss {eval_loss:.4}"));
+                }
+            }
+            let save_now = self.cfg.save_steps > 0 && step.is_multiple_of(self.cfg.save_steps);
+            if save_now || step == self.cfg.max_steps {
+                summary.last_checkpoint = Some(self.save_checkpoint()?);
+            }
+        }
+        progress.finish();
+        summary.step = self.state.step;
+        summary.skipped_steps = self.state.skipped_steps;
+        Ok(summary)
+    }
+}
