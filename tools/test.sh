@@ -12,4 +12,4 @@ if ! command -v mpirun >/dev/null 2>&1 || ! command -v mpicc >/dev/null 2>&1; th
   $SUDO apt-get update
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y libopenmpi-dev openmpi-bin libclang-dev pkg-config
 fi
-cargo test --release --features mpi --test distributed_mpi
+cargo test --release --features mpi --test distributed_mpi --test distributed_train
