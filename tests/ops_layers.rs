@@ -319,3 +319,55 @@ fn embedding_backward_is_deterministic() {
         assert_eq!(dt, first);
     }
 }
+
+// ---- the vectorisable exp -------------------------------------------------------------------------
+
+/// Distance in units of the last place between an f32 and the exact value.
+fn ulp_error(got: f32, exact: f64) -> f64 {
+    let e = exact as f32;
+    // One ulp at the exact value (the spacing of f32 around it; subnormal spacing at the bottom).
+    let ulp = (f32::from_bits(e.to_bits() + 1) - e)
+        .abs()
+        .max(f32::from_bits(1)) as f64;
+    (got as f64 - exact).abs() / ulp
+}
+
+#[test]
+fn exp_fast_is_within_two_ulp() {
+    use zhllama::ops::math::exp_fast;
+    // A dense sweep over the whole finite range (including subnormal results) and every f32 in a
+    // window around 0, where the reduction is most delicate.
+    let mut worst = (0.0f64, 0.0f32);
+    let mut x = -103.9f32;
+    while x <= 88.0 {
+        let err = ulp_error(exp_fast(x), (x as f64).exp());
+        if err > worst.0 {
+            worst = (err, x);
+        }
+        x += 1.3e-3;
+    }
+    let mut x = -0.5f32;
+    while x <= 0.5 {
+        let err = ulp_error(exp_fast(x), (x as f64).exp());
+        if err > worst.0 {
+            worst = (err, x);
+        }
+        x = f32::from_bits(if x < 0.0 {
+            x.to_bits() - 97
+        } else {
+            x.to_bits() + 97
+        })
+        .max(x + 1e-9);
+    }
+    assert!(
+        worst.0 <= 2.0,
+        "exp_fast({}) is {:.2} ulp off",
+        worst.1,
+        worst.0
+    );
+    assert_eq!(exp_fast(0.0), 1.0);
+    assert_eq!(exp_fast(-200.0), 0.0);
+    assert_eq!(exp_fast(f32::NEG_INFINITY), 0.0);
+    assert!(exp_fast(f32::NAN).is_nan());
+    assert!(exp_fast(1000.0).is_finite(), "large inputs clamp to e^88");
+}

@@ -20,6 +20,10 @@ pub struct Args {
     /// SentencePiece tokenizer.model; the model's vocab is resized to its size.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// The model's original tokenizer, for the mean-of-pieces init of new embedding rows
+    /// (default: the first model-vocab pieces of --tokenizer, which a merged tokenizer extends).
+    #[arg(long)]
+    pub base_tokenizer: Option<PathBuf>,
     /// Token shards directory (pre-training blocks for pt1/pt2, SFT examples for sft).
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -149,10 +153,25 @@ fn train(args: Args, cfg: TrainConfig) -> Result<()> {
             if data.is_sft() { "SFT" } else { "pre-training" }
         );
     }
-    let tok_vocab = match (&args.tokenizer, args.vocab_size) {
-        (Some(p), _) => tokenizer_size(p)?.max(data.vocab_size()),
+    let tokenizer = match &args.tokenizer {
+        Some(p) => Some(zhllama::vocab::Tokenizer::load(p)?),
+        None => None,
+    };
+    let base_tokenizer = match &args.base_tokenizer {
+        Some(p) => Some(zhllama::vocab::Tokenizer::load(p)?),
+        None => None,
+    };
+    // The data's vocab can exceed the tokenizer's by an added [PAD] (SFT on a 49953 tokenizer).
+    let tok_vocab = match (&tokenizer, args.vocab_size) {
+        (Some(t), _) => t.vocab_size().max(data.vocab_size()),
         (None, Some(v)) => v,
-        (None, None) => data.vocab_size(),
+        // No tokenizer: keep the model's vocabulary (the data must fit in it).
+        (None, None) => {
+            let cfg_path = args.model.join("config.json");
+            zhllama::model::LlamaConfig::load(&cfg_path)?
+                .vocab_size
+                .max(data.vocab_size())
+        }
     };
     let resume = match (&args.resume_from, args.resume) {
         (Some(p), _) => Some(p.clone()),
@@ -171,7 +190,18 @@ fn train(args: Args, cfg: TrainConfig) -> Result<()> {
         },
     };
     let backend = std::sync::Arc::new(CpuBackend::new());
-    let model = setup::load_model(backend, &args.model, &cfg, args.stage, tok_vocab)?;
+    let resize_toks = tokenizer.as_ref().map(|new| setup::ResizeTokenizers {
+        new,
+        old: base_tokenizer.as_ref(),
+    });
+    let model = setup::load_model(
+        backend,
+        &args.model,
+        &cfg,
+        args.stage,
+        tok_vocab,
+        resize_toks,
+    )?;
     if comm.rank() == 0 {
         let l = model.layout();
         eprintln!(

@@ -128,6 +128,15 @@ impl LlamaConfig {
         {
             bail!("`rope_scaling` = {scaling} is not supported (plain RoPE only)");
         }
+        if let Some(rt) = cfg
+            .raw
+            .get("rope_parameters")
+            .and_then(|p| p.get("rope_type"))
+            .and_then(|v| v.as_str())
+            && rt != "default"
+        {
+            bail!("`rope_parameters.rope_type` = {rt:?} is not supported (plain RoPE only)");
+        }
         if let Some(act) = cfg.raw.get("hidden_act").and_then(|v| v.as_str())
             && act != "silu"
         {
@@ -182,7 +191,10 @@ impl LlamaConfig {
                 self.num_attention_heads
             );
         }
-        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             bail!(
                 "num_attention_heads {} is not divisible by num_key_value_heads {}",
                 self.num_attention_heads,
@@ -228,6 +240,32 @@ impl LlamaConfig {
         let emb = self.vocab_size * self.hidden_size;
         let head = if self.tie_word_embeddings { 0 } else { emb };
         emb + head + self.num_hidden_layers * self.params_per_layer() + self.hidden_size
+    }
+
+    /// Multiply-add FLOPs (2 per MAC) of one training step (forward + backward) on `b` sequences
+    /// of `t` tokens with every weight trainable:
+    /// - every matmul with a weight (7 projections per layer + lm_head): `2·N·in·out` forward, the
+    ///   same again for the input gradient and for the weight gradient → `6·N·P_mm`;
+    /// - causal attention: `QKᵀ` and `P·V` touch `T(T+1)/2` (query, key) pairs per head,
+    ///   `2·d` FLOPs each → `2·B·H·d·T(T+1)` forward; the backward has four such products → 2× that;
+    /// - elementwise ops (norms, RoPE, softmax, SwiGLU, cross-entropy) and the embedding gather
+    ///   are not counted (< 1% at the bench shapes).
+    pub fn train_step_flops(&self, b: usize, t: usize) -> f64 {
+        let n = (b * t) as f64;
+        let (c, f, kv) = (
+            self.hidden_size as f64,
+            self.intermediate_size as f64,
+            self.kv_dim() as f64,
+        );
+        let p_mm = self.num_hidden_layers as f64 * (2.0 * c * c + 2.0 * c * kv + 3.0 * c * f)
+            + self.vocab_size as f64 * c;
+        let attn_fwd = 2.0
+            * b as f64
+            * self.num_attention_heads as f64
+            * self.head_dim() as f64
+            * (t * (t + 1)) as f64
+            * self.num_hidden_layers as f64;
+        6.0 * n * p_mm + 3.0 * attn_fwd
     }
 
     /// The config as a JSON object: the raw keys as read, with every typed field overlaid.

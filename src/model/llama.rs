@@ -1236,3 +1236,35 @@ impl<B: Backend> Activations<B> {
         self.bw.as_ref().map(|bw| &bw.dres)
     }
 }
+
+/// Mean token cross-entropy of `model` over `seqs` (each a full sequence, no padding; every
+/// position but the first is predicted), and the number of predicted tokens. Sequences run one at
+/// a time at their own length (activations reused while the length repeats). Errors name the
+/// offending sequence.
+pub fn eval_loss<B: Backend>(model: &Llama<B>, seqs: &[Vec<i32>]) -> Result<(f64, usize)> {
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by_key(|&i| seqs[i].len());
+    let mut acts: Option<Activations<B>> = None;
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    for i in order {
+        let s = &seqs[i];
+        if s.is_empty() {
+            bail!("sequence {i} is empty");
+        }
+        if acts.as_ref().is_none_or(|a| a.seq_len() != s.len()) {
+            drop(acts.take()); // free the previous shape first
+            acts = Some(Activations::new_inference(model, 1, s.len())?);
+        }
+        let a = acts.as_mut().unwrap();
+        model
+            .forward(a, s, s)
+            .with_context(|| format!("sequence {i}"))?;
+        sum += a.loss_sum();
+        count += a.num_targets();
+    }
+    ensure!(
+        count > 0,
+        "no predicted positions (every sequence has fewer than 2 tokens)"
+    );
+    Ok((sum / count as f64, count))
+}

@@ -14,10 +14,11 @@ pub mod llama;
 pub mod lora;
 pub mod params;
 pub mod peft;
+pub mod resize;
 pub mod weights;
 
 pub use config::LlamaConfig;
-pub use llama::{Activations, HostParams, IGNORE_INDEX, Llama};
+pub use llama::{Activations, HostParams, IGNORE_INDEX, Llama, eval_loss};
 pub use lora::{LoraConfig, Proj};
 pub use params::{Group, Kind, Loc, ParamEntry, ParamLayout, TrainSpec};
 pub use weights::{Checkpoint, HostTensor, SaveOptions, save_model_dir};

@@ -15,7 +15,7 @@
 //! small GEMM, so at most `BLOCK × t` scores exist at a time and the masked upper triangle is
 //! skipped except inside the diagonal block.
 
-use super::math::{SharedMut, dot};
+use super::math::{SharedMut, dot, exp_fast, exp_sub_sum, max, simd_fn};
 use super::matmul::matmul_serial;
 use rayon::prelude::*;
 
@@ -126,20 +126,7 @@ pub fn attention_forward(
                     scale,
                     0.0,
                 );
-                for (ii, row) in s.chunks_mut(r1).enumerate() {
-                    let i = r0 + ii;
-                    let (seen, masked) = row.split_at_mut(i + 1);
-                    let mx = seen.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                    let mut sum = 0.0f32;
-                    for e in seen.iter_mut() {
-                        *e = (*e - mx).exp();
-                        sum += *e;
-                    }
-                    lse_row[i] = mx + sum.ln();
-                    let inv = 1.0 / sum;
-                    seen.iter_mut().for_each(|e| *e *= inv);
-                    masked.fill(0.0);
-                }
+                softmax_rows(s, &mut lse_row[r0..r1], r0, r1);
                 // o = p · v
                 matmul_serial(
                     &mut oh[r0 * d..r1 * d],
@@ -157,6 +144,50 @@ pub fn attention_forward(
             // SAFETY: the (bi, ·, hi) rows of `out` belong to this task only.
             unsafe { scatter(&out, &oh, bi, t, h, hi, d) };
         });
+}
+
+simd_fn! {
+    /// Row `ii` of the `[m, r1]` block `s` (query `i = r0 + ii`) becomes the causal softmax of its
+    /// first `i + 1` scores (zeros after); `lse[ii] =` their log-sum-exp.
+    fn softmax_rows(s: &mut [f32], lse: &mut [f32], r0: usize, r1: usize) {
+        for (ii, row) in s.chunks_mut(r1).enumerate() {
+            let (seen, masked) = row.split_at_mut(r0 + ii + 1);
+            let mx = max(seen);
+            let sum = exp_sub_sum(seen, mx);
+            lse[ii] = mx + sum.ln();
+            let inv = 1.0 / sum;
+            seen.iter_mut().for_each(|e| *e *= inv);
+            masked.fill(0.0);
+        }
+    }
+}
+
+simd_fn! {
+    /// Backward of one block: on entry `p` holds the scaled scores and `ds` holds `dout · vᵀ`;
+    /// on exit `p = exp(score − lse)` and `ds = p ⊙ (dp − dout·out)`, both 0 above the diagonal.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_rows(
+        p: &mut [f32],
+        ds: &mut [f32],
+        dout: &[f32],
+        out: &[f32],
+        lse: &[f32],
+        r0: usize,
+        r1: usize,
+        d: usize,
+    ) {
+        for (ii, (prow, dsrow)) in p.chunks_mut(r1).zip(ds.chunks_mut(r1)).enumerate() {
+            let i = r0 + ii;
+            let l = lse[i];
+            let di = dot(&dout[i * d..(i + 1) * d], &out[i * d..(i + 1) * d]);
+            for (pj, dsj) in prow[..=i].iter_mut().zip(&mut dsrow[..=i]) {
+                *pj = exp_fast(*pj - l);
+                *dsj = *pj * (*dsj - di);
+            }
+            prow[i + 1..].fill(0.0);
+            dsrow[i + 1..].fill(0.0);
+        }
+    }
 }
 
 /// Head `hi` of batch `bi` of `x[b,t,heads,d]` as a contiguous `[t, d]` matrix.
@@ -272,17 +303,7 @@ pub fn attention_backward(
                 matmul_serial(p, q_blk, &kk[..r1 * d], m, r1, d, false, true, scale, 0.0);
                 // dp = dout · vᵀ
                 matmul_serial(ds, do_blk, &vv[..r1 * d], m, r1, d, false, true, 1.0, 0.0);
-                for (ii, (prow, dsrow)) in p.chunks_mut(r1).zip(ds.chunks_mut(r1)).enumerate() {
-                    let i = r0 + ii;
-                    let l = lse_row[i];
-                    let di = dot(&doh[i * d..(i + 1) * d], &oh[i * d..(i + 1) * d]);
-                    for (pj, dsj) in prow[..=i].iter_mut().zip(&mut dsrow[..=i]) {
-                        *pj = (*pj - l).exp();
-                        *dsj = *pj * (*dsj - di);
-                    }
-                    prow[i + 1..].fill(0.0);
-                    dsrow[i + 1..].fill(0.0);
-                }
+                backward_rows(p, ds, &doh, &oh, lse_row, r0, r1, d);
                 // dq = scale · ds · k;  dk += scale · dsᵀ · q;  dv += pᵀ · dout
                 let dq_blk = &mut dqh[r0 * d..r1 * d];
                 matmul_serial(

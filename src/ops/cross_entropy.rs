@@ -5,8 +5,11 @@
 //!   Evaluated as torch's `log_softmax`: `−((x_t − max) − ln Σ exp(x − max))`.
 //! - backward: `dlogits[n,v] = scale · (softmax(logits_row) − onehot(target))`, `0` on ignored rows
 //!   (`=`; HF's mean is `scale = 1 / count`).
+//!
+//! `exp` is [`exp_fast`] (≤ 2 ulp, vectorised); a row's sum runs in 16 fixed lanes. The backward
+//! evaluates one `exp` per logit: `exp(x − max) · (scale / Σ)`.
 
-use super::math::max;
+use super::math::{exp_fast, exp_sub_sum_into, max, reduce_lanes, simd_fn};
 use rayon::prelude::*;
 
 /// The label that marks a row as not predicted.
@@ -25,6 +28,7 @@ fn target_of(t: i32, v: usize) -> Option<usize> {
 }
 
 /// `(max, ln Σ exp(x − max))` of one row.
+#[inline(always)]
 fn row_stats(x: &[f32]) -> (f32, f32) {
     let m = max(x);
     let mut acc = [0.0f32; 16];
@@ -32,13 +36,33 @@ fn row_stats(x: &[f32]) -> (f32, f32) {
     let rest = it.remainder();
     for c in it {
         for l in 0..16 {
-            acc[l] += (c[l] - m).exp();
+            acc[l] += exp_fast(c[l] - m);
         }
     }
     for (l, &xv) in rest.iter().enumerate() {
-        acc[l] += (xv - m).exp();
+        acc[l] += exp_fast(xv - m);
     }
-    (m, super::math::reduce_lanes(acc).ln())
+    (m, reduce_lanes(acc).ln())
+}
+
+simd_fn! {
+    /// One row's loss, as torch's `log_softmax` + `nll_loss`.
+    fn row_loss(x: &[f32], t: usize) -> f32 {
+        let (m, log_sum) = row_stats(x);
+        -((x[t] - m) - log_sum)
+    }
+}
+
+simd_fn! {
+    /// One row's `scale · (softmax − onehot(t))`: one `exp` per logit, stored, then scaled by
+    /// `scale / Σ` (torch's `exp(log_softmax)·scale` up to an ulp).
+    fn row_grad(dl: &mut [f32], x: &[f32], t: usize, scale: f32) {
+        let m = max(x);
+        let sum = exp_sub_sum_into(dl, x, m);
+        let f = scale / sum;
+        dl.iter_mut().for_each(|d| *d *= f);
+        dl[t] -= scale;
+    }
 }
 
 /// `losses[i] = logsumexp(logits[i,:]) − logits[i, targets[i]]`, `0` where `targets[i] == -100`.
@@ -71,11 +95,7 @@ pub fn cross_entropy_forward(
         .for_each(|(i, (loss, &t))| {
             *loss = match target_of(t, v) {
                 None => 0.0,
-                Some(t) => {
-                    let x = &logits[i * v..(i + 1) * v];
-                    let (m, log_sum) = row_stats(x);
-                    -((x[t] - m) - log_sum)
-                }
+                Some(t) => row_loss(&logits[i * v..(i + 1) * v], t),
             };
         });
 }
@@ -113,13 +133,6 @@ pub fn cross_entropy_backward(
         .zip(targets.par_iter())
         .for_each(|((dl, x), &t)| match target_of(t, v) {
             None => dl.fill(0.0),
-            Some(t) => {
-                let (m, log_sum) = row_stats(x);
-                for (d, &xv) in dl.iter_mut().zip(x) {
-                    // torch: exp(log_softmax) = exp((x − max) − ln Σ).
-                    *d = ((xv - m) - log_sum).exp() * scale;
-                }
-                dl[t] -= scale;
-            }
+            Some(t) => row_grad(dl, x, t, scale),
         });
 }

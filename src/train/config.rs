@@ -76,8 +76,9 @@ pub struct TrainConfig {
     pub lora_targets: Vec<String>,
     /// Modules trained in full (PEFT's `modules_to_save`): `embed_tokens`, `lm_head`.
     pub modules_to_save: Vec<String>,
-    /// Initialisation of embedding rows added by a vocab resize: `mean` (mean of the old pieces
-    /// that the new piece decodes to, see `model::resize`) or `hf` (HF's default: mean of all rows).
+    /// Initialisation of embedding rows added by a vocab resize: `mean` (mean of the old rows of
+    /// the pieces the original tokenizer splits the new piece into, see `model::resize`) or `hf`
+    /// (HF's `_init_weights`: normal(0, initializer_range), seeded).
     pub new_token_init: String,
     /// Save a checkpoint every this many optimizer steps (0 = only at the end).
     pub save_steps: u64,

@@ -5,9 +5,11 @@ use super::config::{Stage, TrainConfig};
 use crate::backend::Backend;
 use crate::model::lora::{LoraConfig, Proj};
 use crate::model::params::{Kind, TrainSpec};
+use crate::model::resize::{NewRows, resize_rows};
 use crate::model::weights::{Checkpoint, SaveOptions};
 use crate::model::{Llama, LlamaConfig};
 use crate::tensor::DType;
+use crate::vocab::Tokenizer;
 use anyhow::{Context, Result, bail, ensure};
 use std::path::Path;
 use std::sync::Arc;
@@ -58,43 +60,43 @@ pub fn check_vocab_pair(stage: Stage, model_vocab: usize, tok_vocab: usize) -> R
     Ok(())
 }
 
-/// Initial values of embedding rows `old_rows..` after a resize, written into `table[v, c]`
-/// whose first `old_rows` rows are the trained ones. `"hf"`: every new row is the mean of the old
-/// rows (HF's `resize_token_embeddings(mean_resizing=True)` centre, without its random spread).
-pub fn init_new_rows(table: &mut [f32], old_rows: usize, c: usize, init: &str) -> Result<()> {
-    let v = table.len() / c;
-    if v <= old_rows {
-        return Ok(());
-    }
-    match init {
-        "hf" | "mean" => {
-            let mut mean = vec![0.0f64; c];
-            for r in 0..old_rows {
-                for (m, x) in mean.iter_mut().zip(&table[r * c..(r + 1) * c]) {
-                    *m += *x as f64;
-                }
-            }
-            let mean: Vec<f32> = mean.iter().map(|m| (m / old_rows as f64) as f32).collect();
-            for r in old_rows..v {
-                table[r * c..(r + 1) * c].copy_from_slice(&mean);
-            }
-            Ok(())
-        }
-        _ => bail!("unknown new_token_init {init:?}"),
-    }
+/// The tokenizers a vocabulary resize needs.
+pub struct ResizeTokenizers<'a> {
+    /// The tokenizer being trained for (its size is the new vocab).
+    pub new: &'a Tokenizer,
+    /// The model's original tokenizer; `None`: the new tokenizer's first `old_vocab` pieces
+    /// (a merged tokenizer extends the original, RECIPE.md §1, so this is the original).
+    pub old: Option<&'a Tokenizer>,
 }
 
-/// Load the HF model in `dir` for `cfg`, resized to `tok_vocab` rows of embedding and lm_head.
+/// The original tokenizer recovered from a merged one: its first `old_vocab` pieces.
+pub fn truncated_tokenizer(new: &Tokenizer, old_vocab: usize) -> Result<Tokenizer> {
+    let mut proto = new.model().clone();
+    ensure!(
+        proto.pieces.len() >= old_vocab,
+        "tokenizer has {} pieces, fewer than the model's {old_vocab}",
+        proto.pieces.len()
+    );
+    proto.pieces.truncate(old_vocab);
+    Tokenizer::from_model(proto)
+}
+
+/// Load the HF model in `dir` for `cfg`, its embedding and lm_head resized to `tok_vocab` rows
+/// (the config's `new_token_init`: `mean` = mean of the old rows of the pieces the original
+/// tokenizer splits each new piece into, see [`crate::model::resize`]; `hf` = HF's
+/// normal(0, initializer_range), seeded).
 pub fn load_model<B: Backend>(
     backend: Arc<B>,
     dir: &Path,
     cfg: &TrainConfig,
     stage: Stage,
     tok_vocab: usize,
+    tokenizers: Option<ResizeTokenizers<'_>>,
 ) -> Result<Llama<B>> {
     let mut config = LlamaConfig::load(&dir.join("config.json"))?;
     check_vocab_pair(stage, config.vocab_size, tok_vocab)?;
     let old_vocab = config.vocab_size;
+    let std = config.initializer_range;
     config.vocab_size = tok_vocab;
     config
         .raw
@@ -102,11 +104,38 @@ pub fn load_model<B: Backend>(
     let ck = Checkpoint::open(dir)?;
     let spec = train_spec(cfg)?;
     let c = config.hidden_size;
+    let resize = |name: &str, out: &mut [f32], salt: u64| -> Result<()> {
+        let mut old = vec![0.0f32; old_vocab * c];
+        ck.read_into(name, &[old_vocab, c], &mut old)?;
+        let init = match cfg.new_token_init.as_str() {
+            "hf" => NewRows::Random {
+                std,
+                seed: cfg.seed ^ salt,
+            },
+            _ => NewRows::MeanOfPieces,
+        };
+        let toks = tokenizers.as_ref().with_context(|| {
+            format!(
+                "resizing the vocabulary from {old_vocab} to {tok_vocab} needs the tokenizer                  (--tokenizer)"
+            )
+        })?;
+        let truncated;
+        let old_tok = match toks.old {
+            Some(t) => t,
+            None => {
+                truncated = truncated_tokenizer(toks.new, old_vocab)?;
+                &truncated
+            }
+        };
+        let rows = resize_rows(&old, old_vocab, c, tok_vocab, old_tok, toks.new, init)
+            .with_context(|| format!("resizing {name}"))?;
+        out.copy_from_slice(&rows);
+        Ok(())
+    };
     Llama::new(backend, config, spec, |e, out| match e.kind {
         Kind::LoraA { .. } | Kind::LoraB { .. } => Ok(false),
         Kind::Embedding | Kind::LmHead if old_vocab != tok_vocab => {
-            ck.read_into(&e.name, &[old_vocab, c], &mut out[..old_vocab * c])?;
-            init_new_rows(out, old_vocab, c, &cfg.new_token_init)?;
+            resize(&e.name, out, if e.kind == Kind::LmHead { 1 } else { 0 })?;
             Ok(true)
         }
         _ => {

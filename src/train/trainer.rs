@@ -259,15 +259,28 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// One optimizer step (all micro-batches of this rank, then the ZeRO-2 step). Returns the
     /// metrics record (loss = mean over every rank's micro-batches).
     pub fn step(&mut self, inject_nonfinite: bool) -> Result<Record> {
+        let rank = self.comm.rank();
+        let micro = self.batches.rank_micro_batches(self.state.step, rank);
+        let batches: Vec<Batch> = micro.iter().map(|idx| self.data.batch(idx)).collect();
+        self.step_with(&batches, inject_nonfinite)
+    }
+
+    /// [`Trainer::step`] on explicit micro-batches (this rank's `accumulation` of them, in
+    /// global order): parity tests feed a reference implementation's batches through here.
+    pub fn step_with(&mut self, batches: &[Batch], inject_nonfinite: bool) -> Result<Record> {
         let t0 = Instant::now();
         let (rank, world) = (self.comm.rank(), self.comm.world_size());
         let step = self.state.step;
-        let micro = self.batches.rank_micro_batches(step, rank);
+        ensure!(
+            batches.len() == self.accum,
+            "step {step}: {} micro-batches given, accumulation is {}",
+            batches.len(),
+            self.accum
+        );
         let mut local = [0.0f64; 3]; // loss sum, tokens, non-finite micro-batches
-        for (a, idx) in micro.iter().enumerate() {
-            let batch = self.data.batch(idx);
+        for (a, batch) in batches.iter().enumerate() {
             let k = (step * world as u64 + rank as u64) * self.accum as u64 + a as u64;
-            let loss = self.micro_step(&batch, k, inject_nonfinite)?;
+            let loss = self.micro_step(batch, k, inject_nonfinite)?;
             if loss.is_finite() {
                 local[0] += loss as f64;
             } else {
