@@ -6,3 +6,12 @@ cd "$(dirname "$0")/.."
 # vocab: python sentencepiece is the reference for the tokenizer parity tests (tests/vocab_*.rs).
 python3 -m pip install -q sentencepiece==0.2.3
 cargo test --release --all-targets
+
+# --- distributed (issue 8): OpenMPI from the system packages, then the multi-process tests ---
+# (the `mpi` crate needs libopenmpi-dev + libclang-dev for bindgen; the tests call mpirun themselves)
+if ! command -v mpirun >/dev/null 2>&1 || ! command -v mpicc >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y libopenmpi-dev openmpi-bin libclang-dev pkg-config
+fi
+cargo test --release --features mpi --test distributed_mpi --test distributed_train

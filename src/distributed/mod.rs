@@ -73,9 +73,9 @@ pub trait Comm: Send {
 /// The communicator for this process: `MpiComm` when `launch` says the job has more than one
 /// rank (or an MPI launcher started it), else [`LocalComm`].
 ///
-/// `watchdog`: with MPI, a collective that waits longer than this prints a clear error and ends
-/// the process (so a hung rank cannot hang the job; a rank that *dies* is already caught by
-/// `mpirun`/`srun`, which end the job). `None` disables it.
+/// `watchdog`: with MPI, a collective that waits longer than this (a barrier: ten times this)
+/// prints a clear error and ends the process (so a hung rank cannot hang the job; a rank that
+/// *dies* is already caught by `mpirun`/`srun`, which end the job). `None` disables it.
 pub fn init(
     launch: Option<&LaunchInfo>,
     watchdog: Option<std::time::Duration>,

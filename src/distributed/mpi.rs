@@ -5,7 +5,9 @@
 //! Failure: a rank that returns an error should print it and call `abort` (`MPI_Abort` ends every
 //! rank). A rank that dies is noticed by `mpirun`/`srun`, which end the others. The optional
 //! watchdog covers the remaining case, a rank that hangs: a collective waiting longer than the
-//! limit prints which one and ends this process (`mpirun` then ends the job).
+//! limit prints which one and ends this process (`mpirun` then ends the job). Barriers get ten
+//! times the limit: they are where ranks legitimately wait for rank 0's file work (verifying a
+//! checkpoint, writing the final model).
 
 use super::collective::Transport;
 use anyhow::{Result, bail, ensure};
@@ -15,14 +17,17 @@ use std::cell::Cell;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+type Busy = Option<(Instant, &'static str, Duration)>;
+
 /// One rank of an MPI job (`MPI_COMM_WORLD`). Dropping it finalizes MPI.
 pub struct MpiComm {
     world: SimpleCommunicator,
     rank: usize,
     size: usize,
     sent: Cell<u64>,
-    /// `(since, what)` of the collective in progress, for the watchdog.
-    busy: Arc<Mutex<Option<(Instant, &'static str)>>>,
+    /// `(since, what, limit)` of the collective in progress, for the watchdog.
+    busy: Arc<Mutex<Busy>>,
+    limit: Duration,
     // Declared last: dropped (MPI_Finalize) after the communicator.
     _universe: mpi::environment::Universe,
 }
@@ -46,14 +51,14 @@ impl MpiComm {
         );
         let world = universe.world();
         let (rank, size) = (world.rank() as usize, world.size() as usize);
-        let busy: Arc<Mutex<Option<(Instant, &'static str)>>> = Arc::new(Mutex::new(None));
+        let busy: Arc<Mutex<Busy>> = Arc::new(Mutex::new(None));
         if let Some(limit) = watchdog {
             let busy = busy.clone();
             std::thread::spawn(move || {
                 loop {
                     std::thread::sleep(Duration::from_millis(500).min(limit));
                     let b = *busy.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Some((since, what)) = b
+                    if let Some((since, what, limit)) = b
                         && since.elapsed() > limit
                     {
                         eprintln!(
@@ -74,6 +79,7 @@ impl MpiComm {
             size,
             sent: Cell::new(0),
             busy,
+            limit: watchdog.unwrap_or(Duration::MAX),
             _universe: universe,
         })
     }
@@ -87,7 +93,12 @@ impl MpiComm {
     }
 
     fn guarded<T>(&self, what: &'static str, f: impl FnOnce() -> T) -> T {
-        *self.busy.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), what));
+        let limit = if what == "barrier" {
+            self.limit.saturating_mul(10)
+        } else {
+            self.limit
+        };
+        *self.busy.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), what, limit));
         let r = f();
         *self.busy.lock().unwrap_or_else(|e| e.into_inner()) = None;
         r

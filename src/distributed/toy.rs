@@ -5,10 +5,11 @@
 
 use super::Comm;
 use super::shard::BatchSchedule;
-use super::zero::{GradAccumulator, MANIFEST_NAME, StepReport, Zero2};
+use super::zero::{GradAccumulator, StepReport, Zero2};
+pub use super::zero::{checkpoint_dir, latest_checkpoint};
 use crate::backend::AdamW;
-use anyhow::{Context, Result};
-use std::path::{Path, PathBuf};
+use anyhow::Result;
+use std::path::PathBuf;
 
 /// Least squares: example `i` has features `x_i` (trainable part, `n_params`) and `z_i` (frozen
 /// part, `n_frozen`), target `y_i`; loss `½(w·x_i + f·z_i − y_i)²`. Everything is a hash of
@@ -123,39 +124,13 @@ pub struct ToyResult {
     pub zero: Zero2,
 }
 
-/// The checkpoint directory of step `step` under `root`.
-pub fn checkpoint_dir(root: &Path, step: u64) -> PathBuf {
-    root.join(format!("step-{step:06}"))
-}
-
-/// The newest checkpoint under `root` that has its manifest (i.e. is complete).
-pub fn latest_checkpoint(root: &Path) -> Result<Option<PathBuf>> {
-    let mut best: Option<PathBuf> = None;
-    let rd = match std::fs::read_dir(root) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("cannot list {}", root.display())),
-    };
-    for e in rd {
-        let p = e?.path();
-        let is_step = p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("step-"));
-        if is_step && p.join(MANIFEST_NAME).exists() && best.as_ref().is_none_or(|b| p > *b) {
-            best = Some(p);
-        }
-    }
-    Ok(best)
-}
-
-/// Run (or resume) a toy training on this rank. `after_step(step, comm)` runs after every
+/// Run (or resume) a toy training on this rank. `after_step(step, comm, zero)` runs after every
 /// optimizer step and checkpoint (tests use it to fail a rank on purpose).
 pub fn train(
     comm: &dyn Comm,
     problem: &ToyProblem,
     run: &ToyRun,
-    after_step: &mut dyn FnMut(u64, &dyn Comm) -> Result<()>,
+    after_step: &mut dyn FnMut(u64, &dyn Comm, &Zero2) -> Result<()>,
 ) -> Result<ToyResult> {
     let (rank, world, p) = (comm.rank(), comm.world_size(), problem.n_params);
     let frozen = problem.frozen();
@@ -205,9 +180,12 @@ pub fn train(
         if let (Some(every), Some(root)) = (run.save_every, &run.ckpt_root)
             && (step + 1) % every == 0
         {
-            zero.save(comm, &checkpoint_dir(root, step + 1))?;
+            let state = serde_json::json!({ "step": step + 1, "losses": losses });
+            zero.save_checkpoint(comm, &checkpoint_dir(root, step + 1), |tmp| {
+                crate::util::write_atomic(&tmp.join("loop.json"), state.to_string().as_bytes())
+            })?;
         }
-        after_step(step + 1, comm)?;
+        after_step(step + 1, comm, &zero)?;
     }
     Ok(ToyResult {
         params,

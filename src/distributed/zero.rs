@@ -256,6 +256,7 @@ impl Zero2 {
             grads.len()
         );
         self.check_comm(comm)?;
+        ensure!(hp.step >= 1, "AdamW step is 1-based, got {}", hp.step);
         let sent0 = comm.bytes_sent();
         let range = self.shard_range();
         let valid = range.len();
@@ -284,7 +285,7 @@ impl Zero2 {
                 *g *= coef;
             }
         }
-        adamw_update(
+        crate::ops::adamw_step(
             &mut self.master[..valid],
             &mut self.m[..valid],
             &mut self.v[..valid],
@@ -410,7 +411,7 @@ impl Zero2 {
     /// Every rank writes its shard into `dir`; after a barrier rank 0 re-reads and verifies every
     /// shard and writes the manifest [`MANIFEST_NAME`] last; a final barrier. A crash at any
     /// point leaves either no manifest (the checkpoint is incomplete, and [`Zero2::load`] says
-    /// so) or a whole checkpoint.
+    /// so) or a whole checkpoint. See [`Zero2::save_checkpoint`] for a whole directory.
     pub fn save(&self, comm: &dyn Comm, dir: &Path) -> Result<()> {
         self.check_comm(comm)?;
         std::fs::create_dir_all(dir)
@@ -418,46 +419,93 @@ impl Zero2 {
         self.save_shard(dir)?;
         comm.barrier()?;
         if self.rank == 0 {
-            let w = self.layout.world;
-            let mut shards = Vec::with_capacity(w);
-            for r in 0..w {
-                let path = dir.join(shard_file_name(r, w));
-                let s = read_shard(&path)?;
-                ensure!(
-                    s.rank == r
-                        && s.world == w
-                        && s.n_params == self.layout.n_params
-                        && s.updates == self.updates,
-                    "{}: shard of rank {} of {} over {} parameters after {} updates, expected \
-                     rank {r} of {w} over {} after {}",
-                    path.display(),
-                    s.rank,
-                    s.world,
-                    s.n_params,
-                    s.updates,
-                    self.layout.n_params,
-                    self.updates
-                );
-                shards.push(ManifestShard {
-                    rank: r,
-                    file: shard_file_name(r, w),
-                    start: s.start,
-                    len: s.len,
-                    sha256: s.sha256,
-                });
-            }
-            let m = Manifest {
-                format: MANIFEST_FORMAT.into(),
-                version: SHARD_VERSION,
-                world_size: w,
-                n_params: self.layout.n_params,
-                updates: self.updates,
-                shards,
-            };
-            let json = serde_json::to_vec_pretty(&m)?;
-            crate::util::write_atomic(&dir.join(MANIFEST_NAME), &json)?;
+            self.write_manifest(dir)?;
         }
         comm.barrier()
+    }
+
+    /// A whole checkpoint directory `dir`, atomically: every rank writes its shard into the
+    /// sibling `<dir>.tmp`; after a barrier rank 0 verifies the shards, writes the manifest, calls
+    /// `extra(tmp)` for the loop's own files (weights, loop state), then renames `<dir>.tmp` to
+    /// `dir`; a final barrier. A crash at any point leaves `dir` absent or whole (an existing
+    /// `dir` of the same name is replaced only at the rename). `extra` runs on rank 0 only.
+    pub fn save_checkpoint(
+        &self,
+        comm: &dyn Comm,
+        dir: &Path,
+        extra: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<()> {
+        self.check_comm(comm)?;
+        let tmp = tmp_dir(dir);
+        if self.rank == 0 {
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp)
+                    .with_context(|| format!("cannot remove stale checkpoint {}", tmp.display()))?;
+            }
+            std::fs::create_dir_all(&tmp)
+                .with_context(|| format!("cannot create checkpoint directory {}", tmp.display()))?;
+        }
+        comm.barrier()?;
+        self.save_shard(&tmp)?;
+        comm.barrier()?;
+        if self.rank == 0 {
+            self.write_manifest(&tmp)?;
+            extra(&tmp)?;
+            if dir.exists() {
+                std::fs::remove_dir_all(dir)
+                    .with_context(|| format!("cannot replace {}", dir.display()))?;
+            }
+            std::fs::rename(&tmp, dir)
+                .with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
+            if let Some(parent) = dir.parent()
+                && let Ok(d) = std::fs::File::open(parent)
+            {
+                let _ = d.sync_all(); // make the rename durable where the platform allows
+            }
+        }
+        comm.barrier()
+    }
+
+    /// Rank 0's part of a save: re-read and verify every shard in `dir`, then write the manifest.
+    fn write_manifest(&self, dir: &Path) -> Result<()> {
+        let w = self.layout.world;
+        let mut shards = Vec::with_capacity(w);
+        for r in 0..w {
+            let path = dir.join(shard_file_name(r, w));
+            let s = read_shard(&path)?;
+            ensure!(
+                s.rank == r
+                    && s.world == w
+                    && s.n_params == self.layout.n_params
+                    && s.updates == self.updates,
+                "{}: shard of rank {} of {} over {} parameters after {} updates, expected \
+                 rank {r} of {w} over {} after {}",
+                path.display(),
+                s.rank,
+                s.world,
+                s.n_params,
+                s.updates,
+                self.layout.n_params,
+                self.updates
+            );
+            shards.push(ManifestShard {
+                rank: r,
+                file: shard_file_name(r, w),
+                start: s.start,
+                len: s.len,
+                sha256: s.sha256,
+            });
+        }
+        let m = Manifest {
+            format: MANIFEST_FORMAT.into(),
+            version: SHARD_VERSION,
+            world_size: w,
+            n_params: self.layout.n_params,
+            updates: self.updates,
+            shards,
+        };
+        let json = serde_json::to_vec_pretty(&m)?;
+        crate::util::write_atomic(&dir.join(MANIFEST_NAME), &json)
     }
 
     /// The state of rank `comm_rank` of `world` from the checkpoint in `dir`, saved at any world
@@ -546,6 +594,46 @@ impl Zero2 {
         z.updates = m.updates;
         Ok(z)
     }
+}
+
+/// The temporary sibling `<dir>.tmp` a checkpoint is written into before its rename.
+pub fn tmp_dir(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_owned();
+    name.push(".tmp");
+    dir.with_file_name(name)
+}
+
+/// The checkpoint directory of optimizer step `step` under `root`: `root/step-NNNNNN`.
+pub fn checkpoint_dir(root: &Path, step: u64) -> PathBuf {
+    root.join(format!("step-{step:06}"))
+}
+
+/// The newest complete checkpoint under `root`: the highest `step-N` directory (no `.tmp`
+/// suffix) that has its manifest. `None` when there is none (or `root` does not exist).
+pub fn latest_checkpoint(root: &Path) -> Result<Option<PathBuf>> {
+    let rd = match std::fs::read_dir(root) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot list {}", root.display())),
+    };
+    let mut best: Option<(u64, PathBuf)> = None;
+    for e in rd {
+        let p = e
+            .with_context(|| format!("cannot list {}", root.display()))?
+            .path();
+        let step = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("step-"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(step) = step
+            && p.join(MANIFEST_NAME).exists()
+            && best.as_ref().is_none_or(|b| step > b.0)
+        {
+            best = Some((step, p));
+        }
+    }
+    Ok(best.map(|b| b.1))
 }
 
 struct ShardFile {
@@ -702,31 +790,4 @@ pub fn global_sum_squares(
         eval(lo, lo + h, v) + eval(lo + h, hi, v)
     }
     Ok(eval(0, p, &values))
-}
-
-/// One AdamW step in place, with `torch.optim.AdamW`'s single-tensor arithmetic (scalars in f64
-/// as Python computes them, rounded to f32 where torch hands them to the kernel).
-fn adamw_update(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], hp: AdamW) {
-    let (lr, b1, b2) = (hp.lr as f64, hp.beta1 as f64, hp.beta2 as f64);
-    let step = hp.step.max(1) as f64;
-    let decay = (1.0 - lr * hp.weight_decay as f64) as f32;
-    let w1 = (1.0 - b1) as f32;
-    let (b2f, w2) = (b2 as f32, (1.0 - b2) as f32);
-    let bc1 = 1.0 - b1.powf(step);
-    let bc2 = 1.0 - b2.powf(step);
-    let neg_step = (-(lr / bc1)) as f32;
-    let bc2_sqrt = bc2.sqrt() as f32;
-    for i in 0..p.len() {
-        let gi = g[i];
-        p[i] *= decay;
-        // torch.lerp: weight < 0.5 ? self + w·(end − self) : end − (end − self)·(1 − w)
-        m[i] = if w1 < 0.5 {
-            m[i] + w1 * (gi - m[i])
-        } else {
-            gi - (gi - m[i]) * (1.0 - w1)
-        };
-        v[i] = v[i] * b2f + w2 * gi * gi;
-        let denom = v[i].sqrt() / bc2_sqrt + hp.eps;
-        p[i] += neg_step * m[i] / denom;
-    }
 }
