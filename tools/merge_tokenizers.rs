@@ -1,5 +1,49 @@
-//! Thin main; the logic lives in the library. (not yet implemented)
+//! `merge-tokenizers`: the Chinese-LLaMA vocabulary merge (RECIPE.md §1), mirroring the original
+//! `merge_tokenizers.py` interface. Thin main; the work is `zhllama::vocab::merge_tokenizers`.
+
+use clap::Parser;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "merge-tokenizers",
+    about = "Append a Chinese SentencePiece vocab to the LLaMA one"
+)]
+struct Args {
+    /// Directory holding the LLaMA `tokenizer.model` (or the file itself).
+    #[arg(long)]
+    llama_tokenizer_dir: PathBuf,
+    /// The Chinese SentencePiece model (e.g. chinese_sp.model).
+    #[arg(long)]
+    chinese_sp_model_file: PathBuf,
+    /// Output directory: tokenizer.model + HF files; written whole or not at all.
+    #[arg(long, default_value = "merged_tokenizer")]
+    output_dir: PathBuf,
+    /// Append a `[PAD]` piece (the Chinese-Alpaca tokenizer, 49954 pieces).
+    #[arg(long)]
+    add_pad: bool,
+}
+
 fn main() {
-    eprintln!("error: not yet implemented");
-    std::process::exit(1);
+    let a = Args::parse();
+    match zhllama::vocab::merge_tokenizers(
+        &a.llama_tokenizer_dir,
+        &a.chinese_sp_model_file,
+        &a.output_dir,
+        a.add_pad,
+    ) {
+        Ok(st) => {
+            println!(
+                "appended {} pieces, skipped {} already present; final size {} -> {}",
+                st.appended,
+                st.skipped,
+                st.total,
+                a.output_dir.display()
+            );
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
 }
