@@ -219,7 +219,15 @@ fn blocks_of(t: Tokens<'_>) -> Vec<u32> {
     t.to_vec()
 }
 
-fn check_pretrain(py: &str, tok: &Path, files: &[PathBuf], block: usize, work: &Path) {
+/// `real`: encode with this tokenizer instead of the oracle's recorded chunks.
+fn check_pretrain(
+    py: &str,
+    tok: &Path,
+    real: Option<&dyn Encoder>,
+    files: &[PathBuf],
+    block: usize,
+    work: &Path,
+) {
     let mut args = vec![
         "--tokenizer".to_string(),
         tok.display().to_string(),
@@ -231,7 +239,8 @@ fn check_pretrain(py: &str, tok: &Path, files: &[PathBuf], block: usize, work: &
     let mut inputs = files.to_vec();
     inputs.push(tok.to_path_buf());
     let dir = oracle(py, &args, &inputs);
-    let enc = Recorded::load(&dir);
+    let recorded = Recorded::load(&dir);
+    let enc: &dyn Encoder = real.unwrap_or(&recorded);
     let want: Value =
         serde_json::from_slice(&std::fs::read(dir.join("pretrain.json")).unwrap()).unwrap();
     let mut full = Vec::new();
@@ -259,8 +268,8 @@ fn check_pretrain(py: &str, tok: &Path, files: &[PathBuf], block: usize, work: &
         validation_fraction: 0.0,
         ..Default::default()
     };
-    let m = pretrain::build_pretrain(&enc, files, &out, &cfg).unwrap();
-    enc.assert_complete();
+    let m = pretrain::build_pretrain(enc, files, &out, &cfg).unwrap();
+    recorded.assert_complete();
     let sh = PretrainShards::open(&out).unwrap();
     assert_eq!(m.lines, lines, "line count");
     assert_eq!(sh.train.len(), full.len(), "block count");
@@ -281,7 +290,7 @@ fn check_pretrain(py: &str, tok: &Path, files: &[PathBuf], block: usize, work: &
         seed: 7,
         ..cfg
     };
-    pretrain::build_pretrain(&enc, files, &out, &cfg).unwrap();
+    pretrain::build_pretrain(enc, files, &out, &cfg).unwrap();
     let sh = PretrainShards::open(&out).unwrap();
     let n_val = (0.01 * full.len() as f64).ceil() as usize;
     assert_eq!(sh.validation.len(), n_val);
@@ -312,9 +321,9 @@ fn pretrain_blocks_equal_the_oracle() {
         data.join("zh_corpus/cmrc2019_stories_filled.txt"),
         edge.clone(),
     ];
-    check_pretrain(&py, &tok, &corpus, 512, work.path());
+    check_pretrain(&py, &tok, None, &corpus, 512, work.path());
     // Small blocks so the edge lines land in full blocks and are compared id for id.
-    check_pretrain(&py, &tok, &[edge], 8, work.path());
+    check_pretrain(&py, &tok, None, &[edge], 8, work.path());
 }
 
 #[test]
@@ -323,29 +332,36 @@ fn sft_examples_and_batches_equal_the_oracle() {
         return;
     };
     let tok = data.join("tokenizers/llama_tokenizer.model");
-    let work = tempfile::tempdir().unwrap();
-    let edge = stable_input("edge.jsonl", edge_sft().as_bytes());
-    let files = vec![
+    check_sft(&py, &tok, None, &sft_files(&data));
+}
+
+fn sft_files(data: &Path) -> Vec<PathBuf> {
+    vec![
         data.join("alpaca_zh/llamafactory_alpaca_zh_demo.json"),
         data.join("alpaca_en/alpaca_data_en_sample.json"),
-        edge,
-    ];
+        stable_input("edge.jsonl", edge_sft().as_bytes()),
+    ]
+}
+
+fn check_sft(py: &str, tok: &Path, real: Option<&dyn Encoder>, files: &[PathBuf]) {
+    let work = tempfile::tempdir().unwrap();
     let mut args = vec![
         "--tokenizer".to_string(),
         tok.display().to_string(),
         "--sft".into(),
     ];
     args.extend(files.iter().map(|f| f.display().to_string()));
-    let mut inputs = files.clone();
-    inputs.push(tok.clone());
-    let dir = oracle(&py, &args, &inputs);
-    let enc = Recorded::load(&dir);
+    let mut inputs = files.to_vec();
+    inputs.push(tok.to_path_buf());
+    let dir = oracle(py, &args, &inputs);
+    let recorded = Recorded::load(&dir);
+    let enc: &dyn Encoder = real.unwrap_or(&recorded);
     let want: Value =
         serde_json::from_slice(&std::fs::read(dir.join("sft.json")).unwrap()).unwrap();
 
     let out = work.path().join("sft");
-    let m = sft::build_sft(&enc, &files, &out, &SftConfig::default()).unwrap();
-    enc.assert_complete();
+    let m = sft::build_sft(enc, files, &out, &SftConfig::default()).unwrap();
+    recorded.assert_complete();
     assert_eq!(m.pad_id as u64, want["pad_id"].as_u64().unwrap());
     assert_eq!(m.vocab_size as u64, want["vocab_size"].as_u64().unwrap());
     let sh = SftShards::open(&out).unwrap();
@@ -386,4 +402,35 @@ fn sft_examples_and_batches_equal_the_oracle() {
             "batch at {start}: attention_mask"
         );
     }
+}
+
+/// The same checks end to end with our own tokenizer: the Chinese-LLaMA tokenizer merged by
+/// `vocab::merge_tokenizers` from the shared LLaMA and Chinese models (49953 pieces).
+#[test]
+fn merged_tokenizer_pipeline_equals_the_oracle() {
+    let (Some(data), Some(py)) = (shared(), python()) else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let merged = work.path().join("merged");
+    zhllama::vocab::merge_tokenizers(
+        &data.join("tokenizers/llama_tokenizer.model"),
+        &data.join("tokenizers/chinese_sp.model"),
+        &merged,
+        false,
+    )
+    .unwrap();
+    let model = stable_input(
+        "chinese_llama.model",
+        &std::fs::read(merged.join("tokenizer.model")).unwrap(),
+    );
+    let enc = zhllama::data::TokenizerEncoder::load(&model).unwrap();
+    assert_eq!(enc.vocab_size(), 49953);
+    let corpus = vec![
+        data.join("zh_corpus/cmrc2018_wiki_contexts.txt"),
+        data.join("zh_corpus/cmrc2019_stories_filled.txt"),
+        stable_input("edge.txt", EDGE_TEXT),
+    ];
+    check_pretrain(&py, &model, Some(&enc), &corpus, 512, work.path());
+    check_sft(&py, &model, Some(&enc), &sft_files(&data));
 }
