@@ -66,8 +66,18 @@ fn run(a: Args) -> Result<()> {
     };
     let flags = [
         ("alpaca", SourceKind::Alpaca, a.alpaca, a.alpaca_count),
-        ("alpaca_zh", SourceKind::Alpaca, a.alpaca_zh, a.alpaca_zh_count),
-        ("self_instruct", SourceKind::Alpaca, a.self_instruct, a.self_instruct_count),
+        (
+            "alpaca_zh",
+            SourceKind::Alpaca,
+            a.alpaca_zh,
+            a.alpaca_zh_count,
+        ),
+        (
+            "self_instruct",
+            SourceKind::Alpaca,
+            a.self_instruct,
+            a.self_instruct_count,
+        ),
         ("pclue", SourceKind::Pclue, a.pclue, a.pclue_count),
         (
             "translation2019zh",
@@ -130,7 +140,10 @@ fn run(a: Args) -> Result<()> {
             s.kept,
             s.dropped,
             if s.short_of_target > 0 {
-                format!(" — WARNING: {} short of the target {:?}", s.short_of_target, s.target)
+                format!(
+                    " — WARNING: {} short of the target {:?}",
+                    s.short_of_target, s.target
+                )
             } else {
                 String::new()
             }
