@@ -385,13 +385,8 @@ fn check_sft(py: &str, tok: &Path, real: Option<&dyn Encoder>, files: &[PathBuf]
         let start = b["start"].as_u64().unwrap() as usize;
         let idx: Vec<usize> = (start..(start + bs).min(sh.len())).collect();
         let got = sh.batch(&idx);
-        let flat = |k: &str| -> Vec<i64> {
-            b[k].as_array()
-                .unwrap()
-                .iter()
-                .flat_map(|r| i64s_of(r))
-                .collect()
-        };
+        let flat =
+            |k: &str| -> Vec<i64> { b[k].as_array().unwrap().iter().flat_map(i64s_of).collect() };
         let ids: Vec<i64> = got.input_ids.iter().map(|&t| t as i64).collect();
         assert_eq!(ids, flat("input_ids"), "batch at {start}: input_ids");
         assert_eq!(got.labels, flat("labels"), "batch at {start}: labels");

@@ -3,4 +3,9 @@
 # It installs what the tests need, then runs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# data (issue 4): the pinned Python oracle for the data parity tests, in its own venv so other
+# pins cannot clash; without it (offline) those tests skip with a message.
+if [ ! -x .venv/data-oracle/bin/python ]; then python3 -m venv .venv/data-oracle || true; fi
+.venv/data-oracle/bin/pip install -q -r tools/oracle/data_requirements.txt \
+  || echo "warning: data oracle packages not installed; the data parity tests will skip"
 cargo test --release --all-targets

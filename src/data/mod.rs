@@ -180,12 +180,11 @@ impl<'a, E: Encoder + ?Sized> HfText<'a, E> {
         loop {
             let mut best: Option<(usize, &Special)> = None;
             for s in &self.specials {
-                if let Some(p) = rest.find(s.text.as_str()) {
-                    if best
+                if let Some(p) = rest.find(s.text.as_str())
+                    && best
                         .is_none_or(|(bp, bs)| p < bp || (p == bp && s.text.len() > bs.text.len()))
-                    {
-                        best = Some((p, s));
-                    }
+                {
+                    best = Some((p, s));
                 }
             }
             match best {
@@ -206,10 +205,10 @@ impl<'a, E: Encoder + ?Sized> HfText<'a, E> {
                 if let Some(Piece::Text(t)) = pieces.get_mut(i + 1) {
                     *t = t.trim_start_matches(py_isspace);
                 }
-                if i > 0 {
-                    if let Piece::Text(t) = &mut pieces[i - 1] {
-                        *t = t.trim_end_matches(py_isspace);
-                    }
+                if i > 0
+                    && let Piece::Text(t) = &mut pieces[i - 1]
+                {
+                    *t = t.trim_end_matches(py_isspace);
                 }
             }
         }
