@@ -128,14 +128,18 @@ fn pretrain_bad_input() {
     assert_eq!(m["empty_files_skipped"], 1);
     std::fs::remove_dir_all(&out).unwrap();
 
-    // Wrong tokenizer: a JSON file, and a unigram model our BPE encoder cannot run.
+    // Wrong tokenizer: a JSON file, a truncated model, a directory without tokenizer.model.
     let bad_tok = data.join("pclue/pCLUE_train_9.json");
     let mut a = args(&[]);
     a[3] = s(&bad_tok).to_string();
     assert_one_line_error(&zhllama(&to_refs(&a)), &["pCLUE_train_9.json"], &out);
-    let uni = data.join("tokenizers/chinese_sp.model");
-    a[3] = s(&uni).to_string();
-    assert_one_line_error(&zhllama(&to_refs(&a)), &["chinese_sp.model"], &out);
+    let cut = d.path().join("cut.model");
+    let model = std::fs::read(data.join("tokenizers/llama_tokenizer.model")).unwrap();
+    std::fs::write(&cut, &model[..model.len() / 2]).unwrap();
+    a[3] = s(&cut).to_string();
+    assert_one_line_error(&zhllama(&to_refs(&a)), &["cut.model"], &out);
+    a[3] = s(&inp).to_string();
+    assert_one_line_error(&zhllama(&to_refs(&a)), &["tokenizer.model"], &out);
 
     // A corpus too small for one block is an error, not an empty output.
     std::fs::remove_file(inp.join("b.txt")).unwrap();

@@ -1,7 +1,8 @@
 //! Full-corpus parity with python sentencepiece: every line of every text/JSON file under
-//! `../shared/data`, encoded with the LLaMA model and both merged models, must give exactly the
-//! ids `tools/oracle/encode_reference.py` (python sentencepiece) gives — on 100% of lines — and
-//! decode back to the line. Skips with a message when the data or `sentencepiece` is absent
+//! `../shared/data`, encoded with the LLaMA model, both merged models and the Chinese unigram
+//! model (nmt_nfkc), must give exactly the ids `tools/oracle/encode_reference.py` (python
+//! sentencepiece) gives — on 100% of lines — and python's ids must decode to the text python
+//! decodes them to. Skips with a message when the data or `sentencepiece` is absent
 //! (`tools/test.sh` installs it).
 
 use std::path::{Path, PathBuf};
@@ -58,7 +59,10 @@ fn corpus_parity_with_python_sentencepiece() {
     let tk = data.join("tokenizers");
     let llama_bytes = std::fs::read(tk.join("llama_tokenizer.model")).unwrap();
     let zh = ModelProto::parse(&std::fs::read(tk.join("chinese_sp.model")).unwrap()).unwrap();
-    let mut models = vec![("llama", tk.join("llama_tokenizer.model"))];
+    let mut models = vec![
+        ("llama", tk.join("llama_tokenizer.model")),
+        ("chinese_sp", tk.join("chinese_sp.model")),
+    ];
     for (name, pad) in [("merged49953", false), ("merged49954", true)] {
         let mut m = ModelProto::parse(&llama_bytes).unwrap();
         merge_models(&mut m, &zh, pad);

@@ -1,4 +1,4 @@
-//! Encoding/decoding parity with python sentencepiece on the committed reference cases
+//! Encoding/decoding parity with python sentencepiece on the reference cases
 //! (`reference_encodings.json`, made by python sentencepiece 0.2.3).
 
 use serde_json::Value;
@@ -89,6 +89,9 @@ fn reference_cases_llama_and_merged() {
         "merged 49954",
     );
     assert_eq!(alpaca.pad_id(), Some(49953));
+    // The Chinese model: unigram, nmt_nfkc character map, no byte fallback.
+    let zh = Tokenizer::load(&d.join("chinese_sp.model")).unwrap();
+    check(&zh, &models["chinese_sp.model"], "chinese_sp");
     assert_eq!(llama.pad_id(), None);
 }
 

@@ -87,6 +87,20 @@ fn model_facts_match_provenance() {
     assert_eq!(count(PieceType::Control), 2);
     assert_eq!(count(PieceType::Unknown), 1);
     assert_eq!(llama.pieces[3].piece, "<0x00>");
+    // Spec fields as python protobuf prints them for this file (field numbers of
+    // sentencepiece_model.proto): byte_fallback, pad_id -1, unk_surface, vocab_size, normalizer.
+    use zhllama::vocab::proto::trainer;
+    let ts = llama.trainer_spec();
+    assert_eq!(ts.get_bool(trainer::BYTE_FALLBACK), Some(true));
+    assert_eq!(ts.get_i32(trainer::PAD_ID), Some(-1));
+    assert_eq!(ts.get_i32(trainer::VOCAB_SIZE), Some(32000));
+    assert_eq!(ts.get_str(44), Some(" \u{2047} "));
+    assert_eq!(ts.get_i32(trainer::MAX_SENTENCEPIECE_LENGTH), Some(16));
+    assert_eq!(ns.get_bool(normalizer::ADD_DUMMY_PREFIX), Some(true));
+    assert_eq!(
+        ns.get_bool(normalizer::REMOVE_EXTRA_WHITESPACES),
+        Some(false)
+    );
     let (_, zh) = load(&d, "chinese_sp.model");
     assert_eq!(zh.model_type().unwrap(), ModelType::Unigram);
     assert_eq!(

@@ -3,6 +3,8 @@
 # It installs what the tests need, then runs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# vocab: python sentencepiece is the reference for the tokenizer parity tests (tests/vocab_*.rs).
+python3 -m pip install -q sentencepiece==0.2.3
 # data (issue 4): the pinned Python oracle for the data parity tests, in its own venv so other
 # pins cannot clash; without it (offline) those tests skip with a message.
 if [ ! -x .venv/data-oracle/bin/python ]; then python3 -m venv .venv/data-oracle || true; fi

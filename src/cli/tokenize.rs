@@ -2,6 +2,21 @@
 
 use anyhow::{Context, Result};
 use std::io::Write;
+
+/// Decimal digits of `v` appended to `out` (no `fmt` machinery: this runs once per token).
+fn push_u32(out: &mut Vec<u8>, mut v: u32) {
+    let mut buf = [0u8; 10];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
+}
 use std::path::PathBuf;
 use zhllama::vocab::Tokenizer;
 
@@ -42,7 +57,7 @@ pub fn run(args: Args) -> Result<()> {
             if i > 0 {
                 out.push(b',');
             }
-            write!(out, "{id}")?;
+            push_u32(&mut out, *id);
         }
         out.extend_from_slice(b"]\n");
     }

@@ -1,5 +1,6 @@
-//! [`Tokenizer`]: text ↔ ids with exactly python `sentencepiece`'s results for BPE models
-//! (LLaMA and the merged Chinese-LLaMA/Alpaca vocabularies).
+//! [`Tokenizer`]: text ↔ ids with exactly python `sentencepiece`'s results, for BPE models (LLaMA
+//! and the merged Chinese-LLaMA/Alpaca vocabularies) and unigram models (the released
+//! `chinese_sp.model`, with its `nmt_nfkc` character map).
 //!
 //! Why our own encoder: HF `tokenizers` BPE applies merges by rank, which cannot express
 //! sentencepiece's rule once thousands of appended pieces share score 0 (RECIPE.md §1). Here the
@@ -8,14 +9,15 @@
 //! symbols, with stale queue entries skipped on pop.
 //!
 //! The pipeline for one text:
-//! 1. normalize: (identity character map) optional removal of extra spaces, a `▁` dummy prefix,
-//!    every ' ' → `▁` (U+2581);
-//! 2. split into characters, except that user-defined pieces are matched whole (longest first) and
-//!    never merged further;
-//! 3. BPE merges as above; pieces of type UNUSED that got formed are split back (resegmented);
-//! 4. symbols that are not pieces become `<0xXX>` byte pieces of their UTF-8 bytes when the model
+//! 1. normalize: the character map if any (longest rule first), optional removal of extra
+//!    spaces, a `▁` dummy prefix, every ' ' → `▁` (U+2581);
+//! 2. BPE: split into characters, except that user-defined pieces are matched whole (longest
+//!    first) and never merged further; merge as above; pieces of type UNUSED that got formed are
+//!    split back (resegmented). Unigram: Viterbi over all matching pieces (see `encode_unigram`);
+//! 3. symbols that are not pieces become `<0xXX>` byte pieces of their UTF-8 bytes when the model
 //!    has byte fallback, else `<unk>` (a run of unknown symbols gives one `<unk>`).
 
+use super::charsmap::CharsMap;
 use super::proto::{ModelProto, ModelType, PieceType, normalizer, trainer};
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
@@ -58,6 +60,16 @@ impl Hasher for PieceHasher {
     }
 
     #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.write_u64(u64::from(i));
+    }
+
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+
+    #[inline]
     fn write_usize(&mut self, i: usize) {
         self.0 = (self.0.rotate_left(5) ^ i as u64).wrapping_mul(0x517c_c1b7_2722_0a95);
     }
@@ -68,7 +80,107 @@ impl Hasher for PieceHasher {
     }
 }
 
-type PieceMap = HashMap<Box<[u8]>, u32, BuildHasherDefault<PieceHasher>>;
+/// All piece strings in one buffer, plus two open-addressing indexes (string → id): `normal`
+/// (NORMAL, USER_DEFINED, UNUSED: what merges may form, sentencepiece's `pieces_`) and
+/// `reserved` (CONTROL, UNKNOWN, BYTE: sentencepiece's `reserved_id_map_`). One allocation per
+/// table instead of one per piece keeps loading a 50K-piece model cheap.
+struct PieceTable {
+    arena: Vec<u8>,
+    offs: Vec<u32>,
+    normal: Vec<u32>,
+    reserved: Vec<u32>,
+    shift: u32,
+}
+
+impl PieceTable {
+    fn new(pieces: &[super::proto::Piece]) -> Self {
+        let mut arena = Vec::with_capacity(pieces.iter().map(|p| p.piece.len()).sum());
+        let mut offs = Vec::with_capacity(pieces.len() + 1);
+        offs.push(0);
+        for p in pieces {
+            arena.extend_from_slice(p.piece.as_bytes());
+            offs.push(arena.len() as u32);
+        }
+        let slots = (pieces.len() * 2).next_power_of_two().max(16);
+        PieceTable {
+            arena,
+            offs,
+            normal: vec![NONE; slots],
+            reserved: vec![NONE; slots],
+            shift: 64 - slots.trailing_zeros(),
+        }
+    }
+
+    #[inline]
+    fn bytes(&self, id: u32) -> &[u8] {
+        &self.arena[self.offs[id as usize] as usize..self.offs[id as usize + 1] as usize]
+    }
+
+    #[inline]
+    fn str(&self, id: u32) -> &str {
+        // Built from `String`s, cut at their boundaries.
+        std::str::from_utf8(self.bytes(id)).unwrap()
+    }
+
+    #[inline]
+    fn slot(&self, k: &[u8]) -> usize {
+        let mut h = PieceHasher::default();
+        h.write(k);
+        // A final mix so the top bits (the slot) depend on every input bit.
+        let h = h.finish();
+        ((h ^ (h >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.shift) as usize
+    }
+
+    #[inline]
+    fn find(&self, slots: &[u32], k: &[u8]) -> Option<u32> {
+        let mask = slots.len() - 1;
+        let mut i = self.slot(k);
+        loop {
+            let id = slots[i];
+            if id == NONE {
+                return None;
+            }
+            if self.bytes(id) == k {
+                return Some(id);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    #[inline]
+    fn normal(&self, k: &[u8]) -> Option<u32> {
+        self.find(&self.normal, k)
+    }
+
+    #[inline]
+    fn reserved(&self, k: &[u8]) -> Option<u32> {
+        self.find(&self.reserved, k)
+    }
+
+    /// Index piece `id` in the normal or reserved table; false if its string is already there.
+    fn insert(&mut self, id: u32, normal: bool) -> bool {
+        let k_range = self.offs[id as usize] as usize..self.offs[id as usize + 1] as usize;
+        let mut i = self.slot(&self.arena[k_range.clone()]);
+        let slots = if normal { &self.normal } else { &self.reserved };
+        let mask = slots.len() - 1;
+        loop {
+            let other = slots[i];
+            if other == NONE {
+                break;
+            }
+            if self.bytes(other) == &self.arena[k_range.clone()] {
+                return false;
+            }
+            i = (i + 1) & mask;
+        }
+        if normal {
+            self.normal[i] = id;
+        } else {
+            self.reserved[i] = id;
+        }
+        true
+    }
+}
 
 /// A loaded SentencePiece model that encodes and decodes like python `sentencepiece`.
 ///
@@ -78,13 +190,29 @@ type PieceMap = HashMap<Box<[u8]>, u32, BuildHasherDefault<PieceHasher>>;
 pub struct Tokenizer {
     model: ModelProto,
     kind: ModelType,
-    pieces: Vec<String>,
+    table: PieceTable,
     scores: Vec<f32>,
     types: Vec<PieceType>,
-    /// NORMAL, USER_DEFINED and UNUSED pieces: the ones merges may form (sentencepiece `pieces_`).
-    normal: PieceMap,
-    /// CONTROL, UNKNOWN and BYTE pieces (sentencepiece `reserved_id_map_`).
-    reserved: PieceMap,
+    /// (left piece id, right piece id) → id of the piece spelled left+right, for every way of
+    /// cutting a piece of `normal` into two pieces of `normal`. Symbols are almost always pieces,
+    /// so this integer lookup replaces hashing the concatenated string (which stays the fallback
+    /// for symbols that are not pieces).
+    pair_table: HashMap<u64, u32, BuildHasherDefault<PieceHasher>>,
+    /// Piece id of each single character that is a `normal` piece: BMP chars by table, others
+    /// by map. `NONE` when not a piece.
+    char_ids: Vec<u32>,
+    /// Some normal piece's string is also a reserved piece (which then wins, as in
+    /// sentencepiece's `PieceToId`), so symbol ids must be looked up again on output.
+    shadowed: bool,
+    char_ids_astral: HashMap<u32, u32, BuildHasherDefault<PieceHasher>>,
+    /// The normalizer's precompiled character map (e.g. `nmt_nfkc`); `None` for identity.
+    charsmap: Option<CharsMap>,
+    /// Unigram: score of an unknown character (lowest normal score − 10, as sentencepiece).
+    unk_score: f32,
+    /// Unigram: highest normal score (user-defined pieces get a bonus from it).
+    max_score: f32,
+    /// Longest piece of the `normal` table in bytes (bounds the unigram lattice).
+    max_piece_bytes: usize,
     /// User-defined pieces grouped by first byte, longest first.
     user_defined: Vec<Vec<Box<[u8]>>>,
     byte_ids: [u32; 256],
@@ -127,51 +255,48 @@ impl Tokenizer {
         Self::from_model(model).with_context(|| format!("{}", file.display()))
     }
 
-    /// Build from a parsed model. Supports BPE models (identity normalizer).
+    /// Build from a parsed model (BPE or unigram).
     pub fn from_model(model: ModelProto) -> Result<Self> {
         let kind = model.model_type()?;
-        if kind != ModelType::Bpe {
-            bail!("model type {kind:?} is not supported for encoding (BPE only)");
+        if !matches!(kind, ModelType::Bpe | ModelType::Unigram) {
+            bail!("model type {kind:?} is not supported for encoding (BPE and unigram are)");
         }
         let ts = model.trainer_spec();
         let ns = model.normalizer_spec();
-        if let Some(map) = ns.get_bytes(normalizer::PRECOMPILED_CHARSMAP)
-            && !map.is_empty()
-        {
-            let name = ns.get_str(normalizer::NAME).unwrap_or("?");
-            bail!("normalizer {name:?} (a precompiled character map) is not supported");
-        }
+        let charsmap = match ns.get_bytes(normalizer::PRECOMPILED_CHARSMAP) {
+            Some(map) if !map.is_empty() => Some(CharsMap::parse(map)?),
+            _ => None,
+        };
         let n = model.pieces.len();
         if n > u32::MAX as usize / 2 {
             bail!("too many pieces ({n})");
         }
-        let mut normal = PieceMap::default();
-        let mut reserved = PieceMap::default();
+        let mut table = PieceTable::new(&model.pieces);
         let mut user_defined: Vec<Vec<Box<[u8]>>> = vec![Vec::new(); 256];
         let mut byte_ids = [u32::MAX; 256];
         let mut unk_id = None;
         let mut has_unused = false;
-        let (mut pieces, mut scores, mut types) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
+        let (mut scores, mut types) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut min_score, mut max_score) = (f32::MAX, f32::MIN_POSITIVE);
+        let mut max_piece_bytes = 1;
         for (i, p) in model.pieces.iter().enumerate() {
             let t = p.piece_type();
             let id = i as u32;
             if p.piece.is_empty() {
                 bail!("piece {i} is empty");
             }
-            let key: Box<[u8]> = p.piece.as_bytes().into();
-            let map = match t {
-                PieceType::Normal | PieceType::UserDefined | PieceType::Unused => &mut normal,
-                _ => &mut reserved,
-            };
-            if map.insert(key.clone(), id).is_some() {
+            let is_normal = matches!(
+                t,
+                PieceType::Normal | PieceType::UserDefined | PieceType::Unused
+            );
+            if !table.insert(id, is_normal) {
                 bail!("piece {i} {:?} is defined twice", p.piece);
             }
             match t {
-                PieceType::UserDefined => user_defined[key[0] as usize].push(key),
+                PieceType::UserDefined => {
+                    let key: Box<[u8]> = p.piece.as_bytes().into();
+                    user_defined[key[0] as usize].push(key)
+                }
                 PieceType::Unknown if unk_id.is_some() => bail!("more than one UNKNOWN piece"),
                 PieceType::Unknown => unk_id = Some(id),
                 PieceType::Unused => has_unused = true,
@@ -183,7 +308,13 @@ impl Tokenizer {
                 }
                 _ => {}
             }
-            pieces.push(p.piece.clone());
+            if t == PieceType::Normal {
+                min_score = min_score.min(p.score());
+                max_score = max_score.max(p.score());
+            }
+            if is_normal {
+                max_piece_bytes = max_piece_bytes.max(p.piece.len());
+            }
             scores.push(p.score());
             types.push(t);
         }
@@ -199,21 +330,51 @@ impl Tokenizer {
         }
         let piece_id = |field: u32, default: &str| -> Option<u32> {
             let s = ts.get_str(field).unwrap_or(default);
-            reserved.get(s.as_bytes()).copied()
+            table.reserved(s.as_bytes())
         };
         let control = |id: Option<u32>| id.filter(|&i| types[i as usize] == PieceType::Control);
         let bos_id = control(piece_id(trainer::BOS_PIECE, "<s>"));
         let eos_id = control(piece_id(trainer::EOS_PIECE, "</s>"));
-        let pad_id = control(piece_id(trainer::PAD_PIECE, "<pad>"))
-            .or_else(|| normal.get(b"[PAD]".as_slice()).copied());
+        let pad_id =
+            control(piece_id(trainer::PAD_PIECE, "<pad>")).or_else(|| table.normal(b"[PAD]"));
         let unk_surface = ts.get_str(UNK_SURFACE).unwrap_or(" \u{2047} ").to_string();
+        let mut pair_table = HashMap::with_capacity_and_hasher(2 * n, Default::default());
+        let mut char_ids = vec![NONE; 0x10000];
+        let mut char_ids_astral = HashMap::default();
+        let mut shadowed = false;
+        for (id, &t) in types.iter().enumerate() {
+            if !matches!(
+                t,
+                PieceType::Normal | PieceType::UserDefined | PieceType::Unused
+            ) {
+                continue;
+            }
+            let id = id as u32;
+            let s = table.str(id);
+            let k = s.as_bytes();
+            shadowed |= table.reserved(k).is_some();
+            let mut cuts = s.char_indices().skip(1).peekable();
+            if cuts.peek().is_none() {
+                let c = s.chars().next().unwrap() as u32;
+                if c < 0x10000 {
+                    char_ids[c as usize] = id;
+                } else {
+                    char_ids_astral.insert(c, id);
+                }
+            }
+            for (at, _) in cuts {
+                if let Some(a) = table.normal(&k[..at])
+                    && let Some(b) = table.normal(&k[at..])
+                {
+                    pair_table.insert(pair_key(a, b), id);
+                }
+            }
+        }
         Ok(Tokenizer {
             kind,
-            pieces,
+            table,
             scores,
             types,
-            normal,
-            reserved,
             user_defined,
             byte_ids,
             has_unused,
@@ -231,6 +392,14 @@ impl Tokenizer {
                 .get_bool(trainer::TREAT_WHITESPACE_AS_SUFFIX)
                 .unwrap_or(false),
             unk_surface,
+            pair_table,
+            shadowed,
+            charsmap,
+            unk_score: min_score - 10.0,
+            max_score,
+            max_piece_bytes,
+            char_ids,
+            char_ids_astral,
             model,
         })
     }
@@ -240,13 +409,13 @@ impl Tokenizer {
         &self.model
     }
 
-    /// The model type (BPE for every model this encoder accepts).
+    /// The model type (BPE or unigram).
     pub fn model_type(&self) -> ModelType {
         self.kind
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.pieces.len()
+        self.types.len()
     }
 
     pub fn unk_id(&self) -> u32 {
@@ -272,12 +441,12 @@ impl Tokenizer {
     /// The id of piece `s`, if it is a piece of this model.
     pub fn piece_to_id(&self, s: &str) -> Option<u32> {
         let k = s.as_bytes();
-        self.reserved.get(k).or_else(|| self.normal.get(k)).copied()
+        self.table.reserved(k).or_else(|| self.table.normal(k))
     }
 
     /// The piece string of `id`. Panics if `id >= vocab_size()`.
     pub fn id_to_piece(&self, id: u32) -> &str {
-        &self.pieces[id as usize]
+        self.table.str(id)
     }
 
     pub fn score(&self, id: u32) -> f32 {
@@ -292,6 +461,19 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Vec<u32> {
         let mut out = Vec::new();
         SCRATCH.with(|s| self.encode_into(text, &mut s.borrow_mut(), &mut out));
+        out
+    }
+
+    /// Ids of an already-normalized string (no dummy prefix added, no ' ' → `▁`): e.g. how this
+    /// model splits another model's piece (`"▁你好"`). Used to initialise new embedding rows.
+    pub fn encode_normalized(&self, normalized: &str) -> Vec<u32> {
+        let mut out = Vec::new();
+        SCRATCH.with(|s| {
+            let mut sc = s.borrow_mut();
+            sc.norm.clear();
+            sc.norm.push_str(normalized);
+            self.encode_prepared(&mut sc, &mut out)
+        });
         out
     }
 
@@ -315,10 +497,79 @@ impl Tokenizer {
         out
     }
 
+    /// One normalization step at the start of `s` (sentencepiece's `NormalizePrefix`): a
+    /// user-defined piece as is, else the longest character-map rule, else one character.
+    fn normalize_prefix<'a>(&'a self, s: &'a str) -> (&'a str, usize) {
+        let b = s.as_bytes();
+        let (n, frozen) = self.prefix_match(b);
+        if frozen {
+            return (&s[..n], n);
+        }
+        if let Some(m) = &self.charsmap
+            && let Some((len, rep)) = m.longest_prefix(b)
+        {
+            return (rep, len);
+        }
+        (&s[..n], n)
+    }
+
+    /// Normalization with a character map, step by step as sentencepiece's `Normalize`.
+    fn normalize_mapped(&self, text: &str, out: &mut String) {
+        let ws = if self.escape_whitespaces { SPACE } else { " " };
+        let mut input = text;
+        if self.remove_extra_whitespaces {
+            while !input.is_empty() {
+                let (rep, n) = self.normalize_prefix(input);
+                if rep != " " {
+                    break;
+                }
+                input = &input[n..];
+            }
+        }
+        if input.is_empty() {
+            return;
+        }
+        if self.add_dummy_prefix && !self.treat_whitespace_as_suffix {
+            out.push_str(ws);
+        }
+        let mut is_prev_space = self.remove_extra_whitespaces;
+        while !input.is_empty() {
+            let (rep, n) = self.normalize_prefix(input);
+            let mut sp = rep;
+            while is_prev_space && let Some(rest) = sp.strip_prefix(' ') {
+                sp = rest;
+            }
+            if !sp.is_empty() {
+                for (i, part) in sp.split(' ').enumerate() {
+                    if i > 0 {
+                        out.push_str(ws);
+                    }
+                    out.push_str(part);
+                }
+                is_prev_space = sp.ends_with(' ');
+            }
+            input = &input[n..];
+            if !self.remove_extra_whitespaces {
+                is_prev_space = false;
+            }
+        }
+        if self.remove_extra_whitespaces {
+            while out.ends_with(ws) {
+                out.truncate(out.len() - ws.len());
+            }
+        }
+        if self.add_dummy_prefix && self.treat_whitespace_as_suffix {
+            out.push_str(ws);
+        }
+    }
+
     fn normalize_into(&self, text: &str, out: &mut String) {
         out.clear();
         if text.is_empty() {
             return;
+        }
+        if self.charsmap.is_some() {
+            return self.normalize_mapped(text, out);
         }
         let ws = if self.escape_whitespaces { SPACE } else { " " };
         let mut t = text;
@@ -364,11 +615,52 @@ impl Tokenizer {
         (utf8_len(s[0]).min(s.len()), false)
     }
 
+    /// Piece id of the symbol `w` (one character or a user-defined piece), `NONE` if none.
+    /// `w` is a slice of a `str` cut at character boundaries, so it is valid UTF-8.
+    #[inline]
+    fn symbol_id(&self, w: &[u8], freeze: bool) -> u32 {
+        if !freeze && w.len() == utf8_len(w[0]) {
+            let c = match w.len() {
+                1 => u32::from(w[0]),
+                2 => (u32::from(w[0] & 0x1f) << 6) | u32::from(w[1] & 0x3f),
+                3 => {
+                    (u32::from(w[0] & 0x0f) << 12)
+                        | (u32::from(w[1] & 0x3f) << 6)
+                        | u32::from(w[2] & 0x3f)
+                }
+                _ => {
+                    (u32::from(w[0] & 0x07) << 18)
+                        | (u32::from(w[1] & 0x3f) << 12)
+                        | (u32::from(w[2] & 0x3f) << 6)
+                        | u32::from(w[3] & 0x3f)
+                }
+            };
+            return if c < 0x10000 {
+                self.char_ids[c as usize]
+            } else {
+                self.char_ids_astral.get(&c).copied().unwrap_or(NONE)
+            };
+        }
+        self.table.normal(w).unwrap_or(NONE)
+    }
+
     fn encode_into(&self, text: &str, sc: &mut Scratch, out: &mut Vec<u32>) {
         let mut norm = std::mem::take(&mut sc.norm);
         self.normalize_into(text, &mut norm);
+        sc.norm = norm;
+        self.encode_prepared(sc, out);
+    }
+
+    /// BPE over `sc.norm` (already normalized), appending ids to `out`.
+    fn encode_prepared(&self, sc: &mut Scratch, out: &mut Vec<u32>) {
+        let norm = std::mem::take(&mut sc.norm);
         let bytes = norm.as_bytes();
         if bytes.is_empty() {
+            sc.norm = norm;
+            return;
+        }
+        if self.kind == ModelType::Unigram {
+            self.encode_unigram(bytes, &mut sc.best, out);
             sc.norm = norm;
             return;
         }
@@ -381,6 +673,7 @@ impl Tokenizer {
             syms.push(Sym {
                 start: pos as u32,
                 len: len as u32,
+                id: self.symbol_id(&bytes[pos..pos + len], freeze),
                 prev: i - 1,
                 next: i + 1,
                 freeze,
@@ -400,6 +693,7 @@ impl Tokenizer {
                 continue; // stale: one side was merged into something else since the push
             }
             syms[l].len += syms[r].len;
+            syms[l].id = top.id;
             syms[l].next = syms[r].next;
             let rn = syms[r].next;
             if rn >= 0 {
@@ -434,6 +728,9 @@ impl Tokenizer {
             let w = &bytes[s.start as usize..(s.start + s.len) as usize];
             if self.has_unused {
                 self.resegment(bytes, w, &sc.rev_merge, out, &mut prev_unk);
+            } else if s.id != NONE && !self.shadowed {
+                out.push(s.id); // a normal piece: never unknown
+                prev_unk = false;
             } else {
                 self.emit(w, out, &mut prev_unk);
             }
@@ -457,16 +754,98 @@ impl Tokenizer {
             return;
         }
         let size = a.len + b.len;
-        let s = &bytes[a.start as usize..(a.start + size) as usize];
-        if let Some(&id) = self.normal.get(s) {
+        let found = if a.id != NONE && b.id != NONE {
+            self.pair_table.get(&pair_key(a.id, b.id)).copied()
+        } else {
+            let s = &bytes[a.start as usize..(a.start + size) as usize];
+            self.table.normal(s)
+        };
+        if let Some(id) = found {
             heap.push(Cand {
                 score: self.scores[id as usize],
                 left: l as u32,
                 right: r as u32,
                 size,
+                id,
             });
             if self.types[id as usize] == PieceType::Unused {
                 rev_merge.push((a.start, a.len, b.len));
+            }
+        }
+    }
+
+    /// Unigram: the highest-scoring segmentation (Viterbi over all pieces that match at each
+    /// character; ties to the path whose last piece starts leftmost, as sentencepiece), with an
+    /// `<unk>` node of score `unk_score` for a character no single-character piece covers.
+    fn encode_unigram(&self, bytes: &[u8], best: &mut Vec<(f32, u32, u32)>, out: &mut Vec<u32>) {
+        let n = bytes.len();
+        best.clear();
+        best.resize(n + 1, (0.0, NONE, NONE));
+        best[0].1 = 0;
+        let mut pos = 0;
+        while pos < n {
+            let clen = utf8_len(bytes[pos]).min(n - pos);
+            let base = best[pos].0;
+            let mut has_single = false;
+            let mut end = pos;
+            let mut nchars = 0;
+            while end < n {
+                end += utf8_len(bytes[end]).min(n - end);
+                nchars += 1;
+                if end - pos > self.max_piece_bytes {
+                    break;
+                }
+                let Some(id) = self.table.normal(&bytes[pos..end]) else {
+                    continue;
+                };
+                let t = self.types[id as usize];
+                if t == PieceType::Unused {
+                    continue;
+                }
+                let score = if t == PieceType::UserDefined {
+                    (end - pos) as f32 * self.max_score - 0.1
+                } else {
+                    self.scores[id as usize]
+                };
+                let cand = base + score;
+                if best[end].1 == NONE || cand > best[end].0 {
+                    best[end] = (cand, pos as u32, id);
+                }
+                has_single |= nchars == 1;
+            }
+            if !has_single {
+                let end = pos + clen;
+                let cand = base + self.unk_score;
+                if best[end].1 == NONE || cand > best[end].0 {
+                    best[end] = (cand, pos as u32, self.unk_id);
+                }
+            }
+            pos += clen;
+        }
+        let first = out.len();
+        let mut end = n;
+        while end > 0 {
+            let (_, start, id) = best[end];
+            out.push(id);
+            out.push(start); // start offset, paired with the id; fixed up below
+            end = start as usize;
+        }
+        // Reverse the (id, start) pairs into text order, then emit with unknown handling.
+        let pairs: Vec<(u32, u32)> = out[first..]
+            .chunks_exact(2)
+            .rev()
+            .map(|c| (c[0], c[1]))
+            .collect();
+        out.truncate(first);
+        let mut prev_unk = false;
+        for (i, &(id, start)) in pairs.iter().enumerate() {
+            let stop = pairs.get(i + 1).map_or(n, |p| p.1 as usize);
+            let w = &bytes[start as usize..stop];
+            if id == self.unk_id {
+                self.emit(w, out, &mut prev_unk);
+            } else {
+                out.push(id);
+                prev_unk = false;
             }
         }
     }
@@ -481,7 +860,7 @@ impl Tokenizer {
         out: &mut Vec<u32>,
         prev_unk: &mut bool,
     ) {
-        if let Some(&id) = self.normal.get(w)
+        if let Some(id) = self.table.normal(w)
             && self.types[id as usize] == PieceType::Unused
             && let Some(&(_, ll, _)) = rev
                 .iter()
@@ -498,11 +877,11 @@ impl Tokenizer {
 
     #[inline]
     fn emit(&self, w: &[u8], out: &mut Vec<u32>, prev_unk: &mut bool) {
+        // sentencepiece's PieceToId: reserved pieces first, then normal ones, else <unk>.
         let id = self
-            .normal
-            .get(w)
-            .or_else(|| self.reserved.get(w))
-            .copied()
+            .table
+            .reserved(w)
+            .or_else(|| self.table.normal(w))
             .unwrap_or(self.unk_id);
         let is_unk = id == self.unk_id;
         if is_unk && self.byte_fallback {
@@ -528,14 +907,14 @@ impl Tokenizer {
                 continue;
             };
             if t == PieceType::Byte {
-                bytes.push(piece_to_byte(&self.pieces[id as usize]).unwrap_or(0));
+                bytes.push(piece_to_byte(self.table.str(id)).unwrap_or(0));
                 continue;
             }
             flush_bytes(&mut bytes, &mut text);
             if bos_ws_seen || !text.is_empty() {
                 is_bos_ws = false;
             }
-            let piece = self.pieces[id as usize].as_str();
+            let piece = self.table.str(id);
             bos_ws_seen = false;
             match t {
                 PieceType::Control => {}
@@ -556,6 +935,14 @@ impl Tokenizer {
         flush_bytes(&mut bytes, &mut text);
         text
     }
+}
+
+/// "No piece" in symbol ids.
+const NONE: u32 = u32::MAX;
+
+#[inline]
+fn pair_key(a: u32, b: u32) -> u64 {
+    (u64::from(a) << 32) | u64::from(b)
 }
 
 /// `TrainerSpec.unk_surface`.
@@ -609,6 +996,8 @@ fn utf8_len(b: u8) -> usize {
 struct Sym {
     start: u32,
     len: u32,
+    /// Piece id of the symbol's string in `normal`, or `NONE`.
+    id: u32,
     prev: i32,
     next: i32,
     freeze: bool,
@@ -621,6 +1010,8 @@ struct Cand {
     left: u32,
     right: u32,
     size: u32,
+    /// The merged piece.
+    id: u32,
 }
 
 impl PartialEq for Cand {
@@ -648,6 +1039,8 @@ struct Scratch {
     syms: Vec<Sym>,
     heap: BinaryHeap<Cand>,
     rev_merge: Vec<(u32, u32, u32)>,
+    /// Unigram lattice: per byte position, (best score, start of the last piece, its id).
+    best: Vec<(f32, u32, u32)>,
 }
 
 thread_local! {

@@ -53,6 +53,63 @@ fn write_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
+/// A field value borrowed from the input (no copy until kept).
+#[derive(Clone, Copy)]
+enum Raw<'a> {
+    Varint(u64),
+    I64(u64),
+    Len(&'a [u8]),
+    I32(u32),
+}
+
+impl Raw<'_> {
+    fn to_value(self) -> Value {
+        match self {
+            Raw::Varint(v) => Value::Varint(v),
+            Raw::I64(v) => Value::I64(v),
+            Raw::Len(b) => Value::Len(b.to_vec()),
+            Raw::I32(v) => Value::I32(v),
+        }
+    }
+}
+
+/// Read the field at `*pos` (tag and value), advancing `*pos`.
+fn read_field<'a>(buf: &'a [u8], pos: &mut usize) -> Result<(u32, Raw<'a>)> {
+    let start = *pos;
+    let tag = read_varint(buf, pos)?;
+    let num = (tag >> 3) as u32;
+    if num == 0 {
+        bail!("field number 0 at byte {start}");
+    }
+    let raw = match tag & 7 {
+        0 => Raw::Varint(read_varint(buf, pos)?),
+        1 => {
+            let Some(b) = buf.get(*pos..*pos + 8) else {
+                bail!("truncated 64-bit field {num} at byte {start}")
+            };
+            *pos += 8;
+            Raw::I64(u64::from_le_bytes(b.try_into().unwrap()))
+        }
+        2 => {
+            let n = read_varint(buf, pos)? as usize;
+            let Some(b) = pos.checked_add(n).and_then(|end| buf.get(*pos..end)) else {
+                bail!("truncated length-delimited field {num} at byte {start} (length {n})")
+            };
+            *pos += n;
+            Raw::Len(b)
+        }
+        5 => {
+            let Some(b) = buf.get(*pos..*pos + 4) else {
+                bail!("truncated 32-bit field {num} at byte {start}")
+            };
+            *pos += 4;
+            Raw::I32(u32::from_le_bytes(b.try_into().unwrap()))
+        }
+        w => bail!("unsupported wire type {w} (field {num}) at byte {start}"),
+    };
+    Ok((num, raw))
+}
+
 /// A protobuf message as an ordered list of raw fields (lossless for canonical encodings).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Message {
@@ -65,39 +122,11 @@ impl Message {
         let mut fields = Vec::new();
         let mut pos = 0;
         while pos < buf.len() {
-            let start = pos;
-            let tag = read_varint(buf, &mut pos)?;
-            let num = (tag >> 3) as u32;
-            if num == 0 {
-                bail!("field number 0 at byte {start}");
-            }
-            let val = match tag & 7 {
-                0 => Value::Varint(read_varint(buf, &mut pos)?),
-                1 => {
-                    let Some(b) = buf.get(pos..pos + 8) else {
-                        bail!("truncated 64-bit field {num} at byte {start}")
-                    };
-                    pos += 8;
-                    Value::I64(u64::from_le_bytes(b.try_into().unwrap()))
-                }
-                2 => {
-                    let n = read_varint(buf, &mut pos)? as usize;
-                    let Some(b) = pos.checked_add(n).and_then(|end| buf.get(pos..end)) else {
-                        bail!("truncated length-delimited field {num} at byte {start} (length {n})")
-                    };
-                    pos += n;
-                    Value::Len(b.to_vec())
-                }
-                5 => {
-                    let Some(b) = buf.get(pos..pos + 4) else {
-                        bail!("truncated 32-bit field {num} at byte {start}")
-                    };
-                    pos += 4;
-                    Value::I32(u32::from_le_bytes(b.try_into().unwrap()))
-                }
-                w => bail!("unsupported wire type {w} (field {num}) at byte {start}"),
-            };
-            fields.push(Field { num, val });
+            let (num, raw) = read_field(buf, &mut pos)?;
+            fields.push(Field {
+                num,
+                val: raw.to_value(),
+            });
         }
         Ok(Message { fields })
     }
@@ -278,7 +307,6 @@ impl Piece {
     }
 
     fn parse(buf: &[u8], index: usize) -> Result<Self> {
-        let msg = Message::parse(buf).map_err(|e| anyhow::anyhow!("piece {index}: {e}"))?;
         let mut p = Piece {
             piece: String::new(),
             score: None,
@@ -286,17 +314,24 @@ impl Piece {
             unknown: Vec::new(),
         };
         let mut has_piece = false;
-        for f in msg.fields {
-            match (f.num, f.val) {
-                (1, Value::Len(b)) => {
-                    p.piece = String::from_utf8(b)
-                        .map_err(|_| anyhow::anyhow!("piece {index}: string is not UTF-8"))?;
+        let mut pos = 0;
+        while pos < buf.len() {
+            let (num, raw) =
+                read_field(buf, &mut pos).map_err(|e| anyhow::anyhow!("piece {index}: {e}"))?;
+            match (num, raw) {
+                (1, Raw::Len(b)) => {
+                    p.piece = std::str::from_utf8(b)
+                        .map_err(|_| anyhow::anyhow!("piece {index}: string is not UTF-8"))?
+                        .to_string();
                     has_piece = true;
                 }
-                (2, Value::I32(v)) => p.score = Some(f32::from_bits(v)),
-                (3, Value::Varint(v)) => p.kind = Some(v as i32),
+                (2, Raw::I32(v)) => p.score = Some(f32::from_bits(v)),
+                (3, Raw::Varint(v)) => p.kind = Some(v as i32),
                 (1..=3, _) => bail!("piece {index}: field has the wrong wire type"),
-                (num, val) => p.unknown.push(Field { num, val }),
+                (num, raw) => p.unknown.push(Field {
+                    num,
+                    val: raw.to_value(),
+                }),
             }
         }
         if !has_piece {
@@ -421,25 +456,29 @@ impl ModelProto {
     /// Parse a `.model` file's bytes. Checks the shape is a SentencePiece model: at least one
     /// piece, every piece with a UTF-8 string, the specs parse as messages.
     pub fn parse(buf: &[u8]) -> Result<Self> {
-        let msg = Message::parse(buf)?;
         let mut pieces = Vec::new();
         let mut others = Vec::new();
         let mut pieces_at = None;
-        for f in msg.fields {
-            match (f.num, f.val) {
-                (PIECES, Value::Len(b)) => {
+        let mut pos = 0;
+        while pos < buf.len() {
+            let (num, raw) = read_field(buf, &mut pos)?;
+            match (num, raw) {
+                (PIECES, Raw::Len(b)) => {
                     pieces_at.get_or_insert(others.len());
-                    pieces.push(Piece::parse(&b, pieces.len())?);
+                    pieces.push(Piece::parse(b, pieces.len())?);
                 }
                 (PIECES, _) => bail!("field 1 (pieces) has the wrong wire type"),
-                (num, val) => {
+                (num, raw) => {
                     if matches!(num, TRAINER_SPEC | NORMALIZER_SPEC | DENORMALIZER_SPEC) {
-                        let Value::Len(b) = &val else {
+                        let Raw::Len(b) = raw else {
                             bail!("field {num} is not a message")
                         };
                         Message::parse(b).map_err(|e| anyhow::anyhow!("field {num}: {e}"))?;
                     }
-                    others.push(Field { num, val });
+                    others.push(Field {
+                        num,
+                        val: raw.to_value(),
+                    });
                 }
             }
         }
