@@ -76,7 +76,18 @@ fn oracle(py: &str, args: &[String], inputs: &[PathBuf]) -> PathBuf {
         h = fnv(a.as_bytes(), h);
     }
     for f in inputs {
-        h = fnv(&std::fs::read(f).unwrap(), h);
+        if f.is_dir() {
+            let mut names: Vec<PathBuf> = std::fs::read_dir(f)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            names.sort();
+            for n in names {
+                h = fnv(&std::fs::read(n).unwrap(), h);
+            }
+        } else {
+            h = fnv(&std::fs::read(f).unwrap(), h);
+        }
     }
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("data-oracle-{h:016x}"));
     if out.join("versions.json").exists() {
@@ -100,9 +111,10 @@ fn oracle(py: &str, args: &[String], inputs: &[PathBuf]) -> PathBuf {
 /// Write a generated input at a fixed path, so the oracle cache key (which includes the
 /// arguments) stays the same from run to run.
 fn stable_input(name: &str, bytes: &[u8]) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("data-oracle-inputs");
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
+    let p = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("data-oracle-inputs")
+        .join(name);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
     if std::fs::read(&p).ok().as_deref() != Some(bytes) {
         zhllama::util::write_atomic(&p, bytes).unwrap();
     }
@@ -428,4 +440,32 @@ fn merged_tokenizer_pipeline_equals_the_oracle() {
     ];
     check_pretrain(&py, &model, Some(&enc), &corpus, 512, work.path());
     check_sft(&py, &model, Some(&enc), &sft_files(&data));
+
+    // The Chinese-Alpaca tokenizer (49954, `[PAD]` = 49953 registered as the pad token in its HF
+    // files): loaded from its directory on both sides, its own pad is used and a literal
+    // "[PAD]" keeps the whitespace around it (an AddedToken without lstrip/rstrip).
+    let alpaca = work.path().join("alpaca");
+    zhllama::vocab::merge_tokenizers(
+        &data.join("tokenizers/llama_tokenizer.model"),
+        &data.join("tokenizers/chinese_sp.model"),
+        &alpaca,
+        true,
+    )
+    .unwrap();
+    let mut tok_dir = None;
+    for f in [
+        "tokenizer.model",
+        "special_tokens_map.json",
+        "tokenizer_config.json",
+    ] {
+        let p = stable_input(
+            &format!("alpaca_tok/{f}"),
+            &std::fs::read(alpaca.join(f)).unwrap(),
+        );
+        tok_dir = Some(p.parent().unwrap().to_path_buf());
+    }
+    let tok_dir = tok_dir.unwrap();
+    let enc = zhllama::data::TokenizerEncoder::load(&tok_dir).unwrap();
+    assert_eq!((enc.vocab_size(), enc.pad_id()), (49954, Some(49953)));
+    check_sft(&py, &tok_dir, Some(&enc), &sft_files(&data));
 }
