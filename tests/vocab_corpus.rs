@@ -127,3 +127,86 @@ fn corpus_parity_with_python_sentencepiece() {
         );
     }
 }
+
+/// Random strings built to stress the tie rules and normalizers: concatenated vocabulary pieces
+/// (ambiguous merges among score-0 pieces), runs of spaces, tabs, CR, rare and astral characters,
+/// and characters nmt_nfkc rewrites (full-width forms, ligatures, circled digits). Seeded.
+fn random_lines(tok: &Tokenizer, n: usize) -> Vec<String> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(20240601);
+    let extras = [
+        " ", "  ", "\t", "\r", "𠀀", "😀", "ﬁ", "Ａ", "①", "ｶ", "\u{3000}", "é", "e\u{301}", "—",
+        "…",
+    ];
+    let vocab = tok.vocab_size() as u64;
+    (0..n)
+        .map(|_| {
+            let parts = 1 + rng.next_u64() % 12;
+            let mut s = String::new();
+            for _ in 0..parts {
+                if rng.next_u64() % 4 == 0 {
+                    s.push_str(extras[(rng.next_u64() % extras.len() as u64) as usize]);
+                } else {
+                    let id = 259 + (rng.next_u64() % (vocab - 259)) as u32;
+                    s.push_str(&tok.id_to_piece(id).replace('\u{2581}', " "));
+                }
+            }
+            s.replace('\n', " ")
+        })
+        .collect()
+}
+
+#[test]
+fn random_strings_parity_with_python_sentencepiece() {
+    let Some(data) = data_dir() else { return };
+    if !have_sentencepiece() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let tk = data.join("tokenizers");
+    let mut merged =
+        ModelProto::parse(&std::fs::read(tk.join("llama_tokenizer.model")).unwrap()).unwrap();
+    let zh = ModelProto::parse(&std::fs::read(tk.join("chinese_sp.model")).unwrap()).unwrap();
+    merge_models(&mut merged, &zh, false);
+    let merged_path = tmp.path().join("merged.model");
+    std::fs::write(&merged_path, merged.to_bytes()).unwrap();
+    let lines = random_lines(&Tokenizer::load(&merged_path).unwrap(), 3000);
+    let input = tmp.path().join("random.txt");
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/oracle/encode_reference.py");
+    for model in [
+        merged_path.clone(),
+        tk.join("llama_tokenizer.model"),
+        tk.join("chinese_sp.model"),
+    ] {
+        let out = tmp.path().join("random.ids");
+        let st = Command::new("python3")
+            .arg(&script)
+            .arg(&model)
+            .arg(&out)
+            .arg(&input)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let tok = Tokenizer::load(&model).unwrap();
+        let want_text = std::fs::read_to_string(&out).unwrap();
+        assert_eq!(want_text.lines().count(), lines.len());
+        let mut bad = 0;
+        for (line, w) in lines.iter().zip(want_text.lines()) {
+            let (w, w_text): (Vec<u32>, String) = serde_json::from_str(w).unwrap();
+            let g = tok.encode(line);
+            if g != w || tok.decode(&w) != w_text {
+                if bad < 3 {
+                    eprintln!("{model:?}: {line:?}\n  rust   {g:?}\n  python {w:?}");
+                }
+                bad += 1;
+            }
+        }
+        assert_eq!(
+            bad,
+            0,
+            "{model:?}: {bad} of {} random lines differ",
+            lines.len()
+        );
+    }
+}

@@ -30,6 +30,59 @@ pub trait Encoder: Sync {
     fn pad_id(&self) -> Option<u32>;
 }
 
+/// A loaded SentencePiece tokenizer checked for what the recipe needs (`<s>` and `</s>`
+/// control pieces), as an [`Encoder`].
+pub struct TokenizerEncoder {
+    pub tokenizer: crate::vocab::Tokenizer,
+    bos: u32,
+    eos: u32,
+}
+
+impl TokenizerEncoder {
+    pub fn new(tokenizer: crate::vocab::Tokenizer) -> anyhow::Result<Self> {
+        let bos = tokenizer
+            .bos_id()
+            .ok_or_else(|| anyhow::anyhow!("tokenizer has no <s> control piece"))?;
+        let eos = tokenizer
+            .eos_id()
+            .ok_or_else(|| anyhow::anyhow!("tokenizer has no </s> control piece"))?;
+        Ok(TokenizerEncoder {
+            tokenizer,
+            bos,
+            eos,
+        })
+    }
+
+    /// `Tokenizer::load` (a `.model` file or a directory holding `tokenizer.model`), checked.
+    pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let t = crate::vocab::Tokenizer::load(path)
+            .with_context(|| format!("cannot load tokenizer {}", path.display()))?;
+        Self::new(t).with_context(|| format!("tokenizer {}", path.display()))
+    }
+}
+
+impl Encoder for TokenizerEncoder {
+    fn encode(&self, text: &str) -> Vec<u32> {
+        self.tokenizer.encode(text)
+    }
+    fn vocab_size(&self) -> usize {
+        self.tokenizer.vocab_size()
+    }
+    fn bos_id(&self) -> u32 {
+        self.bos
+    }
+    fn eos_id(&self) -> u32 {
+        self.eos
+    }
+    fn unk_id(&self) -> u32 {
+        self.tokenizer.unk_id()
+    }
+    fn pad_id(&self) -> Option<u32> {
+        self.tokenizer.pad_id()
+    }
+}
+
 /// HF slow `LlamaTokenizer` text encoding over an [`Encoder`] (transformers 4.28, the version
 /// the original ran): special-token strings are split out first and mapped to their ids; every
 /// other non-empty chunk is SentencePiece-encoded on its own.
@@ -127,12 +180,11 @@ impl<'a, E: Encoder + ?Sized> HfText<'a, E> {
         loop {
             let mut best: Option<(usize, &Special)> = None;
             for s in &self.specials {
-                if let Some(p) = rest.find(s.text.as_str()) {
-                    if best
+                if let Some(p) = rest.find(s.text.as_str())
+                    && best
                         .is_none_or(|(bp, bs)| p < bp || (p == bp && s.text.len() > bs.text.len()))
-                    {
-                        best = Some((p, s));
-                    }
+                {
+                    best = Some((p, s));
                 }
             }
             match best {
@@ -153,10 +205,10 @@ impl<'a, E: Encoder + ?Sized> HfText<'a, E> {
                 if let Some(Piece::Text(t)) = pieces.get_mut(i + 1) {
                     *t = t.trim_start_matches(py_isspace);
                 }
-                if i > 0 {
-                    if let Piece::Text(t) = &mut pieces[i - 1] {
-                        *t = t.trim_end_matches(py_isspace);
-                    }
+                if i > 0
+                    && let Piece::Text(t) = &mut pieces[i - 1]
+                {
+                    *t = t.trim_end_matches(py_isspace);
                 }
             }
         }

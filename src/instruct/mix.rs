@@ -172,3 +172,36 @@ pub fn mix(cfg: &MixConfig) -> Result<(Vec<AlpacaRecord>, MixStats)> {
     stats.total = out.len() as u64;
     Ok((out, stats))
 }
+
+/// The `--config` TOML of `prep-data` (see tools/prep_data_recipe.toml).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeFile {
+    pub seed: Option<u64>,
+    pub output: Option<PathBuf>,
+    pub stats: Option<PathBuf>,
+    pub skip_bad: Option<bool>,
+    #[serde(default)]
+    pub filters: FilterConfig,
+    /// Sources in priority order (duplicates keep the earlier source's record).
+    #[serde(default, rename = "source")]
+    pub sources: Vec<SourceSpec>,
+}
+
+impl RecipeFile {
+    pub fn parse(text: &str) -> Result<RecipeFile> {
+        Ok(toml::from_str(text)?)
+    }
+}
+
+/// Write `records` as one JSON array, a record per line, atomically.
+pub fn write_records(path: &std::path::Path, records: &[AlpacaRecord]) -> Result<()> {
+    let mut buf = Vec::with_capacity(records.len() * 256);
+    buf.extend_from_slice(b"[\n");
+    for (i, r) in records.iter().enumerate() {
+        serde_json::to_writer(&mut buf, r)?;
+        buf.extend_from_slice(if i + 1 < records.len() { b",\n" } else { b"\n" });
+    }
+    buf.extend_from_slice(b"]\n");
+    crate::util::write_atomic(path, &buf)
+}

@@ -51,6 +51,21 @@ def load_tokenizer(path, scratch):
     return LlamaTokenizer.from_pretrained(path, legacy=True)
 
 
+CHUNKS = {}
+
+
+def record_chunks(tok):
+    """Wrap `_tokenize` (sentencepiece on one chunk between special tokens) to record its ids."""
+    inner = tok._tokenize
+
+    def wrapped(text, **kw):
+        pieces = inner(text, **kw)
+        CHUNKS[text] = [tok.sp_model.piece_to_id(p) for p in pieces]
+        return pieces
+
+    tok._tokenize = wrapped
+
+
 def pretrain(tok, files, block_size, cache):
     def tokenize_function(examples):
         return tok(examples["text"])
@@ -142,6 +157,11 @@ def main():
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--pretrain", nargs="*", default=[])
     ap.add_argument("--sft", nargs="*", default=[])
+    ap.add_argument(
+        "--record-chunks",
+        action="store_true",
+        help="also write chunks.json: every text chunk handed to sentencepiece and its ids",
+    )
     a = ap.parse_args()
     datasets.disable_progress_bar()
     datasets.logging.set_verbosity_error()
@@ -150,14 +170,29 @@ def main():
     with tempfile.TemporaryDirectory() as cache:
         if a.pretrain:
             tok = load_tokenizer(a.tokenizer, os.path.join(cache, "pt"))
+            if a.record_chunks:
+                record_chunks(tok)
             r = pretrain(tok, a.pretrain, a.block_size, cache)
             with open(os.path.join(a.out, "pretrain.json"), "w") as f:
                 json.dump(r, f)
         if a.sft:
             tok = load_tokenizer(a.tokenizer, os.path.join(cache, "sft"))
+            if a.record_chunks:
+                record_chunks(tok)
             r = sft(tok, a.sft, a.max_len, a.batch_size, cache)
             with open(os.path.join(a.out, "sft.json"), "w") as f:
                 json.dump(r, f)
+    if a.record_chunks:
+        sp = tok.sp_model
+        special = {
+            "vocab_size": sp.get_piece_size(),
+            "bos_id": sp.bos_id(),
+            "eos_id": sp.eos_id(),
+            "unk_id": sp.unk_id(),
+            "pad_id": sp.piece_to_id("[PAD]") if sp.piece_to_id("[PAD]") != sp.unk_id() else None,
+        }
+        with open(os.path.join(a.out, "chunks.json"), "w") as f:
+            json.dump({"model": special, "chunks": CHUNKS}, f)
     versions = {
         "transformers": transformers.__version__,
         "datasets": datasets.__version__,
