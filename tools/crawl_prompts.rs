@@ -17,6 +17,7 @@ use zhllama::instruct::crawl_prompt::Template;
 #[derive(Parser, Debug)]
 #[command(
     name = "crawl-prompts",
+    args_override_self = true,
     about = "Crawl self-instruct records (instruction/input/output JSONL) from an OpenAI-compatible chat API",
     after_help = "The API key is read from OPENAI_API_KEY or --api-key-file. Rerunning with the same \
                   --output resumes toward --target (also after kill -9)."

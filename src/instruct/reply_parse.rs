@@ -288,7 +288,7 @@ mod tests {
         // Code fence and prose around it.
         check(
             "好的，以下是任务：\n```json\n[\n {\"instruction\": \"写一首诗\", \"input\": \"<无输入>\", \"output\": \"床前明月光\"}\n]\n```\n希望有帮助！",
-            &[a.clone()],
+            std::slice::from_ref(&a),
             &[],
         );
         // A numbered list of objects.
@@ -306,13 +306,13 @@ mod tests {
         // Truncated final item: the complete ones are kept.
         check(
             r#"[{"instruction":"写一首诗","input":"","output":"床前明月光"},{"instruction":"翻译","input":"你好","output":"Hel"#,
-            &[a.clone()],
+            std::slice::from_ref(&a),
             &[Invalid::Truncated],
         );
         // A wrapper object, itself truncated.
         check(
             r#"{"tasks": [{"instruction":"写一首诗","output":"床前明月光"}, {"instruction":"翻"#,
-            &[a.clone()],
+            std::slice::from_ref(&a),
             &[Invalid::Truncated],
         );
         // Chinese keys, numeric output.
