@@ -14,7 +14,7 @@
 //! elements. Only those prefix elements are indexed and probed; candidates then pass a length
 //! filter, the exact overlap bound, and only then the O(mn) LCS.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 /// True for characters that are written without spaces between words and so are tokens by themselves.
 fn is_cjk(c: char) -> bool {
@@ -87,9 +87,16 @@ pub fn reaches(lcs: usize, m: usize, n: usize, t: f64) -> bool {
     m + n > 0 && 2.0 * lcs as f64 >= t * (m + n) as f64 - 1e-9
 }
 
-/// One stored sequence.
+/// Smallest LCS with which sequences of `m` and `n` tokens reach ROUGE-L F ≥ `t` (the same
+/// inequality as [`reaches`], solved for the LCS).
+fn needed(m: usize, n: usize, t: f64) -> usize {
+    ((t * (m + n) as f64 - 1e-9) / 2.0).ceil().max(0.0) as usize
+}
+
+/// One stored sequence: tokens in text order (for the LCS) and sorted (for the overlap bound).
 struct Doc {
     tokens: Box<[u32]>,
+    sorted: Box<[u32]>,
 }
 
 /// Kept instructions, searchable for near duplicates (ROUGE-L F ≥ `threshold`) and exact duplicates.
@@ -102,11 +109,14 @@ pub struct NearDupIndex {
     /// Document frequency per token, live and as frozen at the last reindex (the element order).
     df_live: HashMap<u32, u32>,
     df_order: HashMap<u32, u32>,
-    /// Prefix element (token << 16 | occurrence) → doc ids whose prefix holds it.
-    postings: HashMap<u64, Vec<u32>>,
+    /// Prefix element (token << 16 | occurrence) → postings `id << 32 | position << 16 | length`,
+    /// position being the element's rank within its sequence's ordered elements.
+    postings: HashMap<u64, Vec<u64>>,
     docs_at_reindex: usize,
-    /// Per-query visit stamps (doc id → last query that looked at it).
-    stamp: Vec<u32>,
+    /// `min_overlap[n]`, cached.
+    min_overlap: Vec<usize>,
+    /// Per-query scratch per doc id: visit stamp, overlap count so far (−1: pruned).
+    scratch: Vec<(u32, i32)>,
     query_no: u32,
     /// Counters for reporting how much the filter prunes.
     pub stats: IndexStats,
@@ -116,7 +126,11 @@ pub struct NearDupIndex {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct IndexStats {
     pub queries: u64,
+    /// Posting entries read.
+    pub postings_read: u64,
+    /// Distinct stored sequences reached through postings (after the length filter).
     pub candidates: u64,
+    /// Candidates left after the positional and overlap bounds, whose LCS was computed.
     pub lcs_computed: u64,
 }
 
@@ -130,14 +144,36 @@ pub enum DupCheck {
 
 /// First code of interned words: above every Unicode scalar, so CJK tokens can be their code point.
 const WORD_BASE: u32 = 0x11_0000;
-/// Occurrences are packed in 16 bits; longer sequences are cut here for indexing purposes only.
-const MAX_OCC: usize = u16::MAX as usize;
+/// Positions, lengths and occurrences are packed in 16 bits: longer sequences are not indexed
+/// (the crawler's length filter keeps instructions far below this).
+const MAX_LEN: usize = u16::MAX as usize;
 
 fn hash_tokens(t: &[u32]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     t.hash(&mut h);
     h.finish()
+}
+
+/// Whether the multiset intersection of two sorted sequences (an upper bound on their LCS) has
+/// at least `need` elements; gives up as soon as what is left cannot get there.
+fn overlap_at_least(a: &[u32], b: &[u32], need: usize) -> bool {
+    let (mut i, mut j, mut c) = (0, 0, 0);
+    while i < a.len() && j < b.len() {
+        if c + (a.len() - i).min(b.len() - j) < need {
+            return false;
+        }
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                c += 1;
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    c >= need
 }
 
 impl NearDupIndex {
@@ -156,7 +192,8 @@ impl NearDupIndex {
             df_order: HashMap::new(),
             postings: HashMap::new(),
             docs_at_reindex: 0,
-            stamp: Vec::new(),
+            min_overlap: Vec::new(),
+            scratch: Vec::new(),
             query_no: 0,
             stats: IndexStats::default(),
         }
@@ -188,22 +225,30 @@ impl NearDupIndex {
         out
     }
 
-    /// Smallest overlap any partner needs with a sequence of `n` tokens to reach the threshold,
-    /// rounded down a little so float error can only lengthen prefixes (which stays exact).
-    fn min_overlap(&self, n: usize) -> usize {
-        let t = self.threshold;
-        let a = (t * n as f64 / (2.0 - t) - 1e-9).ceil();
-        (a.max(1.0) as usize).min(n)
+    /// Smallest LCS any partner needs with a sequence of `n` tokens to reach the threshold: the
+    /// minimum of [`needed`] over every partner length m for which it is attainable (≤ min(m, n)).
+    /// Computed by enumeration, so it agrees with `reaches` exactly; n + 1 when nothing can reach.
+    fn min_overlap(&mut self, n: usize) -> usize {
+        while self.min_overlap.len() <= n {
+            let k = self.min_overlap.len();
+            let t = self.threshold;
+            let v = (1..=2 * k + 2)
+                .map(|m| needed(m, k, t))
+                .zip(1..)
+                .filter(|&(need, m)| need <= m.min(k))
+                .map(|(need, _)| need)
+                .min()
+                .unwrap_or(k + 1);
+            self.min_overlap.push(v.max(1));
+        }
+        self.min_overlap[n]
     }
 
-    /// Prefix elements of `tokens` under the frozen order: rarest (token, occurrence) first.
-    fn prefix(&self, tokens: &[u32]) -> Vec<u64> {
-        let n = tokens.len().min(MAX_OCC);
-        if n == 0 {
-            return Vec::new();
-        }
-        let mut occ: HashMap<u32, u32> = HashMap::new();
-        let mut elems: Vec<(u32, u32, u32)> = tokens[..n]
+    /// Elements of `tokens` in the frozen global order: (df, token, occurrence) ascending, so the
+    /// rarest come first. Packed as `token << 16 | occurrence`.
+    fn ordered(&self, tokens: &[u32]) -> Vec<u64> {
+        let mut occ: HashMap<u32, u32> = HashMap::with_capacity(tokens.len());
+        let mut elems: Vec<(u32, u32, u32)> = tokens
             .iter()
             .map(|&t| {
                 let k = occ.entry(t).or_insert(0);
@@ -212,27 +257,15 @@ impl NearDupIndex {
             })
             .collect();
         elems.sort_unstable();
-        let p = n - self.min_overlap(n) + 1;
-        elems[..p]
+        elems
             .iter()
             .map(|&(_, t, k)| ((t as u64) << 16) | k as u64)
             .collect()
     }
 
-    /// Multiset overlap of two sequences (an upper bound on their LCS).
-    fn overlap(q_counts: &HashMap<u32, u32>, d: &[u32]) -> usize {
-        let mut used: HashMap<u32, u32> = HashMap::with_capacity(d.len());
-        let mut c = 0;
-        for t in d {
-            if let Some(&have) = q_counts.get(t) {
-                let u = used.entry(*t).or_insert(0);
-                if *u < have {
-                    *u += 1;
-                    c += 1;
-                }
-            }
-        }
-        c
+    /// Length of the prefix of an ordered sequence of `n` elements that must be indexed/probed.
+    fn prefix_len(&mut self, n: usize) -> usize {
+        (n + 1).saturating_sub(self.min_overlap(n)).min(n)
     }
 
     /// Ids of every stored sequence with ROUGE-L F ≥ threshold against `q` (all of them, for tests
@@ -248,42 +281,79 @@ impl NearDupIndex {
     }
 
     /// Calls `hit(id)` for each stored sequence reaching the threshold; stops when it returns true.
+    ///
+    /// Probe the query's prefix elements; for each posting (doc c, its position j, its length n):
+    /// - length filter: n must allow F ≥ t at all (LCS ≤ min(m, n));
+    /// - positional filter (PPJoin): with matches found so far A, the overlap is at most
+    ///   A + 1 + min(m − i − 1, n − j − 1), because every common element ordered before this one
+    ///   lies in both prefixes and has been counted; below [`needed`] the doc is dropped;
+    /// then, for survivors, the multiset overlap of the whole sequences, and last the LCS.
     fn search(&mut self, q: &[u32], mut hit: impl FnMut(u32) -> bool) {
         self.stats.queries += 1;
         let m = q.len();
-        if m == 0 {
+        if m == 0 || m > MAX_LEN || self.docs.is_empty() {
             return;
         }
         self.query_no = self.query_no.wrapping_add(1);
         if self.query_no == 0 {
-            self.stamp.iter_mut().for_each(|s| *s = 0);
+            self.scratch.iter_mut().for_each(|s| s.0 = 0);
             self.query_no = 1;
         }
-        let mut q_counts: HashMap<u32, u32> = HashMap::new();
-        for &t in q {
-            *q_counts.entry(t).or_insert(0) += 1;
-        }
+        let qno = self.query_no;
         let t = self.threshold;
-        for e in self.prefix(q) {
-            let Some(list) = self.postings.get(&e) else {
+        let elems = self.ordered(q);
+        let p = self.prefix_len(m);
+        // Length filter as a table: need[n - lo] for the partner lengths lo..=hi that can reach t.
+        let lo = (1..=m).find(|&n| needed(m, n, t) <= n).unwrap_or(m + 1);
+        let hi = (m..=MAX_LEN)
+            .take_while(|&n| needed(m, n, t) <= m)
+            .last()
+            .unwrap_or(0);
+        let need: Vec<u32> = (lo..=hi).map(|n| needed(m, n, t) as u32).collect();
+        let mut cands: Vec<u32> = Vec::new();
+        for (i, e) in elems[..p].iter().enumerate() {
+            let Some(list) = self.postings.get(e) else {
                 continue;
             };
-            for &id in list {
-                let s = &mut self.stamp[id as usize];
-                if *s == self.query_no {
+            self.stats.postings_read += list.len() as u64;
+            let rest_q = (m - i - 1) as i32;
+            for &post in list {
+                let n = (post & 0xFFFF) as usize;
+                if n < lo || n > hi {
                     continue;
                 }
-                *s = self.query_no;
-                self.stats.candidates += 1;
-                let d = &self.docs[id as usize].tokens;
-                let n = d.len();
-                if !reaches(m.min(n), m, n, t) || !reaches(Self::overlap(&q_counts, d), m, n, t) {
+                let id = (post >> 32) as usize;
+                let j = ((post >> 16) & 0xFFFF) as i32;
+                let slot = &mut self.scratch[id];
+                if slot.0 != qno {
+                    *slot = (qno, 0);
+                    cands.push(id as u32);
+                } else if slot.1 < 0 {
                     continue;
                 }
-                self.stats.lcs_computed += 1;
-                if reaches(lcs_len(q, d), m, n, t) && hit(id) {
-                    return;
-                }
+                let bound = slot.1 + 1 + rest_q.min(n as i32 - j - 1);
+                slot.1 = if bound < need[n - lo] as i32 {
+                    -1
+                } else {
+                    slot.1 + 1
+                };
+            }
+        }
+        self.stats.candidates += cands.len() as u64;
+        let mut qs = q.to_vec();
+        qs.sort_unstable();
+        for id in cands {
+            if self.scratch[id as usize].1 < 0 {
+                continue;
+            }
+            let d = &self.docs[id as usize];
+            let n = d.tokens.len();
+            if !overlap_at_least(&qs, &d.sorted, needed(m, n, t)) {
+                continue;
+            }
+            self.stats.lcs_computed += 1;
+            if reaches(lcs_len(q, &d.tokens), m, n, t) && hit(id) {
+                return;
             }
         }
     }
@@ -307,27 +377,50 @@ impl NearDupIndex {
         }
     }
 
+    /// Add doc `id`'s prefix elements to the postings.
+    fn index_doc(&mut self, id: usize) {
+        let n = self.docs[id].tokens.len();
+        if n == 0 || n > MAX_LEN {
+            return;
+        }
+        let elems = self.ordered(&self.docs[id].tokens);
+        let p = self.prefix_len(n);
+        for (j, e) in elems[..p].iter().enumerate() {
+            let post = ((id as u64) << 32) | ((j as u64) << 16) | n as u64;
+            self.postings.entry(*e).or_default().push(post);
+        }
+    }
+
     /// Store `tokens` (whether or not it duplicates something) and return its id.
     pub fn insert(&mut self, tokens: Vec<u32>) -> u32 {
-        let id = self.docs.len() as u32;
-        self.exact.entry(hash_tokens(&tokens)).or_default().push(id);
-        let distinct: HashSet<u32> = tokens.iter().copied().collect();
-        for t in distinct {
-            *self.df_live.entry(t).or_insert(0) += 1;
-        }
-        for e in self.prefix(&tokens) {
-            self.postings.entry(e).or_default().push(id);
+        let id = self.docs.len();
+        assert!(id < u32::MAX as usize, "near-duplicate index full");
+        self.exact
+            .entry(hash_tokens(&tokens))
+            .or_default()
+            .push(id as u32);
+        let mut sorted = tokens.clone();
+        sorted.sort_unstable();
+        let mut prev = None;
+        for &t in &sorted {
+            if prev != Some(t) {
+                *self.df_live.entry(t).or_insert(0) += 1;
+                prev = Some(t);
+            }
         }
         self.docs.push(Doc {
             tokens: tokens.into_boxed_slice(),
+            sorted: sorted.into_boxed_slice(),
         });
-        self.stamp.push(0);
+        self.scratch.push((0, 0));
         // Re-derive the element order from current frequencies each time the store doubles:
         // amortised O(total tokens), and keeps the rarest-first order close to the data's.
         if self.docs.len() >= 64 && self.docs.len() >= 2 * self.docs_at_reindex {
             self.reindex();
+        } else {
+            self.index_doc(id);
         }
-        id
+        id as u32
     }
 
     /// Freeze the live document frequencies as the element order and rebuild all postings.
@@ -335,10 +428,7 @@ impl NearDupIndex {
         self.df_order = self.df_live.clone();
         self.postings.clear();
         for id in 0..self.docs.len() {
-            let pre = self.prefix(&self.docs[id].tokens);
-            for e in pre {
-                self.postings.entry(e).or_default().push(id as u32);
-            }
+            self.index_doc(id);
         }
         self.docs_at_reindex = self.docs.len();
     }
