@@ -899,3 +899,65 @@ fn bad_template_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// A 4xx other than 408/429 (bad key, unknown model) is not retried: the run stops at once with
+/// the status, and the body's echo of the key is redacted in the message and the raw log.
+#[test]
+fn auth_error_stops_at_once_without_leaking_the_key() {
+    let handler: Arc<Handler> = Arc::new(|_, seen| Reply::Status {
+        code: 401,
+        headers: vec![],
+        body: format!(
+            "{{\"error\":{{\"message\":\"Incorrect API key provided: {}\"}}}}",
+            seen.auth.clone().unwrap_or_default()
+        ),
+    });
+    let mock = Mock::start(handler);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let mut c = bin();
+    args(&mut c, &mock, &out, 10, &["--concurrency", "1"]);
+    c.env("OPENAI_API_KEY", KEY);
+    let o = c.output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("HTTP 401"), "{err}");
+    assert!(err.contains("Bearer [REDACTED]"), "{err}");
+    assert_eq!(mock.seen().len(), 1, "a 401 must not be retried");
+    // Nothing was kept, but the output and raw log exist (created at start).
+    assert_no_key(dir.path(), &o);
+}
+
+/// `--max-requests` bounds a run that cannot reach its target (every reply is a duplicate); the
+/// exit status says the target was not reached.
+#[test]
+fn max_requests_bounds_a_run() {
+    let one = Rec {
+        instruction: "重复的指令".into(),
+        input: String::new(),
+        output: "同样的回答".into(),
+    };
+    let handler: Arc<Handler> = Arc::new(move |_, _| Reply::Chat {
+        content: render(&[one.json()], 0, None),
+        usage: None,
+        finish: "stop",
+    });
+    let mock = Mock::start(handler);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let mut c = bin();
+    args(
+        &mut c,
+        &mock,
+        &out,
+        10,
+        &["--concurrency", "2", "--max-requests", "5"],
+    );
+    let o = c.output().unwrap();
+    assert_eq!(o.status.code(), Some(3));
+    assert_eq!(mock.seen().len(), 5);
+    assert_eq!(records(&out).len(), 1);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("rejected [exact_dup 4]"), "{err}");
+    assert!(err.contains("target not reached"), "{err}");
+}

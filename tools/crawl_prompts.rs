@@ -20,7 +20,8 @@ use zhllama::instruct::crawl_prompt::Template;
     args_override_self = true,
     about = "Crawl self-instruct records (instruction/input/output JSONL) from an OpenAI-compatible chat API",
     after_help = "The API key is read from OPENAI_API_KEY or --api-key-file. Rerunning with the same \
-                  --output resumes toward --target (also after kill -9)."
+                  --output resumes toward --target (also after kill -9). Exit status: 0 target \
+                  reached, 1 error, 2 bad arguments, 3 stopped by --max-requests first."
 )]
 struct Args {
     /// API root as OpenAI SDKs take it, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
@@ -234,6 +235,10 @@ fn main() {
                 cfg.output.display(),
                 cfg.raw_log.display()
             );
+            if stats.kept < stats.target {
+                eprintln!("target not reached (stopped by --max-requests); rerun to continue");
+                std::process::exit(3);
+            }
         }
         Err(e) => {
             eprintln!("{}", last_stats.lock().unwrap().summary());

@@ -287,7 +287,8 @@ impl NearDupIndex {
     /// - positional filter (PPJoin): with matches found so far A, the overlap is at most
     ///   A + 1 + min(m − i − 1, n − j − 1), because every common element ordered before this one
     ///   lies in both prefixes and has been counted; below [`needed`] the doc is dropped;
-    /// then, for survivors, the multiset overlap of the whole sequences, and last the LCS.
+    ///
+    /// Survivors then face the multiset overlap of the whole sequences, and last the LCS.
     fn search(&mut self, q: &[u32], mut hit: impl FnMut(u32) -> bool) {
         self.stats.queries += 1;
         let m = q.len();
