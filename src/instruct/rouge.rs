@@ -142,6 +142,10 @@ pub enum DupCheck {
     Near,
 }
 
+/// Common elements a qualifying pair is guaranteed to show within both prefixes (the ℓ-prefix
+/// scheme with ℓ = 2): one more element indexed per sequence, in exchange for dropping, unverified,
+/// the many candidates that share a single prefix element by chance.
+const PREFIX_SHARE: usize = 2;
 /// First code of interned words: above every Unicode scalar, so CJK tokens can be their code point.
 const WORD_BASE: u32 = 0x11_0000;
 /// Positions, lengths and occurrences are packed in 16 bits: longer sequences are not indexed
@@ -263,9 +267,15 @@ impl NearDupIndex {
             .collect()
     }
 
-    /// Length of the prefix of an ordered sequence of `n` elements that must be indexed/probed.
+    /// Length of the prefix of an ordered sequence of `n` elements that is indexed/probed:
+    /// n − α_min(n) + [`PREFIX_SHARE`]. Two sequences sharing α ≥ α_min elements share their
+    /// PREFIX_SHARE smallest common elements within both such prefixes (each has at least
+    /// α − PREFIX_SHARE common elements after it), so a pair reaching the threshold is always found
+    /// with at least min(PREFIX_SHARE, α) prefix matches.
     fn prefix_len(&mut self, n: usize) -> usize {
-        (n + 1).saturating_sub(self.min_overlap(n)).min(n)
+        (n + PREFIX_SHARE)
+            .saturating_sub(self.min_overlap(n))
+            .min(n)
     }
 
     /// Ids of every stored sequence with ROUGE-L F ≥ threshold against `q` (all of them, for tests
@@ -349,7 +359,10 @@ impl NearDupIndex {
             }
             let d = &self.docs[id as usize];
             let n = d.tokens.len();
-            if !overlap_at_least(&qs, &d.sorted, needed(m, n, t)) {
+            let need = needed(m, n, t);
+            if (self.scratch[id as usize].1 as usize) < need.min(PREFIX_SHARE)
+                || !overlap_at_least(&qs, &d.sorted, need)
+            {
                 continue;
             }
             self.stats.lcs_computed += 1;
