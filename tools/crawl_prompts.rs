@@ -11,7 +11,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use zhllama::instruct::crawl::{CrawlConfig, Stats, crawl, raw_log_path};
+use zhllama::instruct::crawl::{CrawlConfig, Secret, Stats, crawl, raw_log_path};
 use zhllama::instruct::crawl_prompt::Template;
 
 #[derive(Parser, Debug)]
@@ -137,12 +137,12 @@ fn config(a: &Args) -> Result<CrawlConfig> {
             if key.is_empty() {
                 bail!("{}: first line is empty, expected the API key", p.display());
             }
-            Some(key)
+            Some(Secret::new(key))
         }
         None => std::env::var("OPENAI_API_KEY")
             .ok()
             .filter(|k| !k.trim().is_empty())
-            .map(|k| k.trim().to_string()),
+            .map(|k| Secret::new(k.trim())),
     };
     if let Some(p) = &a.raw_log {
         c.raw_log = p.clone();

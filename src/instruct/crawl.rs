@@ -56,6 +56,27 @@ pub const DEFAULT_BLACKLIST: &[&str] = &[
     "ChatGPT",
 ];
 
+/// An API key: `Debug` prints `[REDACTED]`, so logging a config cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(key: impl Into<String>) -> Self {
+        Secret(key.into())
+    }
+
+    /// The key itself, for the `Authorization` header and for redaction.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
 /// Item filters.
 #[derive(Clone, Debug)]
 pub struct FilterConfig {
@@ -111,7 +132,7 @@ pub struct CrawlConfig {
     pub base_url: String,
     pub model: String,
     /// Sent as `Authorization: Bearer …`; never written anywhere.
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
     pub output: PathBuf,
     /// Audit log of every raw reply; also holds the resume markers.
     pub raw_log: PathBuf,
@@ -663,7 +684,7 @@ pub fn crawl(cfg: &CrawlConfig, progress: &(dyn Fn(&Stats) + Sync)) -> Result<St
         );
     }
     let start = Instant::now();
-    let redact = Redactor::new(cfg.api_key.as_deref());
+    let redact = Redactor::new(cfg.api_key.as_ref().map(Secret::expose));
 
     // Rebuild the duplicate index from the records already kept.
     let mut index = NearDupIndex::new(cfg.filters.rouge_threshold);
@@ -760,7 +781,7 @@ pub fn crawl(cfg: &CrawlConfig, progress: &(dyn Fn(&Stats) + Sync)) -> Result<St
 fn worker(sh: &Shared, agent: &ureq::Agent, id: u64) {
     let cfg = sh.cfg;
     let mut jitter = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5EED ^ (id << 32));
-    let key = cfg.api_key.as_deref();
+    let key = cfg.api_key.as_ref().map(Secret::expose);
     loop {
         let req = {
             let mut st = sh.state.lock().unwrap();
@@ -1036,6 +1057,17 @@ mod tests {
         check2(
             item("ChatGPT 是什么", "", "一个聊天机器人"),
             Err(Reject::Blacklisted),
+        );
+    }
+
+    #[test]
+    fn config_debug_hides_the_key() {
+        let mut c = CrawlConfig::new("http://127.0.0.1:1/v1", "m", Path::new("o.jsonl"));
+        c.api_key = Some(Secret::new("sk-very-secret"));
+        let d = format!("{c:?}");
+        assert!(
+            !d.contains("sk-very-secret") && d.contains("[REDACTED]"),
+            "{d}"
         );
     }
 
