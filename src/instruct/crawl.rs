@@ -19,7 +19,7 @@ use crate::instruct::crawl_rate::{Limiter, backoff, estimate_tokens, retry_after
 use crate::instruct::reply_parse::{Item, parse_reply};
 use crate::instruct::rouge::{DupCheck, NearDupIndex};
 use anyhow::{Context, Result, anyhow, bail};
-use rand::SeedableRng;
+use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
@@ -848,9 +848,11 @@ fn worker(sh: &Shared, agent: &ureq::Agent, id: u64) {
                     let wait = match wait {
                         Some(w) => {
                             let w = w.min(cfg.retry.max_retry_after);
-                            // A server-wide pause: hold every worker, not just this one.
+                            // A server-wide pause: hold every worker, not just this one;
+                            // then up to 10% (≤ 1 s) more, so they do not all return at once.
                             sh.limiter.pause_for(w);
-                            w
+                            let spread = (w.as_secs_f64() / 10.0).min(1.0);
+                            w + Duration::from_secs_f64(jitter.random_range(0.0..=spread))
                         }
                         None => backoff(
                             attempt,
