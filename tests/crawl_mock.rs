@@ -961,3 +961,39 @@ fn max_requests_bounds_a_run() {
     assert!(err.contains("rejected [exact_dup 4]"), "{err}");
     assert!(err.contains("target not reached"), "{err}");
 }
+
+/// A model that only repeats itself stops the run by itself (`--max-stalled-replies`), with an
+/// error pointing at the raw log; without a terminal, progress goes to stderr as log lines.
+#[test]
+fn stalled_crawl_stops_by_itself() {
+    let one = Rec {
+        instruction: "还是那条指令".into(),
+        input: String::new(),
+        output: "还是那个回答".into(),
+    };
+    let handler: Arc<Handler> = Arc::new(move |_, _| Reply::Chat {
+        content: render(&[one.json()], 1, None),
+        usage: None,
+        finish: "stop",
+    });
+    let mock = Mock::start(handler);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let mut c = bin();
+    args(
+        &mut c,
+        &mock,
+        &out,
+        10,
+        &["--concurrency", "1", "--max-stalled-replies", "3"],
+    );
+    c.args(["--log-every", "0.000001"]);
+    let o = c.output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    // One reply kept the record, the next three added nothing.
+    assert_eq!(mock.seen().len(), 4);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("the last 3 replies added no record"), "{err}");
+    assert!(err.contains("kept 1/10 | rejected [exact_dup"), "{err}");
+    assert_eq!(records(&out).len(), 1);
+}
