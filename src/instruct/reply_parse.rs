@@ -57,7 +57,7 @@ pub struct Parsed {
 /// Parse one reply (see the module doc).
 pub fn parse_reply(text: &str) -> Parsed {
     let mut out = Parsed::default();
-    scan(text, &mut out);
+    scan(text, &mut out, 0);
     if out.items.is_empty() && out.invalid.is_empty() {
         out.invalid.push(Invalid::NoItems);
     }
@@ -97,7 +97,7 @@ fn balanced_end(text: &str, start: usize) -> Option<usize> {
     None
 }
 
-fn scan(text: &str, out: &mut Parsed) {
+fn scan(text: &str, out: &mut Parsed, depth: usize) {
     let mut pos = 0;
     while let Some(off) = text[pos..].find('{') {
         let start = pos + off;
@@ -108,22 +108,30 @@ fn scan(text: &str, out: &mut Parsed) {
                     // A JSON object with nothing instruction-like in it (e.g. `{"n": 20}`) is
                     // stray text, not a broken item: `walk` adds nothing for it.
                     Some(v) => walk(&v, out),
-                    None => rescan_or(&text[start + 1..end - 1], Invalid::Malformed, out),
+                    None => rescan_or(&text[start + 1..end - 1], Invalid::Malformed, out, depth),
                 }
                 pos = end;
             }
             None => {
-                rescan_or(&text[start + 1..], Invalid::Truncated, out);
+                rescan_or(&text[start + 1..], Invalid::Truncated, out, depth);
                 return;
             }
         }
     }
 }
 
+const MAX_RESCAN_DEPTH: usize = 4;
+
 /// Scan the inside of a failed object; if it yields nothing, count the failure itself.
-fn rescan_or(inner: &str, reason: Invalid, out: &mut Parsed) {
+fn rescan_or(inner: &str, reason: Invalid, out: &mut Parsed, depth: usize) {
+    // Items sit at most a wrapper or two deep; the bound keeps hostile input (thousands of
+    // unmatched braces) linear and off the stack's limit.
+    if depth >= MAX_RESCAN_DEPTH {
+        out.invalid.push(reason);
+        return;
+    }
     let mut sub = Parsed::default();
-    scan(inner, &mut sub);
+    scan(inner, &mut sub, depth + 1);
     if sub.items.is_empty() {
         out.invalid.push(reason);
     } else {
@@ -355,6 +363,20 @@ mod tests {
             &[it("c", "", "d")],
             &[],
         );
+    }
+
+    #[test]
+    fn hostile_input_stays_linear() {
+        let braces = "{".repeat(200_000);
+        let got = parse_reply(&braces);
+        assert!(got.items.is_empty());
+        assert_eq!(got.invalid, vec![Invalid::Truncated]);
+        let text = format!(
+            "{}{}",
+            r#"[{"instruction":"a","output":"b"}]"#,
+            "{\"x\": [".repeat(50_000)
+        );
+        assert_eq!(parse_reply(&text).items, vec![it("a", "", "b")]);
     }
 
     #[test]
