@@ -85,12 +85,14 @@ fn main() {
     let c0 = cpu_secs();
     let t0 = Instant::now();
     let mut checkpoints = Vec::new();
+    let mut kept: Vec<&String> = Vec::new();
     let (mut near, mut exact) = (0usize, 0usize);
     for (i, t) in texts.iter().enumerate() {
         let q = idx.encode(t);
         match idx.check(&q) {
             DupCheck::Unique => {
                 idx.insert(q);
+                kept.push(t);
             }
             DupCheck::Near => near += 1,
             DupCheck::Exact => exact += 1,
@@ -123,19 +125,6 @@ fn main() {
     }
 
     // Resume: rebuilding the index from the kept records is insert-only.
-    let kept: Vec<&String> = {
-        let mut probe = NearDupIndex::new(0.7);
-        texts
-            .iter()
-            .filter(|t| {
-                let q = probe.encode(t);
-                probe.check(&q) == DupCheck::Unique && {
-                    probe.insert(q);
-                    true
-                }
-            })
-            .collect()
-    };
     let c3 = cpu_secs();
     let mut rebuilt = NearDupIndex::new(0.7);
     for t in &kept {
