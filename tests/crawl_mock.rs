@@ -362,8 +362,9 @@ fn args(c: &mut Command, mock: &Mock, out: &Path, target: u64, extra: &[&str]) {
         "0.05",
         "--backoff-cap",
         "0.2",
+        // Far above any reply here, so a loaded box never causes a spurious timeout and retry.
         "--timeout",
-        "5",
+        "20",
     ])
     .args(extra);
 }
@@ -507,7 +508,7 @@ fn survives_injected_failures_and_loses_nothing() {
                 }),
             ),
             2 => Reply::Slow(
-                Duration::from_secs(3),
+                Duration::from_secs(8),
                 Box::new(chat(render(&[decoy().json()], 0, None))),
             ),
             3 => Reply::Drop,
@@ -567,7 +568,8 @@ fn survives_injected_failures_and_loses_nothing() {
         &mock,
         &out,
         TARGET as u64,
-        &["--concurrency", "2", "--timeout", "1"],
+        // 3 s: far above a normal reply even on a loaded box, far below the 8 s slow reply.
+        &["--concurrency", "2", "--timeout", "3"],
     );
     c.env("OPENAI_API_KEY", KEY);
     let o = run(&mut c);
@@ -960,10 +962,14 @@ fn max_requests_bounds_a_run() {
         &["--concurrency", "2", "--max-requests", "5"],
     );
     let o = c.output().unwrap();
-    assert_eq!(o.status.code(), Some(3));
-    assert_eq!(mock.seen().len(), 5);
-    assert_eq!(records(&out).len(), 1);
     let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    // Five requests; a transient error on this loaded box could add a retry (an attempt), never a
+    // request, so the server must have seen exactly as many attempts as the summary reports.
+    assert!(err.contains("requests 5 (attempts "), "{err}");
+    let attempts = format!("(attempts {},", mock.seen().len());
+    assert!(err.contains(&attempts), "server saw {attempts} but:\n{err}");
+    assert_eq!(records(&out).len(), 1);
     assert!(err.contains("rejected [exact_dup 4]"), "{err}");
     assert!(err.contains("target not reached"), "{err}");
 }
@@ -995,10 +1001,13 @@ fn stalled_crawl_stops_by_itself() {
     );
     c.args(["--log-every", "0.000001"]);
     let o = c.output().unwrap();
-    assert_eq!(o.status.code(), Some(1));
-    // One reply kept the record, the next three added nothing.
-    assert_eq!(mock.seen().len(), 4);
     let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    // One reply kept the record, the next three added nothing (as in `max_requests_bounds_a_run`,
+    // attempts may exceed requests only by retries, and the server saw every attempt).
+    assert!(err.contains("requests 4 (attempts "), "{err}");
+    let attempts = format!("(attempts {},", mock.seen().len());
+    assert!(err.contains(&attempts), "server saw {attempts} but:\n{err}");
     assert!(err.contains("the last 3 replies added no record"), "{err}");
     assert!(err.contains("kept 1/10 | rejected [exact_dup"), "{err}");
     assert_eq!(records(&out).len(), 1);
