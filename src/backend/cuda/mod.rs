@@ -1,1 +1,6 @@
-//! The CUDA backend (issue 9).
+//! The CUDA backend (feature `cuda`).
+
+pub mod nvrtc;
+
+/// True in builds with the `cuda` feature.
+pub const ENABLED: bool = true;
