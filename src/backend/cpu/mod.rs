@@ -1,1 +1,256 @@
-//! The CPU reference backend (filled in by issue 2).
+//! The CPU reference backend: `f32` vectors in host memory; every op is the same-named function in
+//! `crate::ops` (multi-threaded with rayon). `Role` is ignored: everything is f32.
+
+use super::{AdamW, Backend, Role};
+use crate::ops;
+use anyhow::{Result, ensure};
+use std::ops::Range;
+
+/// The CPU backend. Stateless: threads come from rayon's global pool.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend
+    }
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Ids = Vec<i32>;
+    type View<'a> = &'a [f32];
+    type ViewMut<'a> = &'a mut [f32];
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn alloc(&self, len: usize, _role: Role) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+    fn alloc_ids(&self, len: usize) -> Result<Vec<i32>> {
+        Ok(vec![0; len])
+    }
+    fn buf_len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+    fn upload(&self, dst: &mut Vec<f32>, src: &[f32]) -> Result<()> {
+        ensure!(
+            dst.len() == src.len(),
+            "upload: buffer holds {} floats, source has {}",
+            dst.len(),
+            src.len()
+        );
+        dst.copy_from_slice(src);
+        Ok(())
+    }
+    fn download(&self, src: &Vec<f32>, dst: &mut [f32]) -> Result<()> {
+        ensure!(
+            dst.len() == src.len(),
+            "download: buffer holds {} floats, destination has {}",
+            src.len(),
+            dst.len()
+        );
+        dst.copy_from_slice(src);
+        Ok(())
+    }
+    fn upload_ids(&self, dst: &mut Vec<i32>, src: &[i32]) -> Result<()> {
+        ensure!(
+            dst.len() == src.len(),
+            "upload_ids: buffer holds {} ids, source has {}",
+            dst.len(),
+            src.len()
+        );
+        dst.copy_from_slice(src);
+        Ok(())
+    }
+    fn view<'a>(&self, buf: &'a Vec<f32>, range: Range<usize>) -> &'a [f32] {
+        &buf[range]
+    }
+    fn view_mut<'a>(&self, buf: &'a mut Vec<f32>, range: Range<usize>) -> &'a mut [f32] {
+        &mut buf[range]
+    }
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn zero(&self, out: &mut [f32]) {
+        ops::zero(out)
+    }
+    fn copy(&self, out: &mut [f32], x: &[f32]) {
+        ops::copy(out, x)
+    }
+    fn axpy(&self, out: &mut [f32], alpha: f32, x: &[f32]) {
+        ops::axpy(out, alpha, x)
+    }
+    fn scale(&self, out: &mut [f32], alpha: f32) {
+        ops::scale(out, alpha)
+    }
+    fn sum_squares(&self, x: &[f32]) -> Result<f64> {
+        Ok(ops::sum_squares(x))
+    }
+
+    fn matmul(
+        &self,
+        out: &mut [f32],
+        a: &[f32],
+        b: &[f32],
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+        alpha: f32,
+        beta: f32,
+    ) {
+        ops::matmul(out, a, b, m, n, k, trans_a, trans_b, alpha, beta)
+    }
+
+    fn rmsnorm_forward(
+        &self,
+        out: &mut [f32],
+        rstd: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) {
+        ops::rmsnorm_forward(out, rstd, x, w, n, c, eps)
+    }
+    fn rmsnorm_backward(
+        &self,
+        dx: &mut [f32],
+        dw: &mut [f32],
+        dout: &[f32],
+        x: &[f32],
+        w: &[f32],
+        rstd: &[f32],
+        n: usize,
+        c: usize,
+    ) {
+        ops::rmsnorm_backward(dx, dw, dout, x, w, rstd, n, c)
+    }
+
+    fn rope_forward(
+        &self,
+        x: &mut [f32],
+        b: usize,
+        t: usize,
+        h: usize,
+        d: usize,
+        theta: f32,
+        pos_offset: usize,
+    ) {
+        ops::rope_forward(x, b, t, h, d, theta, pos_offset)
+    }
+    fn rope_backward(
+        &self,
+        dx: &mut [f32],
+        b: usize,
+        t: usize,
+        h: usize,
+        d: usize,
+        theta: f32,
+        pos_offset: usize,
+    ) {
+        ops::rope_backward(dx, b, t, h, d, theta, pos_offset)
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut [f32],
+        lse: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        b: usize,
+        t: usize,
+        h: usize,
+        hkv: usize,
+        d: usize,
+    ) {
+        ops::attention_forward(out, lse, q, k, v, b, t, h, hkv, d)
+    }
+    fn attention_backward(
+        &self,
+        dq: &mut [f32],
+        dk: &mut [f32],
+        dv: &mut [f32],
+        dout: &[f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: &[f32],
+        lse: &[f32],
+        b: usize,
+        t: usize,
+        h: usize,
+        hkv: usize,
+        d: usize,
+    ) {
+        ops::attention_backward(dq, dk, dv, dout, q, k, v, out, lse, b, t, h, hkv, d)
+    }
+
+    fn swiglu_forward(&self, out: &mut [f32], gate: &[f32], up: &[f32]) {
+        ops::swiglu_forward(out, gate, up)
+    }
+    fn swiglu_backward(
+        &self,
+        dgate: &mut [f32],
+        dup: &mut [f32],
+        dout: &[f32],
+        gate: &[f32],
+        up: &[f32],
+    ) {
+        ops::swiglu_backward(dgate, dup, dout, gate, up)
+    }
+
+    fn embedding_forward(
+        &self,
+        out: &mut [f32],
+        ids: &Vec<i32>,
+        table: &[f32],
+        n: usize,
+        c: usize,
+    ) {
+        ops::embedding_forward(out, ids, table, n, c)
+    }
+    fn embedding_backward(
+        &self,
+        dtable: &mut [f32],
+        dout: &[f32],
+        ids: &Vec<i32>,
+        n: usize,
+        c: usize,
+    ) {
+        ops::embedding_backward(dtable, dout, ids, n, c)
+    }
+
+    fn cross_entropy_forward(
+        &self,
+        losses: &mut [f32],
+        logits: &[f32],
+        targets: &Vec<i32>,
+        n: usize,
+        v: usize,
+    ) {
+        ops::cross_entropy_forward(losses, logits, targets, n, v)
+    }
+    fn cross_entropy_backward(
+        &self,
+        dlogits: &mut [f32],
+        logits: &[f32],
+        targets: &Vec<i32>,
+        n: usize,
+        v: usize,
+        scale: f32,
+    ) {
+        ops::cross_entropy_backward(dlogits, logits, targets, n, v, scale)
+    }
+
+    fn adamw_step(&self, param: &mut [f32], m: &mut [f32], v: &mut [f32], grad: &[f32], hp: AdamW) {
+        ops::adamw_step(param, m, v, grad, hp)
+    }
+}
