@@ -15,7 +15,7 @@
 //!   `+=` outputs round twice; 1e-2 leaves room for that and nothing more.
 //!   NaN or Inf in any output fails regardless of the tolerance.
 //!
-//! Without a GPU (or without `--features cuda`) the GPU tests print why and return; the host-side
+//! Without a GPU the GPU tests print why and return (unless `ZHLLAMA_REQUIRE_GPU=1`); the host-side
 //! tests (CSR grouping, dropout mask, the no-GPU error) run everywhere. `tools/gpu-check.sh` runs
 //! this binary on a lent GPU and keeps its table.
 
@@ -254,6 +254,10 @@ fn gpu_or_skip() -> Option<CudaBackend> {
     match CudaBackend::with_options(opts) {
         Ok(g) => Some(g),
         Err(e) => {
+            // tools/gpu-check.sh sets ZHLLAMA_REQUIRE_GPU=1: there, no GPU is a failure.
+            if std::env::var("ZHLLAMA_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("ZHLLAMA_REQUIRE_GPU=1 but the CUDA backend did not start: {e:#}");
+            }
             eprintln!("skipped: no usable GPU: {e:#}");
             None
         }

@@ -332,6 +332,23 @@ impl CudaBackend {
         out.sort_by(|a, b| b.total_ms.total_cmp(&a.total_ms));
         Ok(out)
     }
+    /// Milliseconds of GPU time the work `f` queues on the stream (CUDA events around it; waits for
+    /// it to finish). For benchmarks; returns the first queued error, if any.
+    pub fn time_ms(&self, f: impl FnOnce()) -> Result<f32> {
+        let ev = || {
+            self.stream
+                .record_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| anyhow!("cuEventRecord: {e:?}"))
+        };
+        let a = ev()?;
+        f();
+        let b = ev()?;
+        b.synchronize()
+            .map_err(|e| anyhow!("cuEventSynchronize: {e:?}"))?;
+        self.take_error()?;
+        a.elapsed_ms(&b)
+            .map_err(|e| anyhow!("cuEventElapsedTime: {e:?}"))
+    }
     fn prof_start(&self) -> Option<CudaEvent> {
         if !self.profiler.lock().unwrap().enabled {
             return None;
