@@ -372,6 +372,13 @@ impl CudaBackend {
     }
 
     // ---- errors, scratch, launches ----------------------------------------------------------------
+    /// Make this backend's context current on the calling thread (raw driver and cuBLAS calls need
+    /// it; cudarc's launches do it themselves).
+    fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| anyhow!("binding the CUDA context: {e:?}"))
+    }
     fn record(&self, r: Result<()>) {
         if let Err(e) = r {
             let mut g = self.error.lock().unwrap();
@@ -1247,6 +1254,7 @@ impl CudaBackend {
             (CUBLAS_OP_N, k)
         };
         let name = format!("cublas_gemm_{}_{}", suffix(ab), suffix(od));
+        self.bind()?;
         let start = self.prof_start();
         // SAFETY: pointers are live device buffers of the checked sizes; alpha/beta are host f32
         // (compute type 32F, host pointer mode).
@@ -1588,21 +1596,24 @@ impl Backend for CudaBackend {
 
     fn zero(&self, out: DViewMut<'_>) {
         // SAFETY: the view is a live range of `len·size` bytes.
-        let r = unsafe {
-            drv::memset_d8_async(
-                out.ptr,
-                0,
-                out.len * out.dtype.size(),
-                self.stream.cu_stream(),
-            )
-        }
-        .map_err(|e| anyhow!("zero: {e:?}"));
+        let r = self.bind().and_then(|_| {
+            unsafe {
+                drv::memset_d8_async(
+                    out.ptr,
+                    0,
+                    out.len * out.dtype.size(),
+                    self.stream.cu_stream(),
+                )
+            }
+            .map_err(|e| anyhow!("zero: {e:?}"))
+        });
         self.record(r);
     }
     fn copy(&self, out: DViewMut<'_>, x: DView<'_>) {
         let r = (|| {
             Self::check_view("copy", x.len, out.len)?;
             if out.dtype == x.dtype {
+                self.bind()?;
                 // SAFETY: both live ranges of the same byte length.
                 unsafe {
                     drv::memcpy_dtod_async(
@@ -1680,6 +1691,7 @@ impl Backend for CudaBackend {
             &[KArg::P(out), KArg::P(partial), KArg::I(nparts as i32)],
         )?;
         let mut h = [0f64; 1];
+        self.bind()?;
         // SAFETY: `out` holds one f64; the copy is stream-ordered after the kernels, then synced.
         unsafe { drv::memcpy_dtoh_async(&mut h, out, self.stream.cu_stream()) }
             .map_err(|e| anyhow!("sum_squares: {e:?}"))?;
