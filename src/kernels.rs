@@ -121,3 +121,48 @@ pub fn dropout_keep(seed: u64, idx: u64, threshold: u32) -> bool {
 pub fn dropout_threshold(p: f32) -> u32 {
     ((p as f64) * 4294967296.0).clamp(0.0, 4294967295.0) as u32
 }
+
+/// The scalar coefficients of one AdamW step, computed in f64 exactly as `crate::ops::adamw_step`
+/// does: [decay, w1, beta2, w2, eps, neg_step_size, bc2_sqrt].
+pub fn adamw_coefficients(hp: crate::backend::AdamW) -> [f32; 7] {
+    let widen = |x: f32| -> f64 { format!("{x}").parse().unwrap_or(x as f64) };
+    let (lr, b1, b2, eps, wd) = (
+        widen(hp.lr),
+        widen(hp.beta1),
+        widen(hp.beta2),
+        widen(hp.eps),
+        widen(hp.weight_decay),
+    );
+    let step = hp.step.max(1) as f64;
+    let bc1 = 1.0 - b1.powf(step);
+    let bc2 = 1.0 - b2.powf(step);
+    [
+        (1.0 - lr * wd) as f32,
+        (1.0 - b1) as f32,
+        b2 as f32,
+        (1.0 - b2) as f32,
+        eps as f32,
+        (-(lr / bc1)) as f32,
+        bc2.sqrt() as f32,
+    ]
+}
+
+/// Host-side CSR grouping of positions by id: (unique ids ascending, offsets, positions ascending
+/// within each id). Negative ids (ignored labels) are left out.
+pub fn group_positions(ids: &[i32]) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
+    let mut order: Vec<i32> = (0..ids.len() as i32)
+        .filter(|&i| ids[i as usize] >= 0)
+        .collect();
+    order.sort_by_key(|&i| ids[i as usize]); // stable: positions stay ascending within an id
+    let mut uniq = Vec::new();
+    let mut offsets = Vec::new();
+    for (k, &i) in order.iter().enumerate() {
+        let id = ids[i as usize];
+        if uniq.last() != Some(&id) {
+            uniq.push(id);
+            offsets.push(k as i32);
+        }
+    }
+    offsets.push(order.len() as i32);
+    (uniq, offsets, order)
+}

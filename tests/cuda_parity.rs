@@ -100,7 +100,7 @@ fn embedding_backward_grouping_matches_a_direct_scan() {
                 }
             })
             .collect();
-        let (uniq, offsets, positions) = zhllama::backend::cuda::group_positions(&ids);
+        let (uniq, offsets, positions) = kernels::group_positions(&ids);
         let got: Vec<(i32, Vec<i32>)> = uniq
             .iter()
             .enumerate()

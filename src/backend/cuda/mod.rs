@@ -1111,7 +1111,7 @@ impl CudaBackend {
             if len == 0 {
                 return Ok(());
             }
-            let k = adamw_coefficients(hp);
+            let k = kernels::adamw_coefficients(hp);
             let run = |name: String, pp: u64, mp: u64, vp: u64, gp: u64| {
                 self.launch(
                     &name,
@@ -1291,31 +1291,6 @@ impl CudaBackend {
     }
 }
 
-/// The scalar coefficients of one AdamW step, computed in f64 exactly as `crate::ops::adamw_step`
-/// does: [decay, w1, beta2, w2, eps, neg_step_size, bc2_sqrt].
-fn adamw_coefficients(hp: AdamW) -> [f32; 7] {
-    let widen = |x: f32| -> f64 { format!("{x}").parse().unwrap_or(x as f64) };
-    let (lr, b1, b2, eps, wd) = (
-        widen(hp.lr),
-        widen(hp.beta1),
-        widen(hp.beta2),
-        widen(hp.eps),
-        widen(hp.weight_decay),
-    );
-    let step = hp.step.max(1) as f64;
-    let bc1 = 1.0 - b1.powf(step);
-    let bc2 = 1.0 - b2.powf(step);
-    [
-        (1.0 - lr * wd) as f32,
-        (1.0 - b1) as f32,
-        b2 as f32,
-        (1.0 - b2) as f32,
-        eps as f32,
-        (-(lr / bc1)) as f32,
-        bc2.sqrt() as f32,
-    ]
-}
-
 /// (kernel file, cubin, kernel names).
 type CompiledFile = (String, Vec<u8>, Vec<String>);
 
@@ -1397,26 +1372,6 @@ fn compile_all(
             .map(|h| h.join().map_err(|_| anyhow!("compile thread panicked"))?)
             .collect()
     })
-}
-
-/// Host-side CSR grouping of positions by id: (unique ids ascending, offsets, positions ascending
-/// within each id). Negative ids (ignored labels) are left out.
-pub fn group_positions(ids: &[i32]) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
-    let mut order: Vec<i32> = (0..ids.len() as i32)
-        .filter(|&i| ids[i as usize] >= 0)
-        .collect();
-    order.sort_by_key(|&i| ids[i as usize]); // stable: positions stay ascending within an id
-    let mut uniq = Vec::new();
-    let mut offsets = Vec::new();
-    for (k, &i) in order.iter().enumerate() {
-        let id = ids[i as usize];
-        if uniq.last() != Some(&id) {
-            uniq.push(id);
-            offsets.push(k as i32);
-        }
-    }
-    offsets.push(order.len() as i32);
-    (uniq, offsets, order)
 }
 
 impl Backend for CudaBackend {
@@ -1544,7 +1499,7 @@ impl Backend for CudaBackend {
             src.len()
         );
         self.take_error()?;
-        let (uniq, offsets, positions) = group_positions(src);
+        let (uniq, offsets, positions) = kernels::group_positions(src);
         let e = |e| anyhow!("upload_ids: {e:?}");
         self.stream
             .memcpy_htod(src, &mut dst.ids.slice_mut(0..src.len()))
