@@ -691,6 +691,150 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         );
     }
 
+    // ---- bf16 (training) variants: 8-byte bf16 vector loads/stores, fp32 statistics ----
+    {
+        let (n, c) = (5usize, 256usize);
+        let (x, w, dout, dx0) = (
+            bf(&rand(n * c, 2.0)),
+            bf(&rand(c, 1.0)),
+            bf(&rand(n * c, 1.0)),
+            bf(&rand(n * c, 1.0)),
+        );
+        let dw0 = rand(c, 1.0);
+        let (mut out, mut rstd) = (vec![0.0; n * c], vec![0.0; n]);
+        cpu.rmsnorm_forward(&mut out, &mut rstd, &x, &w, n, c, 1e-6);
+        let (mut dx, mut dw) = (dx0.clone(), dw0.clone());
+        cpu.rmsnorm_backward(&mut dx, &mut dw, &dout, &x, &w, &rstd, n, c);
+        let (ix, iw, id, idx, idw) = (
+            e.bf16(&x),
+            e.bf16(&w),
+            e.bf16(&dout),
+            e.bf16(&dx0),
+            e.f32(&dw0),
+        );
+        let (io, ir) = (e.zeros_bf16(n * c), e.zeros(n));
+        e.launch(
+            "rmsnorm_forward_v1_bf16",
+            (n, 1, 1),
+            256,
+            &[p(io), p(ir), p(ix), p(iw), i(n), i(c), f(1e-6)],
+        );
+        let part = e.zeros(2 * c);
+        e.launch(
+            "rmsnorm_backward_v1_bf16",
+            (2, 1, 1),
+            256,
+            &[p(idx), p(part), p(id), p(ix), p(iw), p(ir), i(n), i(c)],
+        );
+        e.launch(
+            "rmsnorm_dw_reduce_v1_f32",
+            (1, 1, 1),
+            256,
+            &[p(idw), p(part), i(2), i(c)],
+        );
+        // SwiGLU bf16, embedding backward with bf16 dout into an fp32 table, AdamW with bf16 grads
+        // (no copy: null pointer), axpy fp32 += bf16, cast fp32 -> bf16.
+        let len = 1000usize;
+        let (g, u) = (bf(&rand(len, 4.0)), bf(&rand(len, 2.0)));
+        let mut sw = vec![0.0; len];
+        cpu.swiglu_forward(&mut sw, &g, &u);
+        let (ig, iu, isw) = (e.bf16(&g), e.bf16(&u), e.zeros_bf16(len));
+        e.launch(
+            "swiglu_forward_v1_bf16",
+            (1, 1, 1),
+            64,
+            &[p(isw), p(ig), p(iu), format!("l{len}")],
+        );
+        let ids: Vec<i32> = (0..n).map(|k| (k % 3) as i32).collect();
+        let d0 = rand(3 * c, 1.0);
+        let mut dt = d0.clone();
+        cpu.embedding_backward(&mut dt, &dout, &ids, n, c);
+        let (uniq, offsets, positions) = kernels::group_positions(&ids);
+        let (idt, iu2, ioff, ipos) = (e.f32(&d0), e.i32(&uniq), e.i32(&offsets), e.i32(&positions));
+        e.launch(
+            "embedding_backward_v1_bf16",
+            (uniq.len(), 1, 1),
+            256,
+            &[p(idt), p(id), p(iu2), p(ioff), p(ipos), i(c)],
+        );
+        let (pp, m, gr) = (rand(len, 1.0), rand(len, 0.1), bf(&rand(len, 0.1)));
+        let v: Vec<f32> = rand(len, 0.01).iter().map(|x| x.abs()).collect();
+        let hp = AdamW {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            step: 1,
+        };
+        let (mut pw, mut mw, mut vw) = (pp.clone(), m.clone(), v.clone());
+        cpu.adamw_step(&mut pw, &mut mw, &mut vw, &gr, hp);
+        let (ip, im, iv, igr) = (e.f32(&pp), e.f32(&m), e.f32(&v), e.bf16(&gr));
+        let mut a = vec![
+            p(ip),
+            p(im),
+            p(iv),
+            p(igr),
+            "n0".to_string(),
+            format!("l{len}"),
+        ];
+        a.extend(kernels::adamw_coefficients(hp).iter().map(|&x| f(x)));
+        e.launch("adamw_step_v1_f32_bf16", (2, 1, 1), 256, &a);
+        let y0 = rand(len, 1.0);
+        let mut y = y0.clone();
+        cpu.axpy(&mut y, 0.5, &g);
+        let iy = e.f32(&y0);
+        e.launch(
+            "axpy_v1_f32_bf16",
+            (2, 1, 1),
+            256,
+            &[p(iy), p(ig), f(0.5), format!("l{len}")],
+        );
+        let icast = e.zeros_bf16(len);
+        e.launch(
+            "copy_v1_bf16_f32",
+            (2, 1, 1),
+            256,
+            &[p(icast), p(iy), format!("l{len}")],
+        );
+        let r = e.run(&[io, ir, idx, idw, isw, idt, ip, im, iv, iy, icast]);
+        check(&mut fails, "rmsnorm_forward_v1_bf16 out", &r[0], &out, 1e-2);
+        check(
+            &mut fails,
+            "rmsnorm_forward_v1_bf16 rstd",
+            &r[1],
+            &rstd,
+            1e-5,
+        );
+        check(
+            &mut fails,
+            "rmsnorm_backward_v1_bf16 dx (+=)",
+            &r[2],
+            &dx,
+            1e-2,
+        );
+        check(
+            &mut fails,
+            "rmsnorm_backward_v1_bf16 dw (+=)",
+            &r[3],
+            &dw,
+            1e-5,
+        );
+        check(&mut fails, "swiglu_forward_v1_bf16", &r[4], &sw, 1e-2);
+        check(
+            &mut fails,
+            "embedding_backward_v1_bf16 (fp32 table)",
+            &r[5],
+            &dt,
+            1e-5,
+        );
+        check(&mut fails, "adamw_step_v1_f32_bf16 param", &r[6], &pw, 1e-5);
+        check(&mut fails, "adamw_step_v1_f32_bf16 m", &r[7], &mw, 1e-5);
+        check(&mut fails, "adamw_step_v1_f32_bf16 v", &r[8], &vw, 1e-5);
+        check(&mut fails, "axpy_v1_f32_bf16", &r[9], &y, 1e-5);
+        check(&mut fails, "copy_v1_bf16_f32", &r[10], &bf(&y), 1e-5);
+    }
+
     assert!(
         fails.is_empty(),
         "{} mismatches:\n{}",

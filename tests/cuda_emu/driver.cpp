@@ -1,7 +1,7 @@
 // Host driver for the emulated kernels (tests/cuda_emulated.rs). Reads a script on stdin:
 //   b ID LEN   fp32 buffer (from DIR/inID.bin if present, else zeros)      B: bf16 (file holds f32)
 //   i ID LEN   int32 buffer (from DIR/inID.bin if present, else zeros)      D: fp64 zeros
-//   L NAME GX GY GZ THREADS ARG...   launch; ARG = pID | iV | lV | uV | qV | fV
+//   L NAME GX GY GZ THREADS ARG...   launch; ARG = pID | n0 (null pointer) | iV | lV | uV | qV | fV
 //   d ID       write the buffer as f32 (bf16 widened, f64 narrowed) to DIR/outID.bin
 // DIR is argv[1]. Every kernels/*.cu is compiled into this one file against emu.h.
 #include "emu.h"
@@ -41,6 +41,7 @@ struct Arg {
 template <typename T>
 T conv(const Arg& a) {
     if constexpr (std::is_pointer_v<T>) {
+        if (a.kind == 'n') return nullptr;
         if (a.kind != 'p') { std::fprintf(stderr, "expected a buffer argument\n"); std::exit(3); }
         return reinterpret_cast<T>(bufs.at(a.id).bytes.data());
     } else if constexpr (std::is_same_v<T, float>) {
@@ -127,7 +128,7 @@ int main(int argc, char** argv) {
             while (s >> a) {
                 Arg x{a[0], 0, 0, 0.0f, 0};
                 const std::string v = a.substr(1);
-                if (x.kind == 'p') x.id = std::stoi(v);
+                if (x.kind == 'p' || x.kind == 'n') x.id = std::stoi(v);
                 else if (x.kind == 'f') x.f = std::stof(v);
                 else if (x.kind == 'q') x.u = std::stoull(v);
                 else x.i = std::stoll(v);
