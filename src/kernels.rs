@@ -11,3 +11,158 @@ pub fn source(name: &str) -> Option<&'static str> {
         .find(|(n, _)| *n == name)
         .map(|(_, s)| *s)
 }
+
+use std::path::PathBuf;
+
+/// One kernel's resource use, from the ptxas report (`--ptxas-options=-v`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelStats {
+    pub name: String,
+    pub arch: String,
+    pub registers: u32,
+    pub spill_stores: u32,
+    pub spill_loads: u32,
+    pub stack_bytes: u32,
+    pub smem_bytes: u32,
+}
+
+/// Parse ptxas's verbose report into one entry per kernel (entry function). Lines look like
+/// `ptxas info : Compiling entry function 'k' for 'sm_90'`, `N bytes stack frame, N bytes spill
+/// stores, N bytes spill loads`, `ptxas info : Used N registers, used N barriers, N bytes smem, ...`.
+pub fn parse_ptxas_log(log: &str) -> Vec<KernelStats> {
+    fn num_before(line: &str, key: &str) -> Option<u32> {
+        let at = line.find(key)?;
+        line[..at]
+            .split([' ', ','])
+            .rfind(|s| !s.is_empty())?
+            .parse()
+            .ok()
+    }
+    let mut out: Vec<KernelStats> = Vec::new();
+    for line in log.lines() {
+        if let Some(at) = line.find("Compiling entry function '") {
+            let rest = &line[at + "Compiling entry function '".len()..];
+            let name = rest.split('\'').next().unwrap_or("").to_string();
+            let arch = rest
+                .split("for '")
+                .nth(1)
+                .and_then(|s| s.split('\'').next())
+                .unwrap_or("");
+            out.push(KernelStats {
+                name,
+                arch: arch.to_string(),
+                ..Default::default()
+            });
+        } else if let Some(k) = out.last_mut() {
+            if line.contains("bytes stack frame") {
+                k.stack_bytes = num_before(line, "bytes stack frame").unwrap_or(0);
+                k.spill_stores = num_before(line, "bytes spill stores").unwrap_or(0);
+                k.spill_loads = num_before(line, "bytes spill loads").unwrap_or(0);
+            } else if line.contains("Used") && line.contains("registers") {
+                k.registers = num_before(line, "registers").unwrap_or(0);
+                k.smem_bytes = num_before(line, "bytes smem").unwrap_or(0);
+            }
+        }
+    }
+    out
+}
+
+/// Directories that may hold the CUDA headers NVRTC needs (`cuda_bf16.h`), most specific first, kept
+/// only where that header exists. `env` looks up an environment variable (the binary passes
+/// `|k| std::env::var(k).ok()`; the library reads none itself): `ZHLLAMA_CUDA_INCLUDE`,
+/// `CUDA_HOME`/`CUDA_PATH` (+ `/include`), the NVRTC wheel (`.../nvidia/cu13/lib` on
+/// `LD_LIBRARY_PATH` → `.../nvidia/cu13/include`), then `/usr/local/cuda/include`.
+pub fn cuda_include_dirs(env: impl Fn(&str) -> Option<String>) -> Vec<PathBuf> {
+    let mut cands: Vec<PathBuf> = Vec::new();
+    if let Some(d) = env("ZHLLAMA_CUDA_INCLUDE") {
+        cands.push(d.into());
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(d) = env(var) {
+            cands.push(PathBuf::from(d).join("include"));
+        }
+    }
+    if let Some(paths) = env("LD_LIBRARY_PATH") {
+        for p in paths.split(':').filter(|p| !p.is_empty()) {
+            let p = PathBuf::from(p);
+            if let Some(parent) = p.parent() {
+                cands.push(parent.join("include"));
+            }
+        }
+    }
+    cands.push("/usr/local/cuda/include".into());
+    let mut out: Vec<PathBuf> = Vec::new();
+    for c in cands {
+        if c.join("cuda_bf16.h").is_file() && !out.contains(&c) {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The dropout mask the CUDA kernels draw (`dropout_keep` in `kernels/common.cuh`): element `idx`
+/// survives when a 32-bit hash of (seed, idx) is at least `p·2^32`. Written twice on purpose, so
+/// the CPU reference can reproduce the GPU's mask exactly.
+pub fn dropout_keep(seed: u64, idx: u64, threshold: u32) -> bool {
+    fn h(mut x: u32) -> u32 {
+        x ^= x >> 16;
+        x = x.wrapping_mul(0x7feb352d);
+        x ^= x >> 15;
+        x = x.wrapping_mul(0x846ca68b);
+        x ^= x >> 16;
+        x
+    }
+    let inner =
+        h(((idx >> 32) as u32).wrapping_add(0x9e37_79b9u32.wrapping_mul((seed >> 32) as u32)));
+    h((idx as u32) ^ h((seed as u32) ^ inner)) >= threshold
+}
+
+/// The integer threshold for drop probability `p` in `[0, 1)`.
+pub fn dropout_threshold(p: f32) -> u32 {
+    ((p as f64) * 4294967296.0).clamp(0.0, 4294967295.0) as u32
+}
+
+/// The scalar coefficients of one AdamW step, computed in f64 exactly as `crate::ops::adamw_step`
+/// does: [decay, w1, beta2, w2, eps, neg_step_size, bc2_sqrt].
+pub fn adamw_coefficients(hp: crate::backend::AdamW) -> [f32; 7] {
+    let widen = |x: f32| -> f64 { format!("{x}").parse().unwrap_or(x as f64) };
+    let (lr, b1, b2, eps, wd) = (
+        widen(hp.lr),
+        widen(hp.beta1),
+        widen(hp.beta2),
+        widen(hp.eps),
+        widen(hp.weight_decay),
+    );
+    let step = hp.step.max(1) as f64;
+    let bc1 = 1.0 - b1.powf(step);
+    let bc2 = 1.0 - b2.powf(step);
+    [
+        (1.0 - lr * wd) as f32,
+        (1.0 - b1) as f32,
+        b2 as f32,
+        (1.0 - b2) as f32,
+        eps as f32,
+        (-(lr / bc1)) as f32,
+        bc2.sqrt() as f32,
+    ]
+}
+
+/// Host-side CSR grouping of positions by id: (unique ids ascending, offsets, positions ascending
+/// within each id). Negative ids (ignored labels) are left out.
+pub fn group_positions(ids: &[i32]) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
+    let mut order: Vec<i32> = (0..ids.len() as i32)
+        .filter(|&i| ids[i as usize] >= 0)
+        .collect();
+    order.sort_by_key(|&i| ids[i as usize]); // stable: positions stay ascending within an id
+    let mut uniq = Vec::new();
+    let mut offsets = Vec::new();
+    for (k, &i) in order.iter().enumerate() {
+        let id = ids[i as usize];
+        if uniq.last() != Some(&id) {
+            uniq.push(id);
+            offsets.push(k as i32);
+        }
+    }
+    offsets.push(order.len() as i32);
+    (uniq, offsets, order)
+}

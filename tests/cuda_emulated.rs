@@ -1,0 +1,844 @@
+//! The CUDA kernels' logic checked without a GPU: `kernels/*.cu` compiled unchanged by the host C++
+//! compiler against a CPU emulation of the CUDA execution model (`tests/cuda_emu/emu.h`: a
+//! std::thread per CUDA thread, barriers for `__syncthreads` and warp shuffles), launched with the
+//! same grids and arguments as the CUDA backend's launchers, and compared with the CPU backend.
+//!
+//! What this verifies: indexing, tiling, online softmax and masking, RoPE-on-load, GQA head mapping,
+//! the block/warp reductions, the deterministic two-stage reductions and argument order. What it
+//! cannot: timing, memory ordering across blocks, occupancy, or NVRTC's code generation (see
+//! tests/cuda_parity.rs on a GPU). Skips with a message when no `g++` is installed.
+//!
+//! Tolerances (normalised max error `max|emu − cpu| / max|cpu|`, as in tests/cuda_parity.rs):
+//! fp32 kernels 1e-5 (same fp32 arithmetic in a different order: blocks, warps, exp2 vs exp);
+//! bf16 kernels 1e-2 (bf16 storage of the outputs, 2⁻⁹ relative each).
+
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use zhllama::backend::cpu::CpuBackend;
+use zhllama::backend::{AdamW, Backend};
+use zhllama::kernels;
+
+struct Emu {
+    exe: PathBuf,
+    dir: tempfile::TempDir,
+    script: String,
+    next: usize,
+}
+
+impl Emu {
+    fn new(exe: &Path) -> Emu {
+        Emu {
+            exe: exe.to_path_buf(),
+            dir: tempfile::tempdir().unwrap(),
+            script: String::new(),
+            next: 0,
+        }
+    }
+    fn put(&mut self, kind: char, bytes: Option<Vec<u8>>, len: usize) -> usize {
+        let id = self.next;
+        self.next += 1;
+        if let Some(b) = bytes {
+            std::fs::write(self.dir.path().join(format!("in{id}.bin")), b).unwrap();
+        }
+        writeln!(self.script, "{kind} {id} {len}").unwrap();
+        id
+    }
+    fn f32(&mut self, v: &[f32]) -> usize {
+        self.put(
+            'b',
+            Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            v.len(),
+        )
+    }
+    fn bf16(&mut self, v: &[f32]) -> usize {
+        self.put(
+            'B',
+            Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            v.len(),
+        )
+    }
+    fn i32(&mut self, v: &[i32]) -> usize {
+        self.put(
+            'i',
+            Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            v.len(),
+        )
+    }
+    fn zeros(&mut self, len: usize) -> usize {
+        self.put('b', None, len)
+    }
+    fn zeros_bf16(&mut self, len: usize) -> usize {
+        self.put('B', None, len)
+    }
+    fn zeros_f64(&mut self, len: usize) -> usize {
+        self.put('D', None, len)
+    }
+    /// Queue a launch; `args` in the kernel's order: `p<id>`, `i<v>`, `l<v>`, `u<v>`, `q<v>`, `f<v>`.
+    fn launch(&mut self, name: &str, grid: (usize, usize, usize), threads: usize, args: &[String]) {
+        writeln!(
+            self.script,
+            "L {name} {} {} {} {threads} {}",
+            grid.0,
+            grid.1,
+            grid.2,
+            args.join(" ")
+        )
+        .unwrap();
+    }
+    /// Run the script, then read back the buffers `ids` (as f32).
+    fn run(&mut self, ids: &[usize]) -> Vec<Vec<f32>> {
+        for id in ids {
+            writeln!(self.script, "d {id}").unwrap();
+        }
+        let mut child = Command::new(&self.exe)
+            .arg(self.dir.path())
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("run the emulation driver");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(self.script.as_bytes())
+            .unwrap();
+        let st = child.wait().unwrap();
+        assert!(
+            st.success(),
+            "emulation driver failed ({st}) on script:\n{}",
+            self.script
+        );
+        self.script.clear();
+        ids.iter()
+            .map(|id| {
+                let b = std::fs::read(self.dir.path().join(format!("out{id}.bin"))).unwrap();
+                b.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+fn p(id: usize) -> String {
+    format!("p{id}")
+}
+fn i(v: usize) -> String {
+    format!("i{v}")
+}
+fn f(v: f32) -> String {
+    format!("f{v:e}")
+}
+
+fn check(failures: &mut Vec<String>, what: &str, got: &[f32], want: &[f32], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want
+        .iter()
+        .fold(0f64, |m, &x| m.max((x as f64).abs()))
+        .max(1e-30);
+    let err = got
+        .iter()
+        .zip(want)
+        .fold(0f64, |m, (&g, &w)| m.max((g as f64 - w as f64).abs()));
+    let finite = got.iter().all(|x| x.is_finite());
+    let rel = err / scale;
+    println!(
+        "{what:<52} rel err {rel:.3e} (tol {tol:.0e}){}",
+        if finite && rel <= tol { "" } else { "  FAIL" }
+    );
+    if !finite || rel > tol {
+        failures.push(format!("{what}: rel err {rel:.3e}, finite {finite}"));
+    }
+}
+
+fn bf(v: &[f32]) -> Vec<f32> {
+    v.iter()
+        .map(|&x| half::bf16::from_f32(x).to_f32())
+        .collect()
+}
+
+fn build_driver() -> Option<(tempfile::TempDir, PathBuf)> {
+    if Command::new("g++").arg("--version").output().is_err() {
+        eprintln!("skipped: no g++ to build the kernel emulation");
+        return None;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("emu_driver");
+    let out = Command::new("g++")
+        .args(["-std=c++20", "-O1", "-pthread", "-I"])
+        .arg(root.join("tests/cuda_emu"))
+        .arg(root.join("tests/cuda_emu/driver.cpp"))
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "building the emulation driver failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some((dir, exe))
+}
+
+#[test]
+fn kernels_match_the_cpu_backend_under_emulation() {
+    let Some((_keep, exe)) = build_driver() else {
+        return;
+    };
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut rand = |n: usize, s: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * s)
+            .collect()
+    };
+    let mut fails = Vec::new();
+    let mut e = Emu::new(&exe);
+
+    // ---- attention (+ RoPE on load), forward and backward, fp32 kernels ----
+    for (b, t, h, hkv, d, theta) in [
+        (2usize, 37usize, 4usize, 2usize, 64usize, 0.0f32),
+        (2, 37, 4, 2, 64, 10000.0),
+        (1, 40, 2, 1, 128, 10000.0),
+    ] {
+        let shape = format!("b{b} t{t} h{h}/{hkv} d{d} theta{theta}");
+        let (q, k, v, dout) = (
+            rand(b * t * h * d, 1.0),
+            rand(b * t * hkv * d, 1.0),
+            rand(b * t * hkv * d, 1.0),
+            rand(b * t * h * d, 1.0),
+        );
+        let (mut qr, mut kr) = (q.clone(), k.clone());
+        if theta > 0.0 {
+            cpu.rope_forward(&mut qr, b, t, h, d, theta, 3);
+            cpu.rope_forward(&mut kr, b, t, hkv, d, theta, 3);
+        }
+        let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; b * h * t]);
+        cpu.attention_forward(&mut out, &mut lse, &qr, &kr, &v, b, t, h, hkv, d);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        cpu.attention_backward(
+            &mut dq, &mut dk, &mut dv, &dout, &qr, &kr, &v, &out, &lse, b, t, h, hkv, d,
+        );
+        if theta > 0.0 {
+            cpu.rope_backward(&mut dq, b, t, h, d, theta, 3);
+            cpu.rope_backward(&mut dk, b, t, hkv, d, theta, 3);
+        }
+        let (iq, ik, iv, id) = (e.f32(&q), e.f32(&k), e.f32(&v), e.f32(&dout));
+        let (io, il) = (e.zeros(q.len()), e.zeros(b * h * t));
+        let tail = [i(b), i(t), i(h), i(hkv), f(theta), i(3)];
+        let mut a = vec![p(io), p(il), p(iq), p(ik), p(iv)];
+        a.extend_from_slice(&tail);
+        e.launch(
+            &format!("attention_forward_v1_d{d}_f32"),
+            (t.div_ceil(32), b * h, 1),
+            128,
+            &a,
+        );
+        let delta = e.zeros(b * h * t);
+        e.launch(
+            "attention_backward_delta_v1_f32",
+            ((b * t * h).div_ceil(8), 1, 1),
+            256,
+            &[p(delta), p(id), p(io), i(b), i(t), i(h), i(d)],
+        );
+        let (idq, idk, idv) = (e.zeros(q.len()), e.zeros(k.len()), e.zeros(v.len()));
+        let mut a = vec![p(idk), p(idv), p(id), p(iq), p(ik), p(iv), p(il), p(delta)];
+        a.extend_from_slice(&tail);
+        e.launch(
+            &format!("attention_backward_dkdv_v1_d{d}_f32"),
+            (t.div_ceil(32), b * hkv, 1),
+            128,
+            &a,
+        );
+        let mut a = vec![p(idq), p(id), p(iq), p(ik), p(iv), p(il), p(delta)];
+        a.extend_from_slice(&tail);
+        e.launch(
+            &format!("attention_backward_dq_v1_d{d}_f32"),
+            (t.div_ceil(32), b * h, 1),
+            128,
+            &a,
+        );
+        let r = e.run(&[io, il, idq, idk, idv]);
+        check(
+            &mut fails,
+            &format!("attention_forward out {shape}"),
+            &r[0],
+            &out,
+            1e-5,
+        );
+        check(
+            &mut fails,
+            &format!("attention_forward lse {shape}"),
+            &r[1],
+            &lse,
+            1e-5,
+        );
+        check(
+            &mut fails,
+            &format!("attention_backward dq {shape}"),
+            &r[2],
+            &dq,
+            1e-5,
+        );
+        check(
+            &mut fails,
+            &format!("attention_backward dk {shape}"),
+            &r[3],
+            &dk,
+            1e-5,
+        );
+        check(
+            &mut fails,
+            &format!("attention_backward dv {shape}"),
+            &r[4],
+            &dv,
+            1e-5,
+        );
+    }
+    // bf16 attention forward (the training variant's loads and stores).
+    {
+        let (b, t, h, hkv, d) = (1usize, 33usize, 2usize, 1usize, 64usize);
+        let (q, k, v) = (
+            bf(&rand(b * t * h * d, 1.0)),
+            bf(&rand(b * t * hkv * d, 1.0)),
+            bf(&rand(b * t * hkv * d, 1.0)),
+        );
+        let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; b * h * t]);
+        cpu.attention_forward(&mut out, &mut lse, &q, &k, &v, b, t, h, hkv, d);
+        let (iq, ik, iv) = (e.bf16(&q), e.bf16(&k), e.bf16(&v));
+        let (io, il) = (e.zeros_bf16(q.len()), e.zeros(b * h * t));
+        let a = [
+            p(io),
+            p(il),
+            p(iq),
+            p(ik),
+            p(iv),
+            i(b),
+            i(t),
+            i(h),
+            i(hkv),
+            f(0.0),
+            i(0),
+        ];
+        e.launch(
+            "attention_forward_v1_d64_bf16",
+            (t.div_ceil(32), b * h, 1),
+            128,
+            &a,
+        );
+        let r = e.run(&[io, il]);
+        check(
+            &mut fails,
+            "attention_forward_v1_d64_bf16 out",
+            &r[0],
+            &out,
+            1e-2,
+        );
+        check(
+            &mut fails,
+            "attention_forward_v1_d64_bf16 lse",
+            &r[1],
+            &lse,
+            1e-2,
+        );
+    }
+
+    // ---- RoPE standalone ----
+    {
+        let (b, t, h, d) = (2usize, 5usize, 3usize, 8usize);
+        let x = rand(b * t * h * d, 1.0);
+        let (mut fw, mut bw) = (x.clone(), x.clone());
+        cpu.rope_forward(&mut fw, b, t, h, d, 10000.0, 7);
+        cpu.rope_backward(&mut bw, b, t, h, d, 10000.0, 7);
+        let (i1, i2) = (e.f32(&x), e.f32(&x));
+        let a = |id| [p(id), i(b), i(t), i(h), i(d), f(10000.0), i(7)];
+        e.launch("rope_forward_v1_f32", (2, 1, 1), 64, &a(i1));
+        e.launch("rope_backward_v1_f32", (2, 1, 1), 64, &a(i2));
+        let r = e.run(&[i1, i2]);
+        check(&mut fails, "rope_forward", &r[0], &fw, 1e-5);
+        check(&mut fails, "rope_backward", &r[1], &bw, 1e-5);
+    }
+
+    // ---- RMSNorm forward / backward (3 blocks over 7 rows: the grid-stride path) ----
+    for (n, c) in [(7usize, 60usize), (3, 2048)] {
+        let (x, w, dout, dx0, dw0) = (
+            rand(n * c, 2.0),
+            rand(c, 1.0),
+            rand(n * c, 1.0),
+            rand(n * c, 1.0),
+            rand(c, 1.0),
+        );
+        let (mut out, mut rstd) = (vec![0.0; n * c], vec![0.0; n]);
+        cpu.rmsnorm_forward(&mut out, &mut rstd, &x, &w, n, c, 1e-6);
+        let (mut dx, mut dw) = (dx0.clone(), dw0.clone());
+        cpu.rmsnorm_backward(&mut dx, &mut dw, &dout, &x, &w, &rstd, n, c);
+        let (ix, iw, id, idx, idw) = (e.f32(&x), e.f32(&w), e.f32(&dout), e.f32(&dx0), e.f32(&dw0));
+        let (io, ir) = (e.zeros(n * c), e.zeros(n));
+        e.launch(
+            "rmsnorm_forward_v1_f32",
+            (n, 1, 1),
+            256,
+            &[p(io), p(ir), p(ix), p(iw), i(n), i(c), f(1e-6)],
+        );
+        let nb = n.min(3);
+        let part = e.zeros(nb * c);
+        e.launch(
+            "rmsnorm_backward_v1_f32",
+            (nb, 1, 1),
+            256,
+            &[p(idx), p(part), p(id), p(ix), p(iw), p(ir), i(n), i(c)],
+        );
+        e.launch(
+            "rmsnorm_dw_reduce_v1_f32",
+            (c.div_ceil(256), 1, 1),
+            256,
+            &[p(idw), p(part), i(nb), i(c)],
+        );
+        let r = e.run(&[io, ir, idx, idw]);
+        check(
+            &mut fails,
+            &format!("rmsnorm_forward out n{n} c{c}"),
+            &r[0],
+            &out,
+            1e-5,
+        );
+        check(
+            &mut fails,
+            &format!("rmsnorm_forward rstd n{n} c{c}"),
+            &r[1],
+            &rstd,
+            1e-5,
+        );
+        check(
+            &mut fails,
+            &format!("rmsnorm_backward dx n{n} c{c}"),
+            &r[2],
+            &dx,
+            1e-5,
+        );
+        check(
+            &mut fails,
+            &format!("rmsnorm_backward dw n{n} c{c}"),
+            &r[3],
+            &dw,
+            1e-5,
+        );
+    }
+
+    // ---- SwiGLU ----
+    {
+        let len = 1000usize;
+        let (g, u, d) = (rand(len, 4.0), rand(len, 2.0), rand(len, 1.0));
+        let mut out = vec![0.0; len];
+        cpu.swiglu_forward(&mut out, &g, &u);
+        let (mut dg, mut du) = (vec![0.0; len], vec![0.0; len]);
+        cpu.swiglu_backward(&mut dg, &mut du, &d, &g, &u);
+        let (ig, iu, id) = (e.f32(&g), e.f32(&u), e.f32(&d));
+        let (io, idg, idu) = (e.zeros(len), e.zeros(len), e.zeros(len));
+        e.launch(
+            "swiglu_forward_v1_f32",
+            (1, 1, 1),
+            64,
+            &[p(io), p(ig), p(iu), format!("l{len}")],
+        );
+        e.launch(
+            "swiglu_backward_v1_f32",
+            (1, 1, 1),
+            64,
+            &[p(idg), p(idu), p(id), p(ig), p(iu), format!("l{len}")],
+        );
+        let r = e.run(&[io, idg, idu]);
+        check(&mut fails, "swiglu_forward", &r[0], &out, 1e-5);
+        check(&mut fails, "swiglu_backward dgate", &r[1], &dg, 1e-5);
+        check(&mut fails, "swiglu_backward dup", &r[2], &du, 1e-5);
+    }
+
+    // ---- embedding forward / deterministic backward through the host CSR ----
+    {
+        let (n, v, c) = (40usize, 9usize, 12usize);
+        let ids: Vec<i32> = (0..n).map(|k| ((k * 7) % v) as i32).collect();
+        let (table, dout, d0) = (rand(v * c, 1.0), rand(n * c, 1.0), rand(v * c, 1.0));
+        let mut out = vec![0.0; n * c];
+        cpu.embedding_forward(&mut out, &ids, &table, n, c);
+        let mut dt = d0.clone();
+        cpu.embedding_backward(&mut dt, &dout, &ids, n, c);
+        let (uniq, offsets, positions) = kernels::group_positions(&ids);
+        let (iids, it, id, idt) = (e.i32(&ids), e.f32(&table), e.f32(&dout), e.f32(&d0));
+        let (iu, ioff, ipos) = (e.i32(&uniq), e.i32(&offsets), e.i32(&positions));
+        let io = e.zeros(n * c);
+        e.launch(
+            "embedding_forward_v1_f32",
+            (n, 1, 1),
+            256,
+            &[p(io), p(iids), p(it), i(n), i(c)],
+        );
+        e.launch(
+            "embedding_backward_v1_f32",
+            (uniq.len(), 1, 1),
+            256,
+            &[p(idt), p(id), p(iu), p(ioff), p(ipos), i(c)],
+        );
+        let r = e.run(&[io, idt]);
+        check(&mut fails, "embedding_forward", &r[0], &out, 1e-5);
+        check(&mut fails, "embedding_backward", &r[1], &dt, 1e-5);
+    }
+
+    // ---- cross-entropy (full rows) and the chunked lm_head pieces ----
+    {
+        let (n, v) = (6usize, 1000usize);
+        let logits = rand(n * v, 8.0);
+        let t: Vec<i32> = (0..n)
+            .map(|k| if k == 2 { -100 } else { ((k * 331) % v) as i32 })
+            .collect();
+        let mut losses = vec![0.0; n];
+        cpu.cross_entropy_forward(&mut losses, &logits, &t, n, v);
+        let mut dl = vec![0.0; n * v];
+        cpu.cross_entropy_backward(&mut dl, &logits, &t, n, v, 0.2);
+        let (il, itg) = (e.f32(&logits), e.i32(&t));
+        let (iloss, idl) = (e.zeros(n), e.zeros(n * v));
+        e.launch(
+            "cross_entropy_forward_v1_f32",
+            (n, 1, 1),
+            256,
+            &[p(iloss), p(il), p(itg), i(n), i(v)],
+        );
+        e.launch(
+            "cross_entropy_backward_v1_f32",
+            (n, 1, 1),
+            256,
+            &[p(idl), p(il), p(itg), i(n), i(v), f(0.2)],
+        );
+        // Chunked: columns [v0, v0 + vc) of the same logits, copied into a [n, vc] chunk each time.
+        let vc = 300usize;
+        let (stats, tlog, lse2, loss2) = (e.zeros(2 * n), e.zeros(n), e.zeros(n), e.zeros(n));
+        let mut chunks = Vec::new();
+        let mut v0 = 0;
+        while v0 < v {
+            let w = vc.min(v - v0);
+            let chunk: Vec<f32> = (0..n)
+                .flat_map(|r| logits[r * v + v0..r * v + v0 + w].to_vec())
+                .collect();
+            let ic = e.f32(&chunk);
+            e.launch(
+                "lmhead_ce_chunk_forward_v1_f32",
+                (n, 1, 1),
+                256,
+                &[
+                    p(stats),
+                    p(tlog),
+                    p(ic),
+                    p(itg),
+                    i(n),
+                    i(w),
+                    i(v0),
+                    i((v0 == 0) as usize),
+                ],
+            );
+            chunks.push((ic, v0, w));
+            v0 += w;
+        }
+        e.launch(
+            "lmhead_ce_finish_v1_f32",
+            (1, 1, 1),
+            256,
+            &[p(loss2), p(lse2), p(stats), p(tlog), p(itg), i(n)],
+        );
+        for &(ic, v0, w) in &chunks {
+            e.launch(
+                "lmhead_ce_chunk_backward_v1_f32",
+                (n, 1, 1),
+                256,
+                &[p(ic), p(lse2), p(itg), i(n), i(w), i(v0), f(0.2)],
+            );
+        }
+        let mut ids = vec![iloss, idl, loss2];
+        ids.extend(chunks.iter().map(|c| c.0));
+        let r = e.run(&ids);
+        check(&mut fails, "cross_entropy_forward", &r[0], &losses, 1e-5);
+        check(&mut fails, "cross_entropy_backward", &r[1], &dl, 1e-5);
+        check(&mut fails, "lmhead_ce chunked losses", &r[2], &losses, 1e-5);
+        let mut got = vec![0.0; n * v];
+        for (k, &(_, v0, w)) in chunks.iter().enumerate() {
+            for row in 0..n {
+                got[row * v + v0..row * v + v0 + w]
+                    .copy_from_slice(&r[3 + k][row * w..row * w + w]);
+            }
+        }
+        check(&mut fails, "lmhead_ce chunked dlogits", &got, &dl, 1e-5);
+    }
+
+    // ---- LoRA kernels (r = 8, dropout 0.1 through the shared hash) ----
+    {
+        let (n, inf, r, pdrop, seed) = (5usize, 96usize, 8usize, 0.1f32, 77u64);
+        let (x, a, du, dx0, da0) = (
+            rand(n * inf, 1.0),
+            rand(r * inf, 0.2),
+            rand(n * r, 1.0),
+            rand(n * inf, 1.0),
+            rand(r * inf, 1.0),
+        );
+        let thr = kernels::dropout_threshold(pdrop);
+        let keep = |k: usize| kernels::dropout_keep(seed, k as u64, thr);
+        let xd: Vec<f32> = (0..n * inf)
+            .map(|k| if keep(k) { x[k] / (1.0 - pdrop) } else { 0.0 })
+            .collect();
+        let mut u = vec![0.0; n * r];
+        cpu.matmul(&mut u, &xd, &a, n, r, inf, false, true, 1.0, 0.0);
+        let mut da = da0.clone();
+        cpu.matmul(&mut da, &du, &xd, r, inf, n, true, false, 1.0, 1.0);
+        let mut dxl = vec![0.0; n * inf];
+        cpu.matmul(&mut dxl, &du, &a, n, inf, r, false, false, 1.0, 0.0);
+        let dx: Vec<f32> = (0..n * inf)
+            .map(|k| {
+                if keep(k) {
+                    dx0[k] + dxl[k] / (1.0 - pdrop)
+                } else {
+                    dx0[k]
+                }
+            })
+            .collect();
+        let (ix, ia, idu, idx, ida) = (e.f32(&x), e.f32(&a), e.f32(&du), e.f32(&dx0), e.f32(&da0));
+        let iu = e.zeros(n * r);
+        let drop = [
+            format!("q{seed}"),
+            format!("u{thr}"),
+            f(1.0 / (1.0 - pdrop)),
+        ];
+        let mut args = vec![p(iu), p(ix), p(ia), i(n), i(inf)];
+        args.extend_from_slice(&drop);
+        e.launch(
+            "lora_down_forward_v1_r8_f32",
+            (n.div_ceil(8), 1, 1),
+            256,
+            &args,
+        );
+        let nsplit = 2;
+        let part = e.zeros(nsplit * r * inf);
+        let mut args = vec![p(part), p(idu), p(ix), i(n), i(inf)];
+        args.extend_from_slice(&drop);
+        e.launch(
+            "lora_grad_a_partial_v1_r8_f32",
+            (inf.div_ceil(256), nsplit, 1),
+            256,
+            &args,
+        );
+        e.launch(
+            "lora_grad_a_reduce_v1_f32",
+            ((r * inf).div_ceil(256), 1, 1),
+            256,
+            &[p(ida), p(part), i(nsplit), format!("l{}", r * inf)],
+        );
+        let mut args = vec![p(idx), p(idu), p(ia), i(n), i(inf)];
+        args.extend_from_slice(&drop);
+        e.launch("lora_dx_v1_r8_f32", (2, 1, 1), 256, &args);
+        let res = e.run(&[iu, ida, idx]);
+        check(&mut fails, "lora_down_forward u", &res[0], &u, 1e-5);
+        check(&mut fails, "lora_grad_a da (+=)", &res[1], &da, 1e-5);
+        check(&mut fails, "lora_dx dx (+=)", &res[2], &dx, 1e-5);
+    }
+
+    // ---- AdamW, sum of squares, casts ----
+    {
+        let len = 3000usize;
+        let (pp, m, g) = (rand(len, 1.0), rand(len, 0.1), rand(len, 0.1));
+        let v: Vec<f32> = rand(len, 0.01).iter().map(|x| x.abs()).collect();
+        let hp = AdamW {
+            lr: 2e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            step: 3,
+        };
+        let (mut pw, mut mw, mut vw) = (pp.clone(), m.clone(), v.clone());
+        cpu.adamw_step(&mut pw, &mut mw, &mut vw, &g, hp);
+        let k = kernels::adamw_coefficients(hp);
+        let (ip, im, iv, ig) = (e.f32(&pp), e.f32(&m), e.f32(&v), e.f32(&g));
+        let icopy = e.zeros_bf16(len);
+        let mut a = vec![p(ip), p(im), p(iv), p(ig), p(icopy), format!("l{len}")];
+        a.extend(k.iter().map(|&x| f(x)));
+        e.launch("adamw_step_v1_f32_f32", (4, 1, 1), 256, &a);
+        let x = rand(len, 3.0);
+        let ix = e.f32(&x);
+        let (part, out) = (e.zeros_f64(5), e.zeros_f64(1));
+        e.launch(
+            "sum_squares_partial_v1_f32",
+            (5, 1, 1),
+            256,
+            &[p(part), p(ix), format!("l{len}")],
+        );
+        e.launch(
+            "sum_squares_finish_v1_f64",
+            (1, 1, 1),
+            32,
+            &[p(out), p(part), i(5)],
+        );
+        let r = e.run(&[ip, im, iv, icopy, out]);
+        check(&mut fails, "adamw_step param", &r[0], &pw, 1e-5);
+        check(&mut fails, "adamw_step m", &r[1], &mw, 1e-5);
+        check(&mut fails, "adamw_step v", &r[2], &vw, 1e-5);
+        check(&mut fails, "adamw_step bf16 copy", &r[3], &pw, 1e-2);
+        check(
+            &mut fails,
+            "sum_squares",
+            &r[4],
+            &[cpu.sum_squares(&x).unwrap() as f32],
+            1e-5,
+        );
+    }
+
+    // ---- bf16 (training) variants: 8-byte bf16 vector loads/stores, fp32 statistics ----
+    {
+        let (n, c) = (5usize, 256usize);
+        let (x, w, dout, dx0) = (
+            bf(&rand(n * c, 2.0)),
+            bf(&rand(c, 1.0)),
+            bf(&rand(n * c, 1.0)),
+            bf(&rand(n * c, 1.0)),
+        );
+        let dw0 = rand(c, 1.0);
+        let (mut out, mut rstd) = (vec![0.0; n * c], vec![0.0; n]);
+        cpu.rmsnorm_forward(&mut out, &mut rstd, &x, &w, n, c, 1e-6);
+        let (mut dx, mut dw) = (dx0.clone(), dw0.clone());
+        cpu.rmsnorm_backward(&mut dx, &mut dw, &dout, &x, &w, &rstd, n, c);
+        let (ix, iw, id, idx, idw) = (
+            e.bf16(&x),
+            e.bf16(&w),
+            e.bf16(&dout),
+            e.bf16(&dx0),
+            e.f32(&dw0),
+        );
+        let (io, ir) = (e.zeros_bf16(n * c), e.zeros(n));
+        e.launch(
+            "rmsnorm_forward_v1_bf16",
+            (n, 1, 1),
+            256,
+            &[p(io), p(ir), p(ix), p(iw), i(n), i(c), f(1e-6)],
+        );
+        let part = e.zeros(2 * c);
+        e.launch(
+            "rmsnorm_backward_v1_bf16",
+            (2, 1, 1),
+            256,
+            &[p(idx), p(part), p(id), p(ix), p(iw), p(ir), i(n), i(c)],
+        );
+        e.launch(
+            "rmsnorm_dw_reduce_v1_f32",
+            (1, 1, 1),
+            256,
+            &[p(idw), p(part), i(2), i(c)],
+        );
+        // SwiGLU bf16, embedding backward with bf16 dout into an fp32 table, AdamW with bf16 grads
+        // (no copy: null pointer), axpy fp32 += bf16, cast fp32 -> bf16.
+        let len = 1000usize;
+        let (g, u) = (bf(&rand(len, 4.0)), bf(&rand(len, 2.0)));
+        let mut sw = vec![0.0; len];
+        cpu.swiglu_forward(&mut sw, &g, &u);
+        let (ig, iu, isw) = (e.bf16(&g), e.bf16(&u), e.zeros_bf16(len));
+        e.launch(
+            "swiglu_forward_v1_bf16",
+            (1, 1, 1),
+            64,
+            &[p(isw), p(ig), p(iu), format!("l{len}")],
+        );
+        let ids: Vec<i32> = (0..n).map(|k| (k % 3) as i32).collect();
+        let d0 = rand(3 * c, 1.0);
+        let mut dt = d0.clone();
+        cpu.embedding_backward(&mut dt, &dout, &ids, n, c);
+        let (uniq, offsets, positions) = kernels::group_positions(&ids);
+        let (idt, iu2, ioff, ipos) = (e.f32(&d0), e.i32(&uniq), e.i32(&offsets), e.i32(&positions));
+        e.launch(
+            "embedding_backward_v1_bf16",
+            (uniq.len(), 1, 1),
+            256,
+            &[p(idt), p(id), p(iu2), p(ioff), p(ipos), i(c)],
+        );
+        let (pp, m, gr) = (rand(len, 1.0), rand(len, 0.1), bf(&rand(len, 0.1)));
+        let v: Vec<f32> = rand(len, 0.01).iter().map(|x| x.abs()).collect();
+        let hp = AdamW {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            step: 1,
+        };
+        let (mut pw, mut mw, mut vw) = (pp.clone(), m.clone(), v.clone());
+        cpu.adamw_step(&mut pw, &mut mw, &mut vw, &gr, hp);
+        let (ip, im, iv, igr) = (e.f32(&pp), e.f32(&m), e.f32(&v), e.bf16(&gr));
+        let mut a = vec![
+            p(ip),
+            p(im),
+            p(iv),
+            p(igr),
+            "n0".to_string(),
+            format!("l{len}"),
+        ];
+        a.extend(kernels::adamw_coefficients(hp).iter().map(|&x| f(x)));
+        e.launch("adamw_step_v1_f32_bf16", (2, 1, 1), 256, &a);
+        let y0 = rand(len, 1.0);
+        let mut y = y0.clone();
+        cpu.axpy(&mut y, 0.5, &g);
+        let iy = e.f32(&y0);
+        e.launch(
+            "axpy_v1_f32_bf16",
+            (2, 1, 1),
+            256,
+            &[p(iy), p(ig), f(0.5), format!("l{len}")],
+        );
+        let icast = e.zeros_bf16(len);
+        e.launch(
+            "copy_v1_bf16_f32",
+            (2, 1, 1),
+            256,
+            &[p(icast), p(iy), format!("l{len}")],
+        );
+        let r = e.run(&[io, ir, idx, idw, isw, idt, ip, im, iv, iy, icast]);
+        check(&mut fails, "rmsnorm_forward_v1_bf16 out", &r[0], &out, 1e-2);
+        check(
+            &mut fails,
+            "rmsnorm_forward_v1_bf16 rstd",
+            &r[1],
+            &rstd,
+            1e-5,
+        );
+        check(
+            &mut fails,
+            "rmsnorm_backward_v1_bf16 dx (+=)",
+            &r[2],
+            &dx,
+            1e-2,
+        );
+        check(
+            &mut fails,
+            "rmsnorm_backward_v1_bf16 dw (+=)",
+            &r[3],
+            &dw,
+            1e-5,
+        );
+        check(&mut fails, "swiglu_forward_v1_bf16", &r[4], &sw, 1e-2);
+        check(
+            &mut fails,
+            "embedding_backward_v1_bf16 (fp32 table)",
+            &r[5],
+            &dt,
+            1e-5,
+        );
+        check(&mut fails, "adamw_step_v1_f32_bf16 param", &r[6], &pw, 1e-5);
+        check(&mut fails, "adamw_step_v1_f32_bf16 m", &r[7], &mw, 1e-5);
+        check(&mut fails, "adamw_step_v1_f32_bf16 v", &r[8], &vw, 1e-5);
+        check(&mut fails, "axpy_v1_f32_bf16", &r[9], &y, 1e-5);
+        check(&mut fails, "copy_v1_bf16_f32", &r[10], &bf(&y), 1e-5);
+    }
+
+    assert!(
+        fails.is_empty(),
+        "{} mismatches:\n{}",
+        fails.len(),
+        fails.join("\n")
+    );
+}
