@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod data;
+pub mod demo;
 pub mod distributed;
 pub mod instruct;
 pub mod kernels;
