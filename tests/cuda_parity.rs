@@ -283,6 +283,7 @@ fn every_kernel_matches_the_cpu_reference() {
         rmsnorm(&mut c, mode);
         rope(&mut c, mode);
         attention(&mut c, mode);
+        attention_cached(&mut c, mode);
         swiglu(&mut c, mode);
         embedding(&mut c, mode);
         cross_entropy(&mut c, mode);
@@ -500,6 +501,41 @@ fn attention(c: &mut Ctx, mode: Mode) {
                 c.check(&format!("attention_backward {name}"), &shape, mode, &got, w);
             }
         }
+    }
+}
+
+fn attention_cached(c: &mut Ctx, mode: Mode) {
+    let r = mode.data();
+    // (b, tq, past, tmax, h, hkv, d): prefill (past 0), one decode step, a ragged multi-token step.
+    for (b, tq, past, tmax, h, hkv, d) in [
+        (1, 5, 0, 8, 2, 1, 64),
+        (1, 1, 37, 40, 4, 2, 64),
+        (2, 3, 17, 33, 8, 2, 128),
+    ] {
+        let shape = format!("b{b} tq{tq} past{past} h{h}/{hkv} d{d}");
+        let q = c.rand(b * tq * h * d, 1.0, r);
+        let kc = c.rand(b * tmax * hkv * d, 1.0, r);
+        let vc = c.rand(b * tmax * hkv * d, 1.0, r);
+        let mut out = vec![0.0; q.len()];
+        c.cpu
+            .attention_cached_forward(&mut out, &q, &kc, &vc, b, tq, past, tmax, h, hkv, d);
+        let (gq, gk, gvv) = (c.up(&q, r), c.up(&kc, r), c.up(&vc, r));
+        let mut gout = c.gpu.alloc(q.len(), r).unwrap();
+        c.gpu.attention_cached_forward(
+            gm!(c, gout),
+            gv!(c, gq),
+            gv!(c, gk),
+            gv!(c, gvv),
+            b,
+            tq,
+            past,
+            tmax,
+            h,
+            hkv,
+            d,
+        );
+        let got = c.down(&gout);
+        c.check("attention_cached_forward", &shape, mode, &got, &out);
     }
 }
 

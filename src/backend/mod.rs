@@ -271,4 +271,24 @@ pub trait Backend: Send + Sync {
         grad: Self::View<'_>,
         hp: AdamW,
     );
+
+    // ---- inference ----------------------------------------------------------------------------------
+    /// Attention of `tq` new queries over a key/value cache: `out[b,tq,h,d] =`. `q[b,tq,h,d]`;
+    /// `kcache`/`vcache[b,tmax,hkv,d]` hold positions `0..past+tq` (the new keys already written);
+    /// query `i` (absolute position `past+i`) attends keys `0..=past+i`. Inference only (no backward).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_cached_forward(
+        &self,
+        out: Self::ViewMut<'_>,
+        q: Self::View<'_>,
+        kcache: Self::View<'_>,
+        vcache: Self::View<'_>,
+        b: usize,
+        tq: usize,
+        past: usize,
+        tmax: usize,
+        h: usize,
+        hkv: usize,
+        d: usize,
+    );
 }

@@ -9,6 +9,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod attention_cached;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
@@ -20,6 +21,7 @@ pub mod swiglu;
 
 pub use adamw::adamw_step;
 pub use attention::{attention_backward, attention_forward};
+pub use attention_cached::attention_cached_forward;
 pub use cross_entropy::{cross_entropy_backward, cross_entropy_forward};
 pub use elementwise::{axpy, copy, scale, sum_squares, zero};
 pub use embedding::{embedding_backward, embedding_forward};

@@ -253,4 +253,21 @@ impl Backend for CpuBackend {
     fn adamw_step(&self, param: &mut [f32], m: &mut [f32], v: &mut [f32], grad: &[f32], hp: AdamW) {
         ops::adamw_step(param, m, v, grad, hp)
     }
+
+    fn attention_cached_forward(
+        &self,
+        out: &mut [f32],
+        q: &[f32],
+        kcache: &[f32],
+        vcache: &[f32],
+        b: usize,
+        tq: usize,
+        past: usize,
+        tmax: usize,
+        h: usize,
+        hkv: usize,
+        d: usize,
+    ) {
+        ops::attention_cached_forward(out, q, kcache, vcache, b, tq, past, tmax, h, hkv, d)
+    }
 }

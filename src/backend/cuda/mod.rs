@@ -2223,6 +2223,87 @@ impl Backend for CudaBackend {
     ) {
         self.adamw_step_with_copy(param, m, v, grad, None, hp);
     }
+    fn attention_cached_forward(
+        &self,
+        out: DViewMut<'_>,
+        q: DView<'_>,
+        kcache: DView<'_>,
+        vcache: DView<'_>,
+        b: usize,
+        tq: usize,
+        past: usize,
+        tmax: usize,
+        h: usize,
+        hkv: usize,
+        d: usize,
+    ) {
+        let r = (|| {
+            ensure!(
+                hkv > 0 && h.is_multiple_of(hkv) && past + tq <= tmax,
+                "attention_cached_forward: bad shape h={h} hkv={hkv} past={past} tq={tq} tmax={tmax}"
+            );
+            Self::check_view("attention_cached q", q.len, b * tq * h * d)?;
+            Self::check_view("attention_cached out", out.len, b * tq * h * d)?;
+            Self::check_view("attention_cached kcache", kcache.len, b * tmax * hkv * d)?;
+            Self::check_view("attention_cached vcache", vcache.len, b * tmax * hkv * d)?;
+            let rows = b * tq * h;
+            if rows == 0 || d == 0 {
+                return Ok(());
+            }
+            // The row's scores live in shared memory: (past + tq) floats within the 48 KiB default.
+            let smem = (past + tq) * 4;
+            ensure!(
+                smem <= 48 * 1024,
+                "attention_cached_forward: {} cached positions exceed the kernel's 12288",
+                past + tq
+            );
+            let scale = crate::ops::attention::attention_scale(d);
+            let args = |p: &[u64]| {
+                [
+                    KArg::P(p[0]),
+                    KArg::P(p[1]),
+                    KArg::P(p[2]),
+                    KArg::P(p[3]),
+                    KArg::I(tq as i32),
+                    KArg::I(past as i32),
+                    KArg::I(tmax as i32),
+                    KArg::I(h as i32),
+                    KArg::I(hkv as i32),
+                    KArg::I(d as i32),
+                    KArg::F(scale),
+                ]
+            };
+            let grid = (rows as u32, 1, 1);
+            if [out.dtype, q.dtype, kcache.dtype, vcache.dtype] == [DType::BF16; 4] {
+                self.launch(
+                    "attention_cached_forward_v1_bf16",
+                    grid,
+                    128,
+                    smem as u32,
+                    &args(&[out.ptr, q.ptr, kcache.ptr, vcache.ptr]),
+                )
+            } else {
+                self.with_f32(
+                    &[
+                        (out.ptr, out.len, out.dtype, Io::Out),
+                        (q.ptr, q.len, q.dtype, Io::In),
+                        (kcache.ptr, kcache.len, kcache.dtype, Io::In),
+                        (vcache.ptr, vcache.len, vcache.dtype, Io::In),
+                    ],
+                    |p| {
+                        self.launch(
+                            "attention_cached_forward_v1_f32",
+                            grid,
+                            128,
+                            smem as u32,
+                            &args(p),
+                        )
+                    },
+                )
+            }
+        })();
+        self.record(r);
+    }
 }
 
 impl CudaBackend {
