@@ -320,6 +320,21 @@ impl<B: Backend> Llama<B> {
 
     /// `acts.logits[B·T, V] =` the logits for `ids` (`[B, T]` row-major, every id in `0..V`).
     pub fn forward_logits(&self, acts: &mut Activations<B>, ids: &[i32]) -> Result<()> {
+        self.forward_logits_cached(acts, ids, None)
+    }
+
+    /// `acts.logits[B·T, V] =` the logits for `ids` (`[B, T]`), the continuation of the
+    /// `past = cache.len()` positions already in `cache` (when given): RoPE at positions
+    /// `past..past+T`, each layer's new post-RoPE keys/values appended to the cache, attention
+    /// over the whole cache; `cache.len() += T`. With an empty cache (or none) the arithmetic is
+    /// exactly [`Self::forward_logits`]'s (the regular causal attention), so a generation's first
+    /// step equals `eval`'s forward bit for bit. Inference only: no backward after a cached step.
+    pub fn forward_logits_cached(
+        &self,
+        acts: &mut Activations<B>,
+        ids: &[i32],
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Result<()> {
         let be = &*self.backend;
         let (b, t) = (acts.b, acts.t);
         let n = b * t;
@@ -330,11 +345,25 @@ impl<B: Backend> Llama<B> {
             cfg.num_key_value_heads,
             cfg.head_dim(),
         );
+        let kvd = hkv * d;
         ensure!(
             ids.len() == n,
             "got {} token ids for a batch of {b}×{t}",
             ids.len()
         );
+        let past = cache.as_ref().map_or(0, |kc| kc.len);
+        if let Some(kc) = cache.as_ref() {
+            ensure!(
+                kc.b == b && kc.k.len() == self.layers.len() && kc.kv_dim == kvd,
+                "KV cache for batch {} does not fit this model/batch ({b})",
+                kc.b
+            );
+            ensure!(
+                past + t <= kc.tmax,
+                "KV cache full: {past} cached + {t} new positions exceed its {} positions",
+                kc.tmax
+            );
+        }
         for (i, &id) in ids.iter().enumerate() {
             if id < 0 || id as usize >= cfg.vocab_size {
                 bail!(
@@ -412,20 +441,48 @@ impl<B: Backend> Llama<B> {
                 &ctx,
                 host,
             )?;
-            be.rope_forward(vm(be, &mut la.q), b, t, h, d, cfg.rope_theta, 0);
-            be.rope_forward(vm(be, &mut la.k), b, t, hkv, d, cfg.rope_theta, 0);
-            be.attention_forward(
-                vm(be, &mut la.att),
-                vm(be, &mut la.lse),
-                v(be, &la.q),
-                v(be, &la.k),
-                v(be, &la.v),
-                b,
-                t,
-                h,
-                hkv,
-                d,
-            );
+            be.rope_forward(vm(be, &mut la.q), b, t, h, d, cfg.rope_theta, past);
+            be.rope_forward(vm(be, &mut la.k), b, t, hkv, d, cfg.rope_theta, past);
+            if let Some(kc) = cache.as_deref_mut() {
+                // Rows past..past+t of each sequence's cache = the new keys/values.
+                let tmax = kc.tmax;
+                for bi in 0..b {
+                    let src = bi * t * kvd..(bi + 1) * t * kvd;
+                    let dst = (bi * tmax + past) * kvd..(bi * tmax + past + t) * kvd;
+                    be.copy(
+                        be.view_mut(&mut kc.k[li], dst.clone()),
+                        be.view(&la.k, src.clone()),
+                    );
+                    be.copy(be.view_mut(&mut kc.v[li], dst), be.view(&la.v, src));
+                }
+            }
+            match cache.as_deref() {
+                Some(kc) if past > 0 => be.attention_cached_forward(
+                    vm(be, &mut la.att),
+                    v(be, &la.q),
+                    v(be, &kc.k[li]),
+                    v(be, &kc.v[li]),
+                    b,
+                    t,
+                    past,
+                    kc.tmax,
+                    h,
+                    hkv,
+                    d,
+                ),
+                _ => be.attention_forward(
+                    vm(be, &mut la.att),
+                    vm(be, &mut la.lse),
+                    v(be, &la.q),
+                    v(be, &la.k),
+                    v(be, &la.v),
+                    b,
+                    t,
+                    h,
+                    hkv,
+                    d,
+                ),
+            }
             be.copy(vm(be, &mut la.resid_mid), v(be, &la.resid_in));
             self.linear_forward(
                 &mut la.resid_mid,
@@ -500,6 +557,9 @@ impl<B: Backend> Llama<B> {
             1.0,
             0.0,
         );
+        if let Some(kc) = cache {
+            kc.len += t;
+        }
         Ok(())
     }
 
@@ -1234,6 +1294,58 @@ impl<B: Backend> Activations<B> {
     /// a backward.
     pub fn d_embeddings(&self) -> Option<&B::Buf> {
         self.bw.as_ref().map(|bw| &bw.dres)
+    }
+}
+
+/// Per-layer key/value cache for generation: `k`/`v[b, tmax, hkv, d]` post-RoPE rows of
+/// positions `0..len()`, allocated once. Filled by [`Llama::forward_logits_cached`]; every
+/// sequence of the batch is at the same position (no padding).
+pub struct KvCache<B: Backend> {
+    b: usize,
+    tmax: usize,
+    kv_dim: usize,
+    len: usize,
+    k: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache for `b` sequences of up to `tmax` positions of `model`.
+    pub fn new(model: &Llama<B>, b: usize, tmax: usize) -> Result<Self> {
+        ensure!(
+            b > 0 && tmax > 0,
+            "KV cache batch and length must be positive"
+        );
+        let be = &*model.backend;
+        let kv_dim = model.config.kv_dim();
+        let layers = model.config.num_hidden_layers;
+        let alloc = || be.alloc(b * tmax * kv_dim, Role::Activation);
+        Ok(KvCache {
+            b,
+            tmax,
+            kv_dim,
+            len: 0,
+            k: (0..layers).map(|_| alloc()).collect::<Result<_>>()?,
+            v: (0..layers).map(|_| alloc()).collect::<Result<_>>()?,
+        })
+    }
+    /// Positions cached so far (the `past` of the next step).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Most positions the cache holds.
+    pub fn capacity(&self) -> usize {
+        self.tmax
+    }
+    pub fn batch(&self) -> usize {
+        self.b
+    }
+    /// Forget every position (the buffers are kept; stale rows are overwritten before use).
+    pub fn clear(&mut self) {
+        self.len = 0;
     }
 }
 

@@ -32,6 +32,7 @@
 //! ```
 
 pub mod config;
+pub mod generate;
 pub mod llama;
 pub mod lora;
 pub mod params;
@@ -40,7 +41,7 @@ pub mod resize;
 pub mod weights;
 
 pub use config::LlamaConfig;
-pub use llama::{Activations, HostParams, IGNORE_INDEX, Llama, eval_loss};
+pub use llama::{Activations, HostParams, IGNORE_INDEX, KvCache, Llama, eval_loss};
 pub use lora::{LoraConfig, Proj};
 pub use params::{Group, Kind, Loc, ParamEntry, ParamLayout, TrainSpec};
 pub use weights::{Checkpoint, HostTensor, SaveOptions, save_model_dir};
