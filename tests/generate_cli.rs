@@ -10,7 +10,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use zhllama::backend::Backend;
 use zhllama::backend::cpu::CpuBackend;
-use zhllama::model::generate::StreamDecoder;
+use zhllama::model::generate::{
+    SamplingConfig, StreamDecoder, Template, generate_text, load_merged_cpu,
+};
 use zhllama::model::{Activations, Llama, LlamaConfig, SaveOptions, TrainSpec};
 use zhllama::tensor::DType;
 use zhllama::vocab::proto::ModelType;
@@ -180,6 +182,21 @@ fn end_to_end_prompt_input_and_interactive() {
         eprintln!("{template}: {out:?}");
         assert_eq!(out, format!("{want}\n"), "template {template}");
     }
+    // The library's one-call form (what the demo uses) gives the same text.
+    let enc = zhllama::data::TokenizerEncoder::load(&f.tok_path).unwrap();
+    let model = load_merged_cpu(&f.model_dir, &[], None).unwrap();
+    let got = generate_text(
+        &model,
+        &enc,
+        "你好世界",
+        Template::Alpaca,
+        &SamplingConfig::greedy(n),
+    )
+    .unwrap();
+    assert_eq!(
+        got,
+        greedy_reference(&f.model_dir, &tok, &alpaca("你好世界"), n)
+    );
     // --input: one output line per prompt line (newlines inside escaped).
     let prompts = ["the quick brown fox", "我们今天", "numbers like 12"];
     let input = f.root.join("prompts.txt");

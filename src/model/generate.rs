@@ -6,10 +6,15 @@
 //! ```no_run
 //! # use zhllama::model::generate::*;
 //! # fn main() -> anyhow::Result<()> {
-//! let model = load_merged_cpu("base".as_ref(), &["sft/adapter".into()], None)?;
+//! let enc = zhllama::data::TokenizerEncoder::load("tokenizer.model".as_ref())?;
+//! let expect = ExpectVocab::of_tokenizer(&enc.tokenizer, "tokenizer.model".as_ref());
+//! let model = load_merged_cpu("base".as_ref(), &["sft/adapter".into()], Some(&expect))?;
+//! let cfg = SamplingConfig::greedy(64);
+//! let answer = generate_text(&model, &enc, "2+3=?", Template::Alpaca, &cfg)?;
+//! // Or by ids, streaming each new id to a callback (EOS stops and is not returned):
 //! let prompt_ids = vec![1u32, 42, 7];
-//! let new_ids = generate(&model, &prompt_ids, &SamplingConfig::greedy(64), Some(2), |_id| {})?;
-//! # let _ = new_ids; Ok(()) }
+//! let new_ids = generate(&model, &prompt_ids, &cfg, Some(2), |_id| {})?;
+//! # let _ = (answer, new_ids); Ok(()) }
 //! ```
 
 use super::config::LlamaConfig;
@@ -512,4 +517,20 @@ pub fn encode_prompt<E: crate::data::Encoder + ?Sized>(
         }
         Template::Raw => hf.encode_with_bos(text),
     }
+}
+
+/// The decoded text `model` generates for `prompt` (wrapped by `template`, stopped at the
+/// tokenizer's `</s>`): [`encode_prompt`] → [`generate`] → `decode`, for callers that do not
+/// stream (the demo's exact-match evaluation).
+pub fn generate_text<B: Backend>(
+    model: &Llama<B>,
+    enc: &crate::data::TokenizerEncoder,
+    prompt: &str,
+    template: Template,
+    cfg: &SamplingConfig,
+) -> Result<String> {
+    use crate::data::Encoder;
+    let ids = encode_prompt(&crate::data::HfText::new(enc), prompt, template);
+    let out = generate(model, &ids, cfg, Some(enc.eos_id()), |_| {})?;
+    Ok(enc.tokenizer.decode(&out))
 }
