@@ -11,13 +11,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashSet;
 
-/// One Alpaca-format record.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Record {
-    pub instruction: String,
-    pub input: String,
-    pub output: String,
-}
+pub use crate::instruct::convert::AlpacaRecord as Record;
 
 /// Everything the demo trains and evaluates on.
 pub struct DemoData {
@@ -122,8 +116,26 @@ pub fn zh_number(n: u32) -> String {
 
 fn zh_sentence(rng: &mut ChaCha8Rng) -> String {
     let name = pick(rng, ZH_NAMES);
-    match rng.random_range(0..8) {
+    match rng.random_range(0..12) {
         0 => format!("{name}住在{}。", pick(rng, ZH_CITIES)),
+        // Sentences that restate a part of themselves: the skills the tasks need (copying a
+        // span, reformatting a date, reading a numeral, reordering) appear in the plain text.
+        8 => {
+            let (city, food) = (pick(rng, ZH_CITIES), pick(rng, ZH_FOODS));
+            format!("{name}在{city}吃了{food}，那个城市是{city}。")
+        }
+        9 => {
+            let (y, m, d) = (rng.random_range(1990..2030), rng.random_range(1..13), rng.random_range(1..29));
+            format!("{y}年{m}月{d}日，写作{y}-{m:02}-{d:02}。")
+        }
+        10 => {
+            let n = rng.random_range(0..10000);
+            format!("{}写成数字是{n}。", zh_number(n))
+        }
+        11 => {
+            let (a, b) = (pick(rng, ZH_FOODS), pick(rng, ZH_FOODS));
+            format!("先说{a} {b}，反过来说是{b} {a}。")
+        }
         1 => format!(
             "{name}喜欢吃{}，也喜欢吃{}。",
             pick(rng, ZH_FOODS),
@@ -163,8 +175,12 @@ fn zh_sentence(rng: &mut ChaCha8Rng) -> String {
 
 fn en_sentence(rng: &mut ChaCha8Rng) -> String {
     let name = pick(rng, EN_NAMES);
-    match rng.random_range(0..5) {
+    match rng.random_range(0..6) {
         0 => format!("{name} lives in {}.", pick(rng, EN_CITIES)),
+        5 => {
+            let city = pick(rng, EN_CITIES);
+            format!("{name} lives in {city}. Where does {name} live? In {city}.")
+        }
         1 => format!(
             "{name} likes {} and {}.",
             pick(rng, EN_FOODS),
@@ -260,6 +276,15 @@ pub fn generate(seed: u64, scale: f64) -> DemoData {
     let mut base_corpus: Vec<String> = (0..n(1500))
         .map(|_| paragraph(&mut rng, 4, false))
         .collect();
+    // The English of the Alpaca prompt, as LLaMA knew it (a corpus line holds no newline).
+    base_corpus.extend((0..n(150)).map(|_| {
+        format!(
+            "Below is an instruction that describes a task. Write a response that appropriately \
+             completes the request. ### Instruction: {} ### Response: {}",
+            en_sentence(&mut rng),
+            en_sentence(&mut rng)
+        )
+    }));
     // A little Chinese in the base corpus, as LLaMA saw a little: its vocab covers few Chinese pieces.
     base_corpus.extend((0..n(60)).map(|_| paragraph(&mut rng, 2, true)));
     let zh_corpus: Vec<String> = (0..n(1500)).map(|_| paragraph(&mut rng, 4, true)).collect();
