@@ -125,7 +125,11 @@ fn zh_sentence(rng: &mut ChaCha8Rng) -> String {
             format!("{name}在{city}吃了{food}，那个城市是{city}。")
         }
         9 => {
-            let (y, m, d) = (rng.random_range(1990..2030), rng.random_range(1..13), rng.random_range(1..29));
+            let (y, m, d) = (
+                rng.random_range(1990..2030),
+                rng.random_range(1..13),
+                rng.random_range(1..29),
+            );
             format!("{y}年{m}月{d}日，写作{y}-{m:02}-{d:02}。")
         }
         10 => {

@@ -16,10 +16,11 @@
 
 use super::corpus::{self, Record};
 use crate::backend::cpu::CpuBackend;
+use crate::data::TokenizerEncoder;
 use crate::data::pretrain::{PretrainConfig, build_pretrain};
 use crate::data::sft::{SftConfig, build_prompt, build_sft};
-use crate::data::TokenizerEncoder;
 use crate::distributed::LocalComm;
+use crate::model::generate::{SamplingConfig, generate};
 use crate::model::resize::{NewRows, resize_rows};
 use crate::model::weights::{Checkpoint, HostTensor, SaveOptions, save_model_dir};
 use crate::model::{Llama, LlamaConfig, TrainSpec, eval_loss};
@@ -28,8 +29,8 @@ use crate::train::config::{Stage, TrainConfig};
 use crate::train::data::Data;
 use crate::train::{setup, trainer};
 use crate::util::write_atomic;
-use crate::vocab::train::{TrainOptions, train as train_vocab};
 use crate::vocab::proto::ModelType;
+use crate::vocab::train::{TrainOptions, train as train_vocab};
 use crate::vocab::{Tokenizer, merge_tokenizers};
 use anyhow::{Context, Result, ensure};
 use serde::Serialize;
@@ -149,7 +150,10 @@ impl DemoReport {
         let mut s = String::new();
         s.push_str("| stage | held-out zh loss | seconds |\n|---|---:|---:|\n");
         for r in &self.stages {
-            s.push_str(&format!("| {} | {:.4} | {:.1} |\n", r.stage, r.heldout_loss, r.seconds));
+            s.push_str(&format!(
+                "| {} | {:.4} | {:.1} |\n",
+                r.stage, r.heldout_loss, r.seconds
+            ));
         }
         s.push_str(&format!(
             "\nexact match on {} held-out instruction tasks: before SFT {:.1}%, after SFT {:.1}%\n",
@@ -175,7 +179,13 @@ fn write_records(path: &Path, recs: &[Record]) -> Result<()> {
     write_atomic(path, serde_json::to_string_pretty(recs)?.as_bytes())
 }
 
-fn vocab(sentences: &[String], size: usize, model_type: ModelType, byte_fallback: bool, out: &Path) -> Result<()> {
+fn vocab(
+    sentences: &[String],
+    size: usize,
+    model_type: ModelType,
+    byte_fallback: bool,
+    out: &Path,
+) -> Result<()> {
     let refs: Vec<&str> = sentences.iter().map(|s| s.as_str()).collect();
     let opt = TrainOptions {
         vocab_size: size,
@@ -201,17 +211,43 @@ fn resize_model(src: &Path, dst: &Path, old_tok: &Tokenizer, new_tok: &Tokenizer
         let name = name.to_string();
         let (shape, data) = ck.read(&name)?;
         let data = if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
-            resize_rows(&data, old_v, c, new_v, old_tok, new_tok, NewRows::MeanOfPieces)
-                .with_context(|| format!("resizing {name}"))?
+            resize_rows(
+                &data,
+                old_v,
+                c,
+                new_v,
+                old_tok,
+                new_tok,
+                NewRows::MeanOfPieces,
+            )
+            .with_context(|| format!("resizing {name}"))?
         } else {
             data
         };
-        let shape = if data.len() != shape.iter().product::<usize>() { vec![new_v, c] } else { shape };
-        tensors.push(HostTensor { name, shape, data: Cow::Owned(data) });
+        let shape = if data.len() != shape.iter().product::<usize>() {
+            vec![new_v, c]
+        } else {
+            shape
+        };
+        tensors.push(HostTensor {
+            name,
+            shape,
+            data: Cow::Owned(data),
+        });
     }
     config.vocab_size = new_v;
-    config.raw.insert("vocab_size".into(), serde_json::json!(new_v));
-    save_model_dir(dst, &config, &tensors, SaveOptions { dtype: DType::F32, max_shard_bytes: None })
+    config
+        .raw
+        .insert("vocab_size".into(), serde_json::json!(new_v));
+    save_model_dir(
+        dst,
+        &config,
+        &tensors,
+        SaveOptions {
+            dtype: DType::F32,
+            max_shard_bytes: None,
+        },
+    )
 }
 
 /// Train `model` on `data_dir` with `cfg`; returns the written output (model dir or adapter dir).
@@ -227,9 +263,17 @@ fn run_stage(
     let comm = LocalComm;
     let data = Data::open(data_dir)?;
     let mut t = trainer::Trainer::new(model, &data, cfg.clone(), stage, &comm, out, None)?;
-    let run = trainer::RunOptions { progress: opts.verbose, ..Default::default() };
+    let run = trainer::RunOptions {
+        progress: opts.verbose,
+        ..Default::default()
+    };
     let summary = t.run(&run)?;
-    ensure!(summary.skipped_steps == 0, "{}: {} steps skipped (non-finite)", out.display(), summary.skipped_steps);
+    ensure!(
+        summary.skipped_steps == 0,
+        "{}: {} steps skipped (non-finite)",
+        out.display(),
+        summary.skipped_steps
+    );
     let written = setup::save_outputs(&t.model, &cfg, out, base)?;
     if let Err(e) = crate::train::plot::plot_run(out, &out.join("loss.png")) {
         log(opts, &format!("no loss plot for {}: {e:#}", out.display()));
@@ -268,7 +312,7 @@ fn answers(model_dir: &Path, tok: &Tokenizer, tasks: &[Record]) -> Result<Vec<St
         .map(|r| {
             let mut ids = vec![bos];
             ids.extend(tok.encode(&build_prompt(r)));
-            let out = greedy_tmp(&model, &ids, 24, eos)?;
+            let out = generate(&model, &ids, &SamplingConfig::greedy(24), eos, |_| {})?;
             Ok(tok.decode(&out).trim().to_string())
         })
         .collect()
@@ -299,14 +343,40 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     write_records(&inputs.join("sft_train.json"), &data.sft_train)?;
     write_records(&inputs.join("sft_heldout.json"), &data.sft_heldout)?;
 
-    log(opts, "training the base and Chinese vocabularies, merging them");
+    log(
+        opts,
+        "training the base and Chinese vocabularies, merging them",
+    );
     let toks = out.join("tokenizers");
-    vocab(&data.base_corpus, plan.base_vocab, ModelType::Bpe, true, &toks.join("base"))?;
-    vocab(&data.zh_corpus, plan.zh_vocab, ModelType::Unigram, false, &toks.join("chinese"))?;
+    vocab(
+        &data.base_corpus,
+        plan.base_vocab,
+        ModelType::Bpe,
+        true,
+        &toks.join("base"),
+    )?;
+    vocab(
+        &data.zh_corpus,
+        plan.zh_vocab,
+        ModelType::Unigram,
+        false,
+        &toks.join("chinese"),
+    )?;
     let zh_model = toks.join("chinese/tokenizer.model");
     let merged = merge_tokenizers(&toks.join("base"), &zh_model, &toks.join("merged"), false)?;
-    let _ = merge_tokenizers(&toks.join("base"), &zh_model, &toks.join("merged_pad"), true)?;
-    log(opts, &format!("merged vocabulary: {} appended, {} skipped, {} pieces", merged.appended, merged.skipped, merged.total));
+    let _ = merge_tokenizers(
+        &toks.join("base"),
+        &zh_model,
+        &toks.join("merged_pad"),
+        true,
+    )?;
+    log(
+        opts,
+        &format!(
+            "merged vocabulary: {} appended, {} skipped, {} pieces",
+            merged.appended, merged.skipped, merged.total
+        ),
+    );
     let base_tok = Tokenizer::load(&toks.join("base"))?;
     let merged_tok = Tokenizer::load(&toks.join("merged"))?;
     let pad_tok = Tokenizer::load(&toks.join("merged_pad"))?;
@@ -314,16 +384,44 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     log(opts, "tokenizing: pre-training blocks and SFT examples");
     let shards = out.join("data");
     std::fs::create_dir_all(&shards)?;
-    let pcfg = PretrainConfig { block_size: plan.block, validation_fraction: 0.02, seed, ..Default::default() };
-    build_pretrain(&TokenizerEncoder::new(Tokenizer::load(&toks.join("base"))?)?, &[inputs.join("base_corpus.txt")], &shards.join("base"), &pcfg)?;
-    build_pretrain(&TokenizerEncoder::new(Tokenizer::load(&toks.join("merged"))?)?, &[inputs.join("zh_corpus.txt")], &shards.join("zh"), &pcfg)?;
-    let scfg = SftConfig { max_len: SFT_MAX_LEN, ..Default::default() };
-    build_sft(&TokenizerEncoder::new(Tokenizer::load(&toks.join("merged_pad"))?)?, &[inputs.join("sft_train.json")], &shards.join("sft"), &scfg)?;
+    let pcfg = PretrainConfig {
+        block_size: plan.block,
+        validation_fraction: 0.02,
+        seed,
+        ..Default::default()
+    };
+    build_pretrain(
+        &TokenizerEncoder::new(Tokenizer::load(&toks.join("base"))?)?,
+        &[inputs.join("base_corpus.txt")],
+        &shards.join("base"),
+        &pcfg,
+    )?;
+    build_pretrain(
+        &TokenizerEncoder::new(Tokenizer::load(&toks.join("merged"))?)?,
+        &[inputs.join("zh_corpus.txt")],
+        &shards.join("zh"),
+        &pcfg,
+    )?;
+    let scfg = SftConfig {
+        max_len: SFT_MAX_LEN,
+        ..Default::default()
+    };
+    build_sft(
+        &TokenizerEncoder::new(Tokenizer::load(&toks.join("merged_pad"))?)?,
+        &[inputs.join("sft_train.json")],
+        &shards.join("sft"),
+        &scfg,
+    )?;
     let bos = merged_tok.bos_id().context("merged tokenizer has no <s>")? as i32;
     let heldout: Vec<Vec<i32>> = data
         .zh_heldout
         .iter()
-        .map(|l| std::iter::once(bos).chain(merged_tok.encode(l).into_iter().map(|i| i as i32)).take(plan.block).collect())
+        .map(|l| {
+            std::iter::once(bos)
+                .chain(merged_tok.encode(l).into_iter().map(|i| i as i32))
+                .take(plan.block)
+                .collect()
+        })
         .collect();
 
     let mut stages = Vec::new();
@@ -332,57 +430,140 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     // 2. The stand-in for LLaMA: a tiny model trained from scratch on the base corpus.
     log(opts, "training the base model from scratch");
     let ts = Instant::now();
-    let mut config = LlamaConfig::new(base_tok.vocab_size(), plan.hidden, plan.ffn, plan.layers, plan.heads, plan.kv_heads);
+    let mut config = LlamaConfig::new(
+        base_tok.vocab_size(),
+        plan.hidden,
+        plan.ffn,
+        plan.layers,
+        plan.heads,
+        plan.kv_heads,
+    );
     config.max_position_embeddings = 512;
     let base_model = Llama::random(be.clone(), config, TrainSpec::full(), seed)?;
     let mut cfg = stage_cfg(Stage::Pt1, &plan, plan.base_steps, 3e-3, seed);
     cfg.warmup_ratio = 0.05;
     cfg.weight_decay = 0.01;
-    let base_dir = run_stage(opts, base_model, &shards.join("base"), cfg, Stage::Pt1, &out.join("base"), &out.join("base"))?;
+    let base_dir = run_stage(
+        opts,
+        base_model,
+        &shards.join("base"),
+        cfg,
+        Stage::Pt1,
+        &out.join("base"),
+        &out.join("base"),
+    )?;
     let base_secs = ts.elapsed().as_secs_f64();
 
     // 3. Resize to the merged vocabulary.
     let resized = out.join("base_resized");
     resize_model(&base_dir, &resized, &base_tok, &merged_tok)?;
-    stages.push(StageRow { stage: "base (resized, before pt1)".into(), heldout_loss: heldout_loss(&resized, &heldout)?, seconds: base_secs });
+    stages.push(StageRow {
+        stage: "base (resized, before pt1)".into(),
+        heldout_loss: heldout_loss(&resized, &heldout)?,
+        seconds: base_secs,
+    });
 
     // 4. Pre-training stage 1: embedding only.
     log(opts, "pre-training stage 1 (embedding only)");
     let ts = Instant::now();
     let cfg = stage_cfg(Stage::Pt1, &plan, plan.pt1_steps, 2e-3, seed);
-    let model = setup::load_model(be.clone(), &resized, &cfg, Stage::Pt1, merged_tok.vocab_size(), None)?;
-    let pt1_dir = run_stage(opts, model, &shards.join("zh"), cfg, Stage::Pt1, &out.join("pt1"), &resized)?;
-    stages.push(StageRow { stage: "pt1 (embedding)".into(), heldout_loss: heldout_loss(&pt1_dir, &heldout)?, seconds: ts.elapsed().as_secs_f64() });
+    let model = setup::load_model(
+        be.clone(),
+        &resized,
+        &cfg,
+        Stage::Pt1,
+        merged_tok.vocab_size(),
+        None,
+    )?;
+    let pt1_dir = run_stage(
+        opts,
+        model,
+        &shards.join("zh"),
+        cfg,
+        Stage::Pt1,
+        &out.join("pt1"),
+        &resized,
+    )?;
+    stages.push(StageRow {
+        stage: "pt1 (embedding)".into(),
+        heldout_loss: heldout_loss(&pt1_dir, &heldout)?,
+        seconds: ts.elapsed().as_secs_f64(),
+    });
 
     // Pre-training stage 2: LoRA q,k,v,o + embedding + lm_head, merged back.
     log(opts, "pre-training stage 2 (LoRA + embedding + lm_head)");
     let ts = Instant::now();
     let cfg = stage_cfg(Stage::Pt2, &plan, plan.pt2_steps, 2e-3, seed);
-    let model = setup::load_model(be.clone(), &pt1_dir, &cfg, Stage::Pt2, merged_tok.vocab_size(), None)?;
-    let adapter = run_stage(opts, model, &shards.join("zh"), cfg, Stage::Pt2, &out.join("pt2"), &pt1_dir)?;
+    let model = setup::load_model(
+        be.clone(),
+        &pt1_dir,
+        &cfg,
+        Stage::Pt2,
+        merged_tok.vocab_size(),
+        None,
+    )?;
+    let adapter = run_stage(
+        opts,
+        model,
+        &shards.join("zh"),
+        cfg,
+        Stage::Pt2,
+        &out.join("pt2"),
+        &pt1_dir,
+    )?;
     let pt2_dir = out.join("pt2/merged");
     merge_adapters(&pt1_dir, &[adapter], &pt2_dir)?;
-    stages.push(StageRow { stage: "pt2 (LoRA, merged)".into(), heldout_loss: heldout_loss(&pt2_dir, &heldout)?, seconds: ts.elapsed().as_secs_f64() });
+    stages.push(StageRow {
+        stage: "pt2 (LoRA, merged)".into(),
+        heldout_loss: heldout_loss(&pt2_dir, &heldout)?,
+        seconds: ts.elapsed().as_secs_f64(),
+    });
 
     // 5. SFT on the Alpaca-format tasks, with the [PAD] tokenizer (one more row).
-    log(opts, "instruction tuning (LoRA on all projections + embedding + lm_head)");
+    log(
+        opts,
+        "instruction tuning (LoRA on all projections + embedding + lm_head)",
+    );
     let ts = Instant::now();
     let pt2_pad = out.join("pt2/merged_pad");
     resize_model(&pt2_dir, &pt2_pad, &merged_tok, &pad_tok)?;
     let mut cfg = stage_cfg(Stage::Sft, &plan, plan.sft_steps, 2e-3, seed);
     cfg.max_length = SFT_MAX_LEN;
-    let model = setup::load_model(be.clone(), &pt2_pad, &cfg, Stage::Sft, pad_tok.vocab_size(), None)?;
-    let adapter = run_stage(opts, model, &shards.join("sft"), cfg, Stage::Sft, &out.join("sft"), &pt2_pad)?;
+    let model = setup::load_model(
+        be.clone(),
+        &pt2_pad,
+        &cfg,
+        Stage::Sft,
+        pad_tok.vocab_size(),
+        None,
+    )?;
+    let adapter = run_stage(
+        opts,
+        model,
+        &shards.join("sft"),
+        cfg,
+        Stage::Sft,
+        &out.join("sft"),
+        &pt2_pad,
+    )?;
     let sft_dir = out.join("sft/merged");
     merge_adapters(&pt2_pad, &[adapter], &sft_dir)?;
-    stages.push(StageRow { stage: "sft (LoRA, merged)".into(), heldout_loss: heldout_loss(&sft_dir, &heldout)?, seconds: ts.elapsed().as_secs_f64() });
+    stages.push(StageRow {
+        stage: "sft (LoRA, merged)".into(),
+        heldout_loss: heldout_loss(&sft_dir, &heldout)?,
+        seconds: ts.elapsed().as_secs_f64(),
+    });
 
     // 6. Held-out instruction tasks, before and after SFT.
     log(opts, "generating answers to held-out instruction tasks");
     let before = answers(&pt2_dir, &pad_tok, &data.sft_heldout)?;
     let after = answers(&sft_dir, &pad_tok, &data.sft_heldout)?;
     let acc = |ans: &[String]| {
-        ans.iter().zip(&data.sft_heldout).filter(|(a, r)| **a == r.output).count() as f64 / data.sft_heldout.len() as f64
+        ans.iter()
+            .zip(&data.sft_heldout)
+            .filter(|(a, r)| **a == r.output)
+            .count() as f64
+            / data.sft_heldout.len() as f64
     };
     let samples: Vec<Sample> = data
         .sft_heldout
@@ -405,7 +586,10 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         samples,
         total_seconds: t0.elapsed().as_secs_f64(),
     };
-    write_atomic(&out.join("report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+    write_atomic(
+        &out.join("report.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
     write_atomic(&out.join("report.md"), report.table().as_bytes())?;
     let text: Vec<String> = report
         .samples
@@ -427,25 +611,4 @@ fn merge_adapters(base: &Path, adapters: &[PathBuf], out: &Path) -> Result<()> {
         .map(|a| crate::model::peft::load_adapter(a))
         .collect::<Result<Vec<_>>>()?;
     crate::model::peft::merge_into_dir(base, &loaded, out, 2 << 30)
-}
-
-// TEMPORARY until model::generate lands: greedy decoding by recomputing the full forward.
-fn greedy_tmp(model: &Llama<CpuBackend>, prompt: &[u32], max_new: usize, eos: Option<u32>) -> Result<Vec<u32>> {
-    use crate::backend::Backend;
-    use crate::model::Activations;
-    let mut ids: Vec<i32> = prompt.iter().map(|&i| i as i32).collect();
-    let v = model.config().vocab_size;
-    let mut out = Vec::new();
-    for _ in 0..max_new {
-        let mut acts = Activations::new_inference(model, 1, ids.len())?;
-        model.forward_logits(&mut acts, &ids)?;
-        let mut logits = vec![0.0f32; ids.len() * v];
-        model.backend().download(acts.logits(), &mut logits)?;
-        let last = &logits[(ids.len() - 1) * v..];
-        let next = last.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32;
-        if Some(next) == eos { break; }
-        out.push(next);
-        ids.push(next as i32);
-    }
-    Ok(out)
 }
