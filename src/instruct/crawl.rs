@@ -790,7 +790,8 @@ fn worker(sh: &Shared, agent: &ureq::Agent, id: u64) {
                 return;
             }
             if cfg.max_requests.is_some_and(|m| st.stats.requests >= m) {
-                sh.stop.store(true, Ordering::SeqCst);
+                // No new request, but no `stop` either: a request another worker has already
+                // claimed (and counted) must still be sent, not abandoned in its rate-limit wait.
                 return;
             }
             st.stats.requests += 1;
