@@ -10,7 +10,7 @@ python3 -m pip install -q sentencepiece==0.2.3
 if [ ! -x .venv/data-oracle/bin/python ]; then python3 -m venv .venv/data-oracle || true; fi
 .venv/data-oracle/bin/pip install -q -r tools/oracle/data_requirements.txt \
   || echo "warning: data oracle packages not installed; the data parity tests will skip"
-cargo test --release --all-targets
+cargo test --release --all-targets --no-fail-fast
 
 # --- distributed (issue 8): OpenMPI from the system packages, then the multi-process tests ---
 # (the `mpi` crate needs libopenmpi-dev + libclang-dev for bindgen; the tests call mpirun themselves)
