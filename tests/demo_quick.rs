@@ -23,7 +23,10 @@ fn quick_demo_runs_the_recipe_and_sft_teaches_the_held_out_tasks() {
         "demo failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("| stage | held-out zh loss"), "no results table:\n{stdout}");
+    assert!(
+        stdout.contains("| stage | held-out zh loss"),
+        "no results table:\n{stdout}"
+    );
 
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("report.json")).unwrap()).unwrap();

@@ -281,6 +281,30 @@ fn run_stage(
     Ok(written)
 }
 
+/// Load `model_dir` for `stage` at `vocab` rows, train it on `data_dir` into `out`, and return the
+/// stage's model: stage 1 writes a whole model; a LoRA stage's adapter is merged into `out/merged`.
+#[allow(clippy::too_many_arguments)]
+fn train_stage(
+    opts: &DemoOptions,
+    be: &Arc<CpuBackend>,
+    model_dir: &Path,
+    cfg: TrainConfig,
+    stage: Stage,
+    vocab: usize,
+    data_dir: &Path,
+    out: &Path,
+) -> Result<PathBuf> {
+    let lora = !cfg.lora_targets.is_empty();
+    let model = setup::load_model(be.clone(), model_dir, &cfg, stage, vocab, None)?;
+    let written = run_stage(opts, model, data_dir, cfg, stage, out, model_dir)?;
+    if !lora {
+        return Ok(written);
+    }
+    let merged = out.join("merged");
+    merge_adapters(model_dir, &[written], &merged)?;
+    Ok(merged)
+}
+
 fn stage_cfg(stage: Stage, plan: &DemoPlan, steps: u64, lr: f64, seed: u64) -> TrainConfig {
     let mut cfg = TrainConfig::preset(stage);
     cfg.batch_size = plan.batch;
@@ -467,22 +491,15 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     log(opts, "pre-training stage 1 (embedding only)");
     let ts = Instant::now();
     let cfg = stage_cfg(Stage::Pt1, &plan, plan.pt1_steps, 2e-3, seed);
-    let model = setup::load_model(
-        be.clone(),
-        &resized,
-        &cfg,
-        Stage::Pt1,
-        merged_tok.vocab_size(),
-        None,
-    )?;
-    let pt1_dir = run_stage(
+    let pt1_dir = train_stage(
         opts,
-        model,
-        &shards.join("zh"),
+        &be,
+        &resized,
         cfg,
         Stage::Pt1,
+        merged_tok.vocab_size(),
+        &shards.join("zh"),
         &out.join("pt1"),
-        &resized,
     )?;
     stages.push(StageRow {
         stage: "pt1 (embedding)".into(),
@@ -494,25 +511,16 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     log(opts, "pre-training stage 2 (LoRA + embedding + lm_head)");
     let ts = Instant::now();
     let cfg = stage_cfg(Stage::Pt2, &plan, plan.pt2_steps, 2e-3, seed);
-    let model = setup::load_model(
-        be.clone(),
-        &pt1_dir,
-        &cfg,
-        Stage::Pt2,
-        merged_tok.vocab_size(),
-        None,
-    )?;
-    let adapter = run_stage(
+    let pt2_dir = train_stage(
         opts,
-        model,
-        &shards.join("zh"),
+        &be,
+        &pt1_dir,
         cfg,
         Stage::Pt2,
+        merged_tok.vocab_size(),
+        &shards.join("zh"),
         &out.join("pt2"),
-        &pt1_dir,
     )?;
-    let pt2_dir = out.join("pt2/merged");
-    merge_adapters(&pt1_dir, &[adapter], &pt2_dir)?;
     stages.push(StageRow {
         stage: "pt2 (LoRA, merged)".into(),
         heldout_loss: heldout_loss(&pt2_dir, &heldout)?,
@@ -529,25 +537,16 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     resize_model(&pt2_dir, &pt2_pad, &merged_tok, &pad_tok)?;
     let mut cfg = stage_cfg(Stage::Sft, &plan, plan.sft_steps, 2e-3, seed);
     cfg.max_length = SFT_MAX_LEN;
-    let model = setup::load_model(
-        be.clone(),
-        &pt2_pad,
-        &cfg,
-        Stage::Sft,
-        pad_tok.vocab_size(),
-        None,
-    )?;
-    let adapter = run_stage(
+    let sft_dir = train_stage(
         opts,
-        model,
-        &shards.join("sft"),
+        &be,
+        &pt2_pad,
         cfg,
         Stage::Sft,
+        pad_tok.vocab_size(),
+        &shards.join("sft"),
         &out.join("sft"),
-        &pt2_pad,
     )?;
-    let sft_dir = out.join("sft/merged");
-    merge_adapters(&pt2_pad, &[adapter], &sft_dir)?;
     stages.push(StageRow {
         stage: "sft (LoRA, merged)".into(),
         heldout_loss: heldout_loss(&sft_dir, &heldout)?,
