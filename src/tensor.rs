@@ -22,7 +22,7 @@ impl DType {
 
 /// Convert little-endian raw bytes of `dtype` to f32, appending to `out`.
 pub fn bytes_to_f32(bytes: &[u8], dtype: DType, out: &mut Vec<f32>) -> Result<()> {
-    if bytes.len() % dtype.size() != 0 {
+    if !bytes.len().is_multiple_of(dtype.size()) {
         bail!(
             "{} bytes is not a whole number of {:?} elements",
             bytes.len(),
