@@ -128,12 +128,11 @@ pub fn count(dims: &Dims, cfg: &TrainConfig, vocab: usize) -> Result<Counts> {
     })
 }
 
-/// Bytes per element of weights / activations / fp32 state for a precision name.
-fn precision_bytes(precision: &str) -> Result<(u64, u64, bool)> {
-    // (weight bytes, activation bytes, keeps an fp32 master copy of the trainable weights)
+/// Bytes per element of weights / activations for a precision name.
+fn precision_bytes(precision: &str) -> Result<(u64, u64)> {
     match precision {
-        "f32" => Ok((4, 4, false)),
-        "bf16" => Ok((2, 2, true)),
+        "f32" => Ok((4, 4)),
+        "bf16" => Ok((2, 2)),
         _ => bail!("unknown precision {precision:?}: expected f32 or bf16"),
     }
 }
@@ -176,19 +175,17 @@ pub fn plan(
         bail!("world size must be ≥ 1");
     }
     let counts = count(dims, cfg, vocab)?;
-    let (wb, ab, master) = precision_bytes(precision)?;
+    let (wb, ab) = precision_bytes(precision)?;
     let p = counts.trainable;
-    let shard = p.div_ceil(world as u64);
-    // AdamW m and v in fp32, plus an fp32 master copy of trainable weights in mixed precision.
-    let opt_per_elem = if master { 12 } else { 8 };
+    // ZeRO-2's own arithmetic (the same at every precision: `Zero2` keeps an fp32 master copy, m
+    // and v of its shard, and the averaged fp32 gradient shard).
+    let mp = crate::distributed::memory_plan(p as usize, world);
     let weights = counts.total * wb;
     let gradients = p * 4;
-    let optimizer = p * opt_per_elem;
+    let optimizer = p * 12;
     let acts = activation_elems(dims, cfg, cfg.micro_batch_size, cfg.max_length, vocab) * ab;
-    let opt_rank = shard * opt_per_elem;
-    // Gradients are accumulated in full (fp32) during the micro-batches, then reduce-scattered:
-    // each rank keeps its averaged shard for the optimizer.
-    let grad_rank = shard * 4;
+    let opt_rank = mp.optimizer_bytes_per_rank;
+    let grad_rank = mp.gradient_bytes_per_rank;
     Ok(json!({
         "stage": stage,
         "vocab_size": vocab,
