@@ -122,6 +122,22 @@ pub struct StageRow {
     pub seconds: f64,
 }
 
+impl StageRow {
+    /// The row of stage `stage`: the held-out loss of the model in `model_dir`.
+    fn measure(
+        stage: &str,
+        model_dir: &Path,
+        heldout: &[Vec<i32>],
+        seconds: f64,
+    ) -> Result<StageRow> {
+        Ok(StageRow {
+            stage: stage.into(),
+            heldout_loss: heldout_loss(model_dir, heldout)?,
+            seconds,
+        })
+    }
+}
+
 /// One held-out instruction task and what the models answered.
 #[derive(Clone, Debug, Serialize)]
 pub struct Sample {
@@ -481,11 +497,12 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     // 3. Resize to the merged vocabulary.
     let resized = out.join("base_resized");
     resize_model(&base_dir, &resized, &base_tok, &merged_tok)?;
-    stages.push(StageRow {
-        stage: "base (resized, before pt1)".into(),
-        heldout_loss: heldout_loss(&resized, &heldout)?,
-        seconds: base_secs,
-    });
+    stages.push(StageRow::measure(
+        "base (resized, before pt1)",
+        &resized,
+        &heldout,
+        base_secs,
+    )?);
 
     // 4. Pre-training stage 1: embedding only.
     log(opts, "pre-training stage 1 (embedding only)");
@@ -501,11 +518,12 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         &shards.join("zh"),
         &out.join("pt1"),
     )?;
-    stages.push(StageRow {
-        stage: "pt1 (embedding)".into(),
-        heldout_loss: heldout_loss(&pt1_dir, &heldout)?,
-        seconds: ts.elapsed().as_secs_f64(),
-    });
+    stages.push(StageRow::measure(
+        "pt1 (embedding)",
+        &pt1_dir,
+        &heldout,
+        ts.elapsed().as_secs_f64(),
+    )?);
 
     // Pre-training stage 2: LoRA q,k,v,o + embedding + lm_head, merged back.
     log(opts, "pre-training stage 2 (LoRA + embedding + lm_head)");
@@ -521,11 +539,12 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         &shards.join("zh"),
         &out.join("pt2"),
     )?;
-    stages.push(StageRow {
-        stage: "pt2 (LoRA, merged)".into(),
-        heldout_loss: heldout_loss(&pt2_dir, &heldout)?,
-        seconds: ts.elapsed().as_secs_f64(),
-    });
+    stages.push(StageRow::measure(
+        "pt2 (LoRA, merged)",
+        &pt2_dir,
+        &heldout,
+        ts.elapsed().as_secs_f64(),
+    )?);
 
     // 5. SFT on the Alpaca-format tasks, with the [PAD] tokenizer (one more row).
     log(
@@ -547,11 +566,12 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         &shards.join("sft"),
         &out.join("sft"),
     )?;
-    stages.push(StageRow {
-        stage: "sft (LoRA, merged)".into(),
-        heldout_loss: heldout_loss(&sft_dir, &heldout)?,
-        seconds: ts.elapsed().as_secs_f64(),
-    });
+    stages.push(StageRow::measure(
+        "sft (LoRA, merged)",
+        &sft_dir,
+        &heldout,
+        ts.elapsed().as_secs_f64(),
+    )?);
 
     // 6. Held-out instruction tasks, before and after SFT.
     log(opts, "generating answers to held-out instruction tasks");
