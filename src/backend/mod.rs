@@ -80,6 +80,14 @@ pub trait Backend: Send + Sync {
     /// Wait until every queued op has finished (no-op on CPU).
     fn synchronize(&self) -> Result<()>;
 
+    // ---- profiling ------------------------------------------------------------------------------
+    /// Open a named range around the ops queued until the matching [`Backend::range_pop`], so a
+    /// profiler attributes their time to it (NVTX on CUDA, for Nsight Systems/Compute). Ranges
+    /// nest. No-op by default, and cheap enough to call per layer and per op.
+    fn range_push(&self, _name: &str) {}
+    /// Close the innermost range opened by [`Backend::range_push`].
+    fn range_pop(&self) {}
+
     // ---- elementwise ----------------------------------------------------------------------------
     /// `out = 0`.
     fn zero(&self, out: Self::ViewMut<'_>);
