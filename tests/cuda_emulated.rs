@@ -10,7 +10,8 @@
 //!
 //! Tolerances (normalised max error `max|emu − cpu| / max|cpu|`, as in tests/cuda_parity.rs):
 //! fp32 kernels 1e-5 (same fp32 arithmetic in a different order: blocks, warps, exp2 vs exp);
-//! bf16 kernels 1e-2 (bf16 storage of the outputs, 2⁻⁹ relative each).
+//! bf16 kernels 1e-2 (bf16 storage of the outputs, 2⁻⁹ relative each); dropout 0 (bit-identical:
+//! integer mask, one fp32 multiply, at most one rounding to bf16 on both sides).
 
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -833,6 +834,54 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         check(&mut fails, "adamw_step_v1_f32_bf16 v", &r[8], &vw, 1e-5);
         check(&mut fails, "axpy_v1_f32_bf16", &r[9], &y, 1e-5);
         check(&mut fails, "copy_v1_bf16_f32", &r[10], &bf(&y), 1e-5);
+    }
+
+    // ---- dropout (the LoRA mask): integer hash on the device, one fp32 multiply ----
+    // Against the model's own host function `apply_dropout_mask` with the key `dropout_key` makes
+    // for the kernel: f32 must be bit-identical (the mask is integer logic, the scale the same fp32
+    // product), bf16 the same product rounded once (the reference rounds the CPU result likewise).
+    {
+        use zhllama::model::lora::{Proj, apply_dropout_mask, dropout_key};
+        let (len, pdrop, step_key) = (5000usize, 0.3f32, 0x0123_4567_89ab_cdefu64);
+        let x = rand(len, 2.0);
+        let mut want = x.clone();
+        apply_dropout_mask(&mut want, pdrop, step_key, 3, Proj::Gate);
+        let xb = bf(&x);
+        let mut want_b = xb.clone();
+        apply_dropout_mask(&mut want_b, pdrop, step_key, 3, Proj::Gate);
+        let want_b = bf(&want_b);
+        let key = dropout_key(step_key, 3, Proj::Gate);
+        let (ix, ixb) = (e.f32(&x), e.bf16(&xb));
+        let args = |id| {
+            [
+                p(id),
+                format!("l{len}"),
+                format!("q{key}"),
+                f(pdrop),
+                f(1.0 / (1.0 - pdrop)),
+            ]
+        };
+        // 3 blocks of 256 threads: the grid-stride loop covers 5000 elements in 7 rounds.
+        e.launch("dropout_v1_f32", (3, 1, 1), 256, &args(ix));
+        e.launch("dropout_v1_bf16", (3, 1, 1), 256, &args(ixb));
+        let r = e.run(&[ix, ixb]);
+        check(&mut fails, "dropout_v1_f32", &r[0], &want, 0.0);
+        check(&mut fails, "dropout_v1_bf16", &r[1], &want_b, 0.0);
+        for (what, got, want) in [("f32", &r[0], &want), ("bf16", &r[1], &want_b)] {
+            let differ = got
+                .iter()
+                .zip(want.iter())
+                .filter(|(g, w)| g.to_bits() != w.to_bits())
+                .count();
+            if differ != 0 {
+                fails.push(format!(
+                    "dropout_v1_{what}: {differ} elements not bit-identical"
+                ));
+            }
+        }
+        let kept = r[0].iter().filter(|v| **v != 0.0).count();
+        // Binomial(5000, 0.7): std 32; ±200 is > 6 sigma.
+        assert!((kept as i64 - 3500).abs() < 200, "kept {kept} of 5000");
     }
 
     assert!(

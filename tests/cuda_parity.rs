@@ -291,6 +291,7 @@ fn every_kernel_matches_the_cpu_reference() {
         lora(&mut c, mode);
         adamw(&mut c, mode);
         elementwise(&mut c, mode);
+        dropout(&mut c, mode);
     }
     c.gpu.synchronize().expect("no CUDA error queued");
     assert!(
@@ -919,5 +920,44 @@ fn elementwise(c: &mut Ctx, mode: Mode) {
     let ss = c.gpu.sum_squares(gv!(c, gx)).unwrap();
     if ss.is_finite() {
         c.failures.push("sum_squares missed a NaN".into());
+    }
+}
+
+/// In-place dropout on a sub-view (the mask index counts from the view's start), ragged lengths.
+/// f32 mode: the mask is integer logic and the scale one fp32 multiply, so the result must be
+/// bit-identical (checked exactly, beyond the 1e-5 table entry); mixed: one bf16 rounding of the
+/// same product, also identical since the CPU input is the stored bf16 value and the CPU output is
+/// rounded the same way here.
+fn dropout(c: &mut Ctx, mode: Mode) {
+    let r = mode.data();
+    for (len, p) in [
+        (1usize, 0.5f32),
+        (1023, 0.1),
+        (4097, 0.05),
+        ((1 << 20) + 3, 0.3),
+    ] {
+        let off = 7usize;
+        let x = c.rand(len + off, 2.0, r);
+        let key: u64 = c.rng.random();
+        let mut want = x.clone();
+        c.cpu.dropout(&mut want[off..], p, key);
+        let want = stored(&want, r);
+        let mut gx = c.up(&x, r);
+        c.gpu
+            .dropout(c.gpu.view_mut(&mut gx, off..len + off), p, key);
+        let got = c.down(&gx);
+        let shape = format!("len{len}+{off} p{p}");
+        c.check("dropout", &shape, mode, &got, &want);
+        let differ = got
+            .iter()
+            .zip(&want)
+            .filter(|(g, w)| g.to_bits() != w.to_bits())
+            .count();
+        if differ != 0 {
+            c.failures.push(format!(
+                "dropout {shape} {}: {differ} elements not bit-identical",
+                mode.name()
+            ));
+        }
     }
 }

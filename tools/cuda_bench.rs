@@ -4,8 +4,9 @@
 //!
 //! - `ceilings`:  device-to-device copy bandwidth (read + write bytes / time) and the cuBLAS bf16 GEMM
 //!   rate (8192³, fp32 accumulate) — the ceilings the other numbers are compared with;
-//! - `rooflines`: RMSNorm forward/backward, SwiGLU, AdamW (+ bf16 copy) achieved bandwidth, as a
-//!   fraction of the measured copy bandwidth; attention forward/backward TFLOP/s at LLaMA-7B shape;
+//! - `rooflines`: RMSNorm forward/backward, SwiGLU, dropout, AdamW (+ bf16 copy) achieved
+//!   bandwidth, as a fraction of the measured copy bandwidth; attention forward/backward TFLOP/s
+//!   at LLaMA-7B shape;
 //! - `ce-memory`: the fused chunked lm_head + cross-entropy against the unfused one (full [n, V]
 //!   logits and dlogits): working memory and time, forward + backward;
 //! - `profile`:   one LLaMA-7B layer's ops (B=1, T=512, LoRA r8 on q/k/v/o/gate/up/down) under the
@@ -186,6 +187,47 @@ fn rooflines(b: &B, copy_gbs: f64) -> Result<()> {
     })?;
     line("swiglu_forward_v1_bf16", (3 * len * 2) as f64, ms, copy_gbs);
     drop((g, u, o));
+
+    // LoRA dropout in place (reads and writes each element once), bf16 and f32; and the host
+    // round-trip it replaced (download, ops::dropout, upload) on one 7B layer input [512·4, 4096].
+    for role in [Role::Activation, Role::Fp32] {
+        let mut x = b.buf(len, role)?;
+        let ms = b.best(|| b.g.dropout(b.g.view_mut(&mut x, 0..len), 0.05, 0x5eed))?;
+        let (name, es) = if role == Role::Fp32 {
+            ("dropout_v1_f32", 4)
+        } else {
+            ("dropout_v1_bf16", 2)
+        };
+        line(name, (2 * len * es) as f64, ms, copy_gbs);
+    }
+    {
+        let l = 2048 * 4096;
+        let mut x = b.buf(l, Role::Activation)?;
+        let mut host = vec![0f32; l];
+        let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+            f()?;
+            let mut best = f64::INFINITY;
+            for _ in 0..b.reps {
+                let t0 = std::time::Instant::now();
+                f()?;
+                best = best.min(t0.elapsed().as_secs_f64() * 1e3);
+            }
+            Ok(best)
+        };
+        let host_ms = time(&mut || {
+            b.g.download(&x, &mut host)?;
+            zhllama::ops::dropout(&mut host, 0.05, 0x5eed);
+            b.g.upload(&mut x, &host)
+        })?;
+        let dev_ms = time(&mut || {
+            b.g.dropout(b.g.view_mut(&mut x, 0..l), 0.05, 0x5eed);
+            b.g.synchronize()
+        })?;
+        println!(
+            "dropout  [2048, 4096] bf16: device {dev_ms:.3} ms vs host round-trip {host_ms:.3} ms ({:.1}x, wall time incl. sync)",
+            host_ms / dev_ms
+        );
+    }
 
     // AdamW over 64M fp32 master parameters, fp32 grads, writing the bf16 copy.
     let len = 1usize << 26;

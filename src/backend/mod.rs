@@ -100,6 +100,10 @@ pub trait Backend: Send + Sync {
     /// Sum of squares of `x`, accumulated in f64 (for the global gradient norm and NaN checks:
     /// a NaN/Inf anywhere gives a non-finite result).
     fn sum_squares(&self, x: Self::View<'_>) -> Result<f64>;
+    /// In place: `out[i] = keep_i ? out[i] / (1 - p) : 0` with `keep_i = uniform(key, i) >= p`, the
+    /// stateless mask of `crate::ops::dropout` (`i` counts from the start of the view); `p = 0` is a
+    /// no-op. The same call on the gradient is the backward.
+    fn dropout(&self, out: Self::ViewMut<'_>, p: f32, key: u64);
 
     // ---- matmul ---------------------------------------------------------------------------------
     /// `out[m,n] = alpha * op(a) · op(b) + beta * out` with `op(a)` of shape `[m,k]` and `op(b)` of

@@ -13,7 +13,7 @@
 //! embeddings is left in the activations ([`Activations::d_embeddings`]).
 
 use super::config::LlamaConfig;
-use super::lora::{LoraConfig, Proj, apply_dropout_mask, init_lora_a};
+use super::lora::{LoraConfig, Proj, dropout_key, init_lora_a};
 use super::params::{Group, Kind, Loc, ParamEntry, ParamLayout, TrainSpec, proj_shape};
 use super::weights::{Checkpoint, HostTensor, SaveOptions, save_model_dir};
 use crate::backend::{Backend, Role};
@@ -628,7 +628,7 @@ impl<B: Backend> Llama<B> {
         pl: &ProjLocs,
         proj: Proj,
         ctx: &LinCtx,
-        host: &mut Vec<f32>,
+        _host: &mut Vec<f32>,
     ) -> Result<()> {
         let be = &*self.backend;
         let n = ctx.n;
@@ -650,10 +650,8 @@ impl<B: Backend> Llama<B> {
             let (r, s) = (lora.r, lora.scaling());
             let xin = if ctx.dropout {
                 let xd = la.xd.as_mut().expect("dropout buffers allocated");
-                host.resize(n * pl.inp, 0.0);
-                be.download(x, host)?;
-                apply_dropout_mask(host, lora.dropout, ctx.key, ctx.li, proj);
-                be.upload(xd, host)?;
+                be.copy(vm(be, xd), v(be, x));
+                be.dropout(vm(be, xd), lora.dropout, dropout_key(ctx.key, ctx.li, proj));
                 &*xd
             } else {
                 x
@@ -1033,7 +1031,6 @@ impl<B: Backend> Llama<B> {
             );
             if ctx.dropout {
                 // dx += mask ⊙ (dxa · A) / (1-p), the same mask as the forward.
-                let len = n * pl.inp;
                 let buf = scratch
                     .dxd
                     .get_mut(&pl.inp)
@@ -1050,10 +1047,11 @@ impl<B: Backend> Llama<B> {
                     1.0,
                     0.0,
                 );
-                scratch.host.resize(len, 0.0);
-                be.download(buf, &mut scratch.host)?;
-                apply_dropout_mask(&mut scratch.host, lora.dropout, ctx.key, ctx.li, proj);
-                be.upload(buf, &scratch.host)?;
+                be.dropout(
+                    vm(be, buf),
+                    lora.dropout,
+                    dropout_key(ctx.key, ctx.li, proj),
+                );
                 be.axpy(vm(be, dx), 1.0, v(be, buf));
             } else {
                 // dx[n,in] += dxa · A
@@ -1114,7 +1112,6 @@ struct LoraScratch<B: Backend> {
     dxa: B::Buf,
     /// `dx_d` per input width (only with dropout).
     dxd: std::collections::HashMap<usize, B::Buf>,
-    host: Vec<f32>,
 }
 
 struct BackwardBufs<B: Backend> {
@@ -1243,7 +1240,6 @@ impl<B: Backend> Activations<B> {
                 scratch: LoraScratch {
                     dxa: act(n * lora.map_or(1, |l| l.r))?,
                     dxd,
-                    host: Vec::new(),
                 },
             })
         } else {

@@ -141,27 +141,20 @@ pub fn init_lora_a(a: &mut [f32], fan_in: usize, seed: u64, layer: usize, proj: 
     }
 }
 
-/// SplitMix64's finaliser: a bijective 64-bit mix with good avalanche.
-pub fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+pub use crate::ops::dropout::mix64;
+
+/// The per-tensor dropout key of projection `proj` in layer `layer` under the step's `key`: what
+/// [`crate::backend::Backend::dropout`] takes, so the device and the host draw the same mask.
+pub fn dropout_key(key: u64, layer: usize, proj: Proj) -> u64 {
+    mix64(key ^ mix64(((layer as u64) << 8) | proj as u64 | 0xd000_0000))
 }
 
 /// `x[i] *= keep_i / (1 - p)` where `keep_i = u(key, layer, proj, i) >= p` and `u` is a uniform in
 /// `[0, 1)` from a stateless hash: the same (key, layer, proj) gives the same mask. Applying the same
-/// call to a gradient is the dropout backward.
+/// call to a gradient is the dropout backward. The host form of `Backend::dropout` with
+/// [`dropout_key`].
 pub fn apply_dropout_mask(x: &mut [f32], p: f32, key: u64, layer: usize, proj: Proj) {
-    if p == 0.0 {
-        return;
-    }
-    let base = mix64(key ^ mix64(((layer as u64) << 8) | proj as u64 | 0xd000_0000));
-    let keep_scale = 1.0 / (1.0 - p);
-    for (i, v) in x.iter_mut().enumerate() {
-        let u = (mix64(base ^ i as u64) >> 40) as f32 * (1.0 / (1u64 << 24) as f32);
-        *v = if u >= p { *v * keep_scale } else { 0.0 };
-    }
+    crate::ops::dropout::dropout(x, p, dropout_key(key, layer, proj));
 }
 
 #[cfg(test)]

@@ -90,6 +90,9 @@ impl Backend for CpuBackend {
     fn sum_squares(&self, x: &[f32]) -> Result<f64> {
         Ok(ops::sum_squares(x))
     }
+    fn dropout(&self, out: &mut [f32], p: f32, key: u64) {
+        ops::dropout(out, p, key)
+    }
 
     fn matmul(
         &self,

@@ -1653,6 +1653,31 @@ impl Backend for CudaBackend {
         self.synchronize()?;
         Ok(h[0])
     }
+    fn dropout(&self, out: DViewMut<'_>, p: f32, key: u64) {
+        let r = (|| {
+            ensure!((0.0..1.0).contains(&p), "dropout: p = {p} not in [0, 1)");
+            if out.len == 0 || p == 0.0 {
+                return Ok(());
+            }
+            // The same fp32 scale the CPU reference multiplies by.
+            let keep_scale = 1.0f32 / (1.0 - p);
+            let (g, t) = Self::elementwise_threads(out.len);
+            self.launch(
+                &format!("dropout_v1_{}", suffix(out.dtype)),
+                (g, 1, 1),
+                t,
+                0,
+                &[
+                    KArg::P(out.ptr),
+                    KArg::L(out.len as i64),
+                    KArg::Q(key),
+                    KArg::F(p),
+                    KArg::F(keep_scale),
+                ],
+            )
+        })();
+        self.record(r);
+    }
 
     fn matmul(
         &self,
