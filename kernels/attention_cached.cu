@@ -50,4 +50,5 @@ __device__ void attention_cached_forward_v1(T* __restrict__ out, const T* __rest
         attention_cached_forward_v1<T>(out, q, kcache, vcache, tq, past, tmax, h, hkv, d, scale);         \
     }
 ATTN_CACHED_INSTANCES(bf16, bf16)
+ATTN_CACHED_INSTANCES(f16, f16)
 ATTN_CACHED_INSTANCES(float, f32)

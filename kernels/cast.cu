@@ -63,9 +63,16 @@ CAST_INSTANCES(bf16, bf16, bf16_bf16)
 CAST_INSTANCES(bf16, float, bf16_f32)
 CAST_INSTANCES(float, bf16, f32_bf16)
 CAST_INSTANCES(float, float, f32_f32)
+CAST_INSTANCES(f16, f16, f16_f16)
+CAST_INSTANCES(f16, float, f16_f32)
+CAST_INSTANCES(float, f16, f32_f16)
 
 extern "C" __global__ void scale_v1_bf16(bf16* out, float alpha, long long len) { scale_v1(out, alpha, len); }
 extern "C" __global__ void scale_v1_f32(float* out, float alpha, long long len) { scale_v1(out, alpha, len); }
+extern "C" __global__ void scale_v1_f16(f16* out, float alpha, long long len) { scale_v1(out, alpha, len); }
+extern "C" __global__ void sum_squares_partial_v1_f16(double* partial, const f16* x, long long len) {
+    sum_squares_partial_v1(partial, x, len);
+}
 extern "C" __global__ void sum_squares_partial_v1_bf16(double* partial, const bf16* x, long long len) {
     sum_squares_partial_v1(partial, x, len);
 }

@@ -1,12 +1,15 @@
 // Shared device helpers for every zhllama kernel (compiled by NVRTC; no host code, no std headers).
 //
-// Storage types: `bf16` (__nv_bfloat16) for weights and activations, `float` for statistics, master
-// weights, moments and gradient accumulators. Every kernel loads through `ld()` and stores through
-// `st()`, so one template body serves both storage types; arithmetic is always fp32.
+// Storage types: `bf16` (__nv_bfloat16) or `f16` (__half, the fp16 mode) for weights and
+// activations, `float` for statistics, master weights, moments and gradient accumulators. Every
+// kernel loads through `ld()` and stores through `st()`, so one template body serves every storage
+// type; arithmetic is always fp32.
 #pragma once
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 typedef __nv_bfloat16 bf16;
+typedef __half f16;
 
 #define ZH_WARP 32
 #define ZH_INF __int_as_float(0x7f800000)
@@ -15,6 +18,8 @@ __device__ __forceinline__ float ld(const float* p, long long i) { return p[i]; 
 __device__ __forceinline__ float ld(const bf16* p, long long i) { return __bfloat162float(p[i]); }
 __device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
 __device__ __forceinline__ void st(bf16* p, long long i, float v) { p[i] = __float2bfloat16_rn(v); }
+__device__ __forceinline__ float ld(const f16* p, long long i) { return __half2float(p[i]); }
+__device__ __forceinline__ void st(f16* p, long long i, float v) { p[i] = __float2half_rn(v); }
 
 // Four consecutive elements starting at `i` (i must be a multiple of 4 and the row 8/16-byte
 // aligned; launchers assert the channel count is a multiple of 4).
@@ -35,12 +40,29 @@ __device__ __forceinline__ f4 ld4(const bf16* p, long long i) {
     f4 r = {fa.x, fa.y, fb.x, fb.y};
     return r;
 }
+__device__ __forceinline__ f4 ld4(const f16* p, long long i) {
+    uint2 raw = *reinterpret_cast<const uint2*>(p + i);
+    __half2 a = *reinterpret_cast<__half2*>(&raw.x);
+    __half2 b = *reinterpret_cast<__half2*>(&raw.y);
+    float2 fa = __half22float2(a);
+    float2 fb = __half22float2(b);
+    f4 r = {fa.x, fa.y, fb.x, fb.y};
+    return r;
+}
 __device__ __forceinline__ void st4(float* p, long long i, f4 v) {
     *reinterpret_cast<float4*>(p + i) = make_float4(v.x, v.y, v.z, v.w);
 }
 __device__ __forceinline__ void st4(bf16* p, long long i, f4 v) {
     __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y);
     __nv_bfloat162 b = __floats2bfloat162_rn(v.z, v.w);
+    uint2 raw;
+    raw.x = *reinterpret_cast<unsigned int*>(&a);
+    raw.y = *reinterpret_cast<unsigned int*>(&b);
+    *reinterpret_cast<uint2*>(p + i) = raw;
+}
+__device__ __forceinline__ void st4(f16* p, long long i, f4 v) {
+    __half2 a = __floats2half2_rn(v.x, v.y);
+    __half2 b = __floats2half2_rn(v.z, v.w);
     uint2 raw;
     raw.x = *reinterpret_cast<unsigned int*>(&a);
     raw.y = *reinterpret_cast<unsigned int*>(&b);

@@ -107,39 +107,23 @@ __device__ void lmhead_ce_chunk_backward_v1(T* __restrict__ chunk, const float* 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(CE_THREADS)
-    cross_entropy_forward_v1_bf16(float* losses, const bf16* logits, const int* targets, int n, int v) {
-    cross_entropy_forward_v1(losses, logits, targets, n, v);
-}
-extern "C" __global__ void __launch_bounds__(CE_THREADS)
-    cross_entropy_forward_v1_f32(float* losses, const float* logits, const int* targets, int n, int v) {
-    cross_entropy_forward_v1(losses, logits, targets, n, v);
-}
-extern "C" __global__ void __launch_bounds__(CE_THREADS)
-    cross_entropy_backward_v1_bf16(bf16* dlogits, const bf16* logits, const int* targets, int n, int v, float scale) {
-    cross_entropy_backward_v1(dlogits, logits, targets, n, v, scale);
-}
-extern "C" __global__ void __launch_bounds__(CE_THREADS)
-    cross_entropy_backward_v1_f32(float* dlogits, const float* logits, const int* targets, int n, int v, float scale) {
-    cross_entropy_backward_v1(dlogits, logits, targets, n, v, scale);
-}
-extern "C" __global__ void __launch_bounds__(CE_THREADS)
-    lmhead_ce_chunk_forward_v1_bf16(float2* stats, float* tlogit, const bf16* logits, const int* targets, int n,
-                                    int vc, int v0, int first) {
-    lmhead_ce_chunk_forward_v1(stats, tlogit, logits, targets, n, vc, v0, first);
-}
-extern "C" __global__ void __launch_bounds__(CE_THREADS)
-    lmhead_ce_chunk_forward_v1_f32(float2* stats, float* tlogit, const float* logits, const int* targets, int n,
-                                   int vc, int v0, int first) {
-    lmhead_ce_chunk_forward_v1(stats, tlogit, logits, targets, n, vc, v0, first);
-}
-extern "C" __global__ void __launch_bounds__(CE_THREADS)
-    lmhead_ce_chunk_backward_v1_bf16(bf16* chunk, const float* lse, const int* targets, int n, int vc, int v0,
-                                     float scale) {
-    lmhead_ce_chunk_backward_v1(chunk, lse, targets, n, vc, v0, scale);
-}
-extern "C" __global__ void __launch_bounds__(CE_THREADS)
-    lmhead_ce_chunk_backward_v1_f32(float* chunk, const float* lse, const int* targets, int n, int vc, int v0,
-                                    float scale) {
-    lmhead_ce_chunk_backward_v1(chunk, lse, targets, n, vc, v0, scale);
-}
+#define CE_INSTANCES(T, SUF)                                                                              \
+    extern "C" __global__ void __launch_bounds__(CE_THREADS)                                              \
+        cross_entropy_forward_v1_##SUF(float* losses, const T* logits, const int* targets, int n, int v) { \
+        cross_entropy_forward_v1(losses, logits, targets, n, v);                                          \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(CE_THREADS) cross_entropy_backward_v1_##SUF(             \
+        T* dlogits, const T* logits, const int* targets, int n, int v, float scale) {                     \
+        cross_entropy_backward_v1(dlogits, logits, targets, n, v, scale);                                 \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(CE_THREADS) lmhead_ce_chunk_forward_v1_##SUF(            \
+        float2* stats, float* tlogit, const T* logits, const int* targets, int n, int vc, int v0, int first) { \
+        lmhead_ce_chunk_forward_v1(stats, tlogit, logits, targets, n, vc, v0, first);                     \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(CE_THREADS) lmhead_ce_chunk_backward_v1_##SUF(           \
+        T* chunk, const float* lse, const int* targets, int n, int vc, int v0, float scale) {             \
+        lmhead_ce_chunk_backward_v1(chunk, lse, targets, n, vc, v0, scale);                               \
+    }
+CE_INSTANCES(bf16, bf16)
+CE_INSTANCES(f16, f16)
+CE_INSTANCES(float, f32)

@@ -30,4 +30,5 @@ __device__ void dropout_v1(T* out, long long len, unsigned long long key, float 
         dropout_v1<T>(out, len, key, p, keep_scale);                                                      \
     }
 DROPOUT_INSTANCE(bf16, bf16)
+DROPOUT_INSTANCE(f16, f16)
 DROPOUT_INSTANCE(float, f32)

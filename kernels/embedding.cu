@@ -37,18 +37,17 @@ __device__ void embedding_backward_v1(TT* __restrict__ dtable, const TD* __restr
     }
 }
 
-extern "C" __global__ void embedding_forward_v1_bf16(bf16* out, const int* ids, const bf16* table, int n, int c) {
-    embedding_forward_v1(out, ids, table, n, c);
-}
-extern "C" __global__ void embedding_forward_v1_f32(float* out, const int* ids, const float* table, int n, int c) {
-    embedding_forward_v1(out, ids, table, n, c);
-}
-// dtable fp32 (the gradient accumulator), dout bf16: the mixed-precision path.
-extern "C" __global__ void embedding_backward_v1_bf16(float* dtable, const bf16* dout, const int* uniq,
-                                                      const int* offsets, const int* positions, int c) {
-    embedding_backward_v1(dtable, dout, uniq, offsets, positions, c);
-}
-extern "C" __global__ void embedding_backward_v1_f32(float* dtable, const float* dout, const int* uniq,
-                                                     const int* offsets, const int* positions, int c) {
-    embedding_backward_v1(dtable, dout, uniq, offsets, positions, c);
-}
+// Backward: dtable fp32 (the gradient accumulator), dout of the storage type (bf16/f16: the
+// mixed-precision paths).
+#define EMBEDDING_INSTANCES(T, SUF)                                                                       \
+    extern "C" __global__ void embedding_forward_v1_##SUF(T* out, const int* ids, const T* table, int n,    \
+                                                          int c) {                                         \
+        embedding_forward_v1(out, ids, table, n, c);                                                      \
+    }                                                                                                     \
+    extern "C" __global__ void embedding_backward_v1_##SUF(float* dtable, const T* dout, const int* uniq,   \
+                                                           const int* offsets, const int* positions, int c) { \
+        embedding_backward_v1(dtable, dout, uniq, offsets, positions, c);                                 \
+    }
+EMBEDDING_INSTANCES(bf16, bf16)
+EMBEDDING_INSTANCES(f16, f16)
+EMBEDDING_INSTANCES(float, f32)

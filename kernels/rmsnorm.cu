@@ -105,21 +105,16 @@ extern "C" __global__ void rmsnorm_dw_reduce_v1_f32(float* __restrict__ dw, cons
     dw[i] += s;
 }
 
-extern "C" __global__ void __launch_bounds__(RMS_THREADS)
-    rmsnorm_forward_v1_bf16(bf16* out, float* rstd, const bf16* x, const bf16* w, int n, int c, float eps) {
-    rmsnorm_forward_v1<bf16>(out, rstd, x, w, n, c, eps);
-}
-extern "C" __global__ void __launch_bounds__(RMS_THREADS)
-    rmsnorm_forward_v1_f32(float* out, float* rstd, const float* x, const float* w, int n, int c, float eps) {
-    rmsnorm_forward_v1<float>(out, rstd, x, w, n, c, eps);
-}
-extern "C" __global__ void __launch_bounds__(RMS_THREADS)
-    rmsnorm_backward_v1_bf16(bf16* dx, float* dw_partial, const bf16* dout, const bf16* x, const bf16* w,
-                             const float* rstd, int n, int c) {
-    rmsnorm_backward_v1<bf16>(dx, dw_partial, dout, x, w, rstd, n, c);
-}
-extern "C" __global__ void __launch_bounds__(RMS_THREADS)
-    rmsnorm_backward_v1_f32(float* dx, float* dw_partial, const float* dout, const float* x, const float* w,
-                            const float* rstd, int n, int c) {
-    rmsnorm_backward_v1<float>(dx, dw_partial, dout, x, w, rstd, n, c);
-}
+#define RMSNORM_INSTANCES(T, SUF)                                                                         \
+    extern "C" __global__ void __launch_bounds__(RMS_THREADS)                                             \
+        rmsnorm_forward_v1_##SUF(T* out, float* rstd, const T* x, const T* w, int n, int c, float eps) {  \
+        rmsnorm_forward_v1<T>(out, rstd, x, w, n, c, eps);                                                \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(RMS_THREADS)                                             \
+        rmsnorm_backward_v1_##SUF(T* dx, float* dw_partial, const T* dout, const T* x, const T* w,         \
+                                  const float* rstd, int n, int c) {                                      \
+        rmsnorm_backward_v1<T>(dx, dw_partial, dout, x, w, rstd, n, c);                                   \
+    }
+RMSNORM_INSTANCES(bf16, bf16)
+RMSNORM_INSTANCES(f16, f16)
+RMSNORM_INSTANCES(float, f32)

@@ -50,18 +50,18 @@ __device__ void rope_apply_v1(T* __restrict__ x, int b, int t, int h, int d, flo
     }
 }
 
-extern "C" __global__ void rope_forward_v1_bf16(bf16* x, int b, int t, int h, int d, float theta, int pos_offset) {
-    rope_apply_v1(x, b, t, h, d, theta, pos_offset, 1.0f);
-}
-extern "C" __global__ void rope_forward_v1_f32(float* x, int b, int t, int h, int d, float theta, int pos_offset) {
-    rope_apply_v1(x, b, t, h, d, theta, pos_offset, 1.0f);
-}
-extern "C" __global__ void rope_backward_v1_bf16(bf16* x, int b, int t, int h, int d, float theta, int pos_offset) {
-    rope_apply_v1(x, b, t, h, d, theta, pos_offset, -1.0f);
-}
-extern "C" __global__ void rope_backward_v1_f32(float* x, int b, int t, int h, int d, float theta, int pos_offset) {
-    rope_apply_v1(x, b, t, h, d, theta, pos_offset, -1.0f);
-}
+#define ROPE_INSTANCES(T, SUF)                                                                            \
+    extern "C" __global__ void rope_forward_v1_##SUF(T* x, int b, int t, int h, int d, float theta,         \
+                                                     int pos_offset) {                                     \
+        rope_apply_v1(x, b, t, h, d, theta, pos_offset, 1.0f);                                            \
+    }                                                                                                     \
+    extern "C" __global__ void rope_backward_v1_##SUF(T* x, int b, int t, int h, int d, float theta,        \
+                                                      int pos_offset) {                                    \
+        rope_apply_v1(x, b, t, h, d, theta, pos_offset, -1.0f);                                           \
+    }
+ROPE_INSTANCES(bf16, bf16)
+ROPE_INSTANCES(f16, f16)
+ROPE_INSTANCES(float, f32)
 
 // ---- helpers over one row slice held by 4 threads ---------------------------------------------------
 // NE = D/16 float4 chunks per thread: chunk e of thread `sub` is row chunk e·4 + sub (features
@@ -408,14 +408,16 @@ __device__ void attention_backward_dq_v1(T* __restrict__ dq, const T* __restrict
     }
 ATT_INSTANCES(bf16, bf16, 64)
 ATT_INSTANCES(bf16, bf16, 128)
+ATT_INSTANCES(f16, f16, 64)
+ATT_INSTANCES(f16, f16, 128)
 ATT_INSTANCES(float, f32, 64)
 ATT_INSTANCES(float, f32, 128)
 
-extern "C" __global__ void attention_backward_delta_v1_bf16(float* delta, const bf16* dout, const bf16* out, int b,
-                                                            int t, int h, int d) {
-    attention_backward_delta_v1(delta, dout, out, b, t, h, d);
-}
-extern "C" __global__ void attention_backward_delta_v1_f32(float* delta, const float* dout, const float* out, int b,
-                                                           int t, int h, int d) {
-    attention_backward_delta_v1(delta, dout, out, b, t, h, d);
-}
+#define ATT_DELTA_INSTANCE(T, SUF)                                                                        \
+    extern "C" __global__ void attention_backward_delta_v1_##SUF(float* delta, const T* dout, const T* out,  \
+                                                                 int b, int t, int h, int d) {             \
+        attention_backward_delta_v1(delta, dout, out, b, t, h, d);                                        \
+    }
+ATT_DELTA_INSTANCE(bf16, bf16)
+ATT_DELTA_INSTANCE(f16, f16)
+ATT_DELTA_INSTANCE(float, f32)

@@ -77,4 +77,5 @@ __device__ void swiglu_backward_x1(T* dgate, T* dup, const T* dout, const T* gat
         swiglu_backward_x1<T>(dgate, dup, dout, gate, up, len);                                           \
     }
 SWIGLU_INSTANCES(bf16, bf16)
+SWIGLU_INSTANCES(f16, f16)
 SWIGLU_INSTANCES(float, f32)

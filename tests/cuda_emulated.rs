@@ -11,7 +11,8 @@
 //! Tolerances (normalised max error `max|emu − cpu| / max|cpu|`, as in tests/cuda_parity.rs):
 //! fp32 kernels 1e-5 (same fp32 arithmetic in a different order: blocks, warps, exp2 vs exp);
 //! bf16 kernels 1e-2 (bf16 storage of the outputs, 2⁻⁹ relative each); dropout 0 (bit-identical:
-//! integer mask, one fp32 multiply, at most one rounding to bf16 on both sides).
+//! integer mask, one fp32 multiply, at most one rounding to bf16 on both sides); f16 kernels 2.5e-3
+//! (see `TOL_F16`).
 
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -21,6 +22,12 @@ use std::process::{Command, Stdio};
 use zhllama::backend::cpu::CpuBackend;
 use zhllama::backend::{AdamW, Backend};
 use zhllama::kernels;
+
+/// f16 storage: 2⁻¹¹ ≈ 4.9e-4 relative rounding per stored output (4× finer than bf16's 2⁻⁹, so
+/// the bf16 bound 1e-2 scaled by ¼), `+=` outputs round twice. Inputs are drawn inside f16's normal
+/// range (|x| ≤ 8); values that land below it (softmax tails, < 6.1e-5) lose absolute precision
+/// only at the ~6e-8 subnormal step, invisible in the error normalised by the tensor's max.
+const TOL_F16: f64 = 2.5e-3;
 
 struct Emu {
     exe: PathBuf,
@@ -67,6 +74,16 @@ impl Emu {
             Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
             v.len(),
         )
+    }
+    fn f16(&mut self, v: &[f32]) -> usize {
+        self.put(
+            'H',
+            Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            v.len(),
+        )
+    }
+    fn zeros_f16(&mut self, len: usize) -> usize {
+        self.put('H', None, len)
     }
     fn zeros(&mut self, len: usize) -> usize {
         self.put('b', None, len)
@@ -159,6 +176,10 @@ fn bf(v: &[f32]) -> Vec<f32> {
     v.iter()
         .map(|&x| half::bf16::from_f32(x).to_f32())
         .collect()
+}
+
+fn hf(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
 }
 
 fn build_driver() -> Option<(tempfile::TempDir, PathBuf)> {
@@ -882,6 +903,310 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         let kept = r[0].iter().filter(|v| **v != 0.0).count();
         // Binomial(5000, 0.7): std 32; ±200 is > 6 sigma.
         assert!((kept as i64 - 3500).abs() < 200, "kept {kept} of 5000");
+    }
+
+    // ---- f16 storage (the recipe's fp16 mode): the same templates instantiated for __half ----
+    {
+        let tol = TOL_F16;
+        // RMSNorm forward / backward.
+        let (n, c) = (5usize, 256usize);
+        let (x, w, dout, dx0) = (
+            hf(&rand(n * c, 2.0)),
+            hf(&rand(c, 1.0)),
+            hf(&rand(n * c, 1.0)),
+            hf(&rand(n * c, 1.0)),
+        );
+        let dw0 = rand(c, 1.0);
+        let (mut out, mut rstd) = (vec![0.0; n * c], vec![0.0; n]);
+        cpu.rmsnorm_forward(&mut out, &mut rstd, &x, &w, n, c, 1e-6);
+        let (mut dx, mut dw) = (dx0.clone(), dw0.clone());
+        cpu.rmsnorm_backward(&mut dx, &mut dw, &dout, &x, &w, &rstd, n, c);
+        let (ix, iw, id, idx, idw) = (e.f16(&x), e.f16(&w), e.f16(&dout), e.f16(&dx0), e.f32(&dw0));
+        let (io, ir) = (e.zeros_f16(n * c), e.zeros(n));
+        e.launch(
+            "rmsnorm_forward_v1_f16",
+            (n, 1, 1),
+            256,
+            &[p(io), p(ir), p(ix), p(iw), i(n), i(c), f(1e-6)],
+        );
+        let part = e.zeros(2 * c);
+        e.launch(
+            "rmsnorm_backward_v1_f16",
+            (2, 1, 1),
+            256,
+            &[p(idx), p(part), p(id), p(ix), p(iw), p(ir), i(n), i(c)],
+        );
+        e.launch(
+            "rmsnorm_dw_reduce_v1_f32",
+            (1, 1, 1),
+            256,
+            &[p(idw), p(part), i(2), i(c)],
+        );
+        // SwiGLU forward / backward.
+        let len = 1000usize;
+        let (g, u, d) = (
+            hf(&rand(len, 4.0)),
+            hf(&rand(len, 2.0)),
+            hf(&rand(len, 1.0)),
+        );
+        let mut sw = vec![0.0; len];
+        cpu.swiglu_forward(&mut sw, &g, &u);
+        let (mut dg, mut du) = (vec![0.0; len], vec![0.0; len]);
+        cpu.swiglu_backward(&mut dg, &mut du, &d, &g, &u);
+        let (ig, iu, isd) = (e.f16(&g), e.f16(&u), e.f16(&d));
+        let (isw, idg, idu) = (e.zeros_f16(len), e.zeros_f16(len), e.zeros_f16(len));
+        e.launch(
+            "swiglu_forward_v1_f16",
+            (1, 1, 1),
+            64,
+            &[p(isw), p(ig), p(iu), format!("l{len}")],
+        );
+        e.launch(
+            "swiglu_backward_v1_f16",
+            (1, 1, 1),
+            64,
+            &[p(idg), p(idu), p(isd), p(ig), p(iu), format!("l{len}")],
+        );
+        // Cross-entropy forward / backward (f16 logits, fp32 losses).
+        let (cn, cv) = (6usize, 1000usize);
+        let logits = hf(&rand(cn * cv, 8.0));
+        let tg: Vec<i32> = (0..cn)
+            .map(|k| {
+                if k == 2 {
+                    -100
+                } else {
+                    ((k * 331) % cv) as i32
+                }
+            })
+            .collect();
+        let mut losses = vec![0.0; cn];
+        cpu.cross_entropy_forward(&mut losses, &logits, &tg, cn, cv);
+        let mut dl = vec![0.0; cn * cv];
+        cpu.cross_entropy_backward(&mut dl, &logits, &tg, cn, cv, 0.2);
+        let (il, itg) = (e.f16(&logits), e.i32(&tg));
+        let (iloss, idl) = (e.zeros(cn), e.zeros_f16(cn * cv));
+        e.launch(
+            "cross_entropy_forward_v1_f16",
+            (cn, 1, 1),
+            256,
+            &[p(iloss), p(il), p(itg), i(cn), i(cv)],
+        );
+        e.launch(
+            "cross_entropy_backward_v1_f16",
+            (cn, 1, 1),
+            256,
+            &[p(idl), p(il), p(itg), i(cn), i(cv), f(0.2)],
+        );
+        // AdamW: fp32 master/moments, f16 gradients, writing the f16 weight copy (`_cf16`).
+        let (pp, m, gr) = (rand(len, 1.0), rand(len, 0.1), hf(&rand(len, 0.1)));
+        let v: Vec<f32> = rand(len, 0.01).iter().map(|x| x.abs()).collect();
+        let hp = AdamW {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step: 2,
+        };
+        let (mut pw, mut mw, mut vw) = (pp.clone(), m.clone(), v.clone());
+        cpu.adamw_step(&mut pw, &mut mw, &mut vw, &gr, hp);
+        let (ip, im, iv, igr, icp) = (
+            e.f32(&pp),
+            e.f32(&m),
+            e.f32(&v),
+            e.f16(&gr),
+            e.zeros_f16(len),
+        );
+        let mut a = vec![p(ip), p(im), p(iv), p(igr), p(icp), format!("l{len}")];
+        a.extend(kernels::adamw_coefficients(hp).iter().map(|&x| f(x)));
+        e.launch("adamw_step_v1_f32_f16_cf16", (2, 1, 1), 256, &a);
+        // Dropout on f16: the same fp32 product rounded once to f16 on both sides.
+        use zhllama::model::lora::{Proj, apply_dropout_mask, dropout_key};
+        let xd = hf(&rand(len, 2.0));
+        let mut want_d = xd.clone();
+        apply_dropout_mask(&mut want_d, 0.1, 99, 1, Proj::Up);
+        let want_d = hf(&want_d);
+        let ixd = e.f16(&xd);
+        e.launch(
+            "dropout_v1_f16",
+            (2, 1, 1),
+            256,
+            &[
+                p(ixd),
+                format!("l{len}"),
+                format!("q{}", dropout_key(99, 1, Proj::Up)),
+                f(0.1),
+                f(1.0 / (1.0 - 0.1f32)),
+            ],
+        );
+        let r = e.run(&[
+            io, ir, idx, idw, isw, idg, idu, iloss, idl, ip, im, iv, icp, ixd,
+        ]);
+        check(&mut fails, "rmsnorm_forward_v1_f16 out", &r[0], &out, tol);
+        check(
+            &mut fails,
+            "rmsnorm_forward_v1_f16 rstd",
+            &r[1],
+            &rstd,
+            1e-5,
+        );
+        check(
+            &mut fails,
+            "rmsnorm_backward_v1_f16 dx (+=)",
+            &r[2],
+            &dx,
+            tol,
+        );
+        check(
+            &mut fails,
+            "rmsnorm_backward_v1_f16 dw (+=)",
+            &r[3],
+            &dw,
+            1e-5,
+        );
+        check(&mut fails, "swiglu_forward_v1_f16", &r[4], &sw, tol);
+        check(&mut fails, "swiglu_backward_v1_f16 dgate", &r[5], &dg, tol);
+        check(&mut fails, "swiglu_backward_v1_f16 dup", &r[6], &du, tol);
+        check(
+            &mut fails,
+            "cross_entropy_forward_v1_f16",
+            &r[7],
+            &losses,
+            1e-5,
+        );
+        check(&mut fails, "cross_entropy_backward_v1_f16", &r[8], &dl, tol);
+        check(
+            &mut fails,
+            "adamw_step_v1_f32_f16_cf16 param",
+            &r[9],
+            &pw,
+            1e-5,
+        );
+        check(
+            &mut fails,
+            "adamw_step_v1_f32_f16_cf16 m",
+            &r[10],
+            &mw,
+            1e-5,
+        );
+        check(
+            &mut fails,
+            "adamw_step_v1_f32_f16_cf16 v",
+            &r[11],
+            &vw,
+            1e-5,
+        );
+        check(
+            &mut fails,
+            "adamw_step_v1_f32_f16_cf16 f16 copy",
+            &r[12],
+            &hf(&pw),
+            1e-5,
+        );
+        check(&mut fails, "dropout_v1_f16", &r[13], &want_d, 0.0);
+
+        // Attention forward and backward (d = 64, GQA 4/2, RoPE off; the backward is fed the
+        // f16-stored forward output and the fp32 lse on both sides).
+        let (b, t, h, hkv, dd) = (1usize, 33usize, 4usize, 2usize, 64usize);
+        let (q, k, vv, dout) = (
+            hf(&rand(b * t * h * dd, 1.0)),
+            hf(&rand(b * t * hkv * dd, 1.0)),
+            hf(&rand(b * t * hkv * dd, 1.0)),
+            hf(&rand(b * t * h * dd, 1.0)),
+        );
+        let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; b * h * t]);
+        cpu.attention_forward(&mut out, &mut lse, &q, &k, &vv, b, t, h, hkv, dd);
+        let out16 = hf(&out);
+        let (mut dq, mut dk, mut dv) =
+            (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; vv.len()]);
+        cpu.attention_backward(
+            &mut dq, &mut dk, &mut dv, &dout, &q, &k, &vv, &out16, &lse, b, t, h, hkv, dd,
+        );
+        let (iq, ik, iv, id) = (e.f16(&q), e.f16(&k), e.f16(&vv), e.f16(&dout));
+        let (io, il) = (e.zeros_f16(q.len()), e.zeros(b * h * t));
+        let tail = [i(b), i(t), i(h), i(hkv), f(0.0), i(0)];
+        let mut a = vec![p(io), p(il), p(iq), p(ik), p(iv)];
+        a.extend_from_slice(&tail);
+        e.launch(
+            "attention_forward_v1_d64_f16",
+            (t.div_ceil(32), b * h, 1),
+            128,
+            &a,
+        );
+        let (iout, ilse) = (e.f16(&out16), e.f32(&lse));
+        let delta = e.zeros(b * h * t);
+        e.launch(
+            "attention_backward_delta_v1_f16",
+            ((b * t * h).div_ceil(8), 1, 1),
+            256,
+            &[p(delta), p(id), p(iout), i(b), i(t), i(h), i(dd)],
+        );
+        let (idq, idk, idv) = (
+            e.zeros_f16(q.len()),
+            e.zeros_f16(k.len()),
+            e.zeros_f16(vv.len()),
+        );
+        let mut a = vec![
+            p(idk),
+            p(idv),
+            p(id),
+            p(iq),
+            p(ik),
+            p(iv),
+            p(ilse),
+            p(delta),
+        ];
+        a.extend_from_slice(&tail);
+        e.launch(
+            "attention_backward_dkdv_v1_d64_f16",
+            (t.div_ceil(32), b * hkv, 1),
+            128,
+            &a,
+        );
+        let mut a = vec![p(idq), p(id), p(iq), p(ik), p(iv), p(ilse), p(delta)];
+        a.extend_from_slice(&tail);
+        e.launch(
+            "attention_backward_dq_v1_d64_f16",
+            (t.div_ceil(32), b * h, 1),
+            128,
+            &a,
+        );
+        let r = e.run(&[io, il, idq, idk, idv]);
+        check(
+            &mut fails,
+            "attention_forward_v1_d64_f16 out",
+            &r[0],
+            &out,
+            tol,
+        );
+        check(
+            &mut fails,
+            "attention_forward_v1_d64_f16 lse",
+            &r[1],
+            &lse,
+            1e-5,
+        );
+        check(
+            &mut fails,
+            "attention_backward_v1_d64_f16 dq",
+            &r[2],
+            &dq,
+            tol,
+        );
+        check(
+            &mut fails,
+            "attention_backward_v1_d64_f16 dk",
+            &r[3],
+            &dk,
+            tol,
+        );
+        check(
+            &mut fails,
+            "attention_backward_v1_d64_f16 dv",
+            &r[4],
+            &dv,
+            tol,
+        );
     }
 
     assert!(

@@ -1,8 +1,10 @@
 //! Every CUDA kernel against its CPU reference (the CPU backend, `crate::ops`) on fresh random inputs
-//! at several shapes, ragged ones included, in two precision modes:
+//! at several shapes, ragged ones included, in three precision modes:
 //! - `f32`: every buffer `Role::Fp32` (the fp32 kernels);
 //! - `mixed`: weights and activations bf16, statistics and gradient accumulators fp32 (the bf16
-//!   kernels, the training configuration).
+//!   kernels, the training configuration);
+//! - `f16`: the same with f16 storage (a backend started with `CudaOptions::half = Half::F16`, the
+//!   recipe's fp16 mode; the `_f16` kernels and cuBLAS with CUDA_R_16F inputs).
 //!
 //! Inputs are drawn once, rounded to what the GPU buffer stores (bf16 or f32), and both backends
 //! get those same values, so the comparison measures the kernels, not the input rounding.
@@ -13,6 +15,10 @@
 //!   contraction); for sums of ≤ 10⁴ terms the order-dependent error stays near 1e-6.
 //! - `mixed` mode: 1e-2 — outputs stored in bf16 carry up to 2⁻⁹ ≈ 2e-3 relative rounding each, and
 //!   `+=` outputs round twice; 1e-2 leaves room for that and nothing more.
+//! - `f16` mode: 2.5e-3 — f16 rounds to 2⁻¹¹ ≈ 4.9e-4 relative, 4× finer than bf16, so the bf16
+//!   bound scaled by ¼. Its range is narrower (max 65504, normals from 6.1e-5): every input here is
+//!   O(1)–O(10), and results below the normal range only lose absolute precision at the 6e-8
+//!   subnormal step, invisible in the error normalised by the tensor's max.
 //!   NaN or Inf in any output fails regardless of the tolerance.
 //!
 //! Without a GPU the GPU tests print why and return (unless `ZHLLAMA_REQUIRE_GPU=1`); the host-side
@@ -22,7 +28,7 @@
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use zhllama::backend::cpu::CpuBackend;
-use zhllama::backend::cuda::{CudaBackend, ENABLED};
+use zhllama::backend::cuda::{CudaBackend, ENABLED, Half};
 use zhllama::backend::{AdamW, Backend, Role};
 use zhllama::kernels;
 
@@ -122,6 +128,7 @@ fn embedding_backward_grouping_matches_a_direct_scan() {
 enum Mode {
     F32,
     Mixed,
+    F16,
 }
 
 impl Mode {
@@ -129,19 +136,21 @@ impl Mode {
         match self {
             Mode::F32 => 1e-5,
             Mode::Mixed => 1e-2,
+            Mode::F16 => 2.5e-3,
         }
     }
     /// The role of a weight / activation buffer in this mode (statistics are always Fp32).
     fn data(self) -> Role {
         match self {
             Mode::F32 => Role::Fp32,
-            Mode::Mixed => Role::Activation,
+            Mode::Mixed | Mode::F16 => Role::Activation,
         }
     }
     fn name(self) -> &'static str {
         match self {
             Mode::F32 => "f32",
             Mode::Mixed => "mixed",
+            Mode::F16 => "f16",
         }
     }
 }
@@ -151,26 +160,28 @@ struct Ctx {
     cpu: CpuBackend,
     rng: ChaCha8Rng,
     failures: Vec<String>,
+    /// The GPU stores weights/activations as f16 (else bf16).
+    half16: bool,
 }
 
 fn bf(x: f32) -> f32 {
     half::bf16::from_f32(x).to_f32()
 }
 
-/// Round as a buffer of `role` stores.
-fn stored(v: &[f32], role: Role) -> Vec<f32> {
-    match role {
-        Role::Fp32 => v.to_vec(),
-        _ => v.iter().map(|&x| bf(x)).collect(),
-    }
-}
-
 impl Ctx {
+    /// Round as a buffer of `role` stores on this GPU backend.
+    fn stored(&self, v: &[f32], role: Role) -> Vec<f32> {
+        match role {
+            Role::Fp32 => v.to_vec(),
+            _ if self.half16 => v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
+            _ => v.iter().map(|&x| bf(x)).collect(),
+        }
+    }
     fn rand(&mut self, len: usize, scale: f32, role: Role) -> Vec<f32> {
         let v: Vec<f32> = (0..len)
             .map(|_| (self.rng.random::<f32>() * 2.0 - 1.0) * scale)
             .collect();
-        stored(&v, role)
+        self.stored(&v, role)
     }
     fn up(&self, v: &[f32], role: Role) -> zhllama::backend::cuda::CudaBuf {
         let mut b = self.gpu.alloc(v.len(), role).expect("alloc");
@@ -239,7 +250,7 @@ macro_rules! gm {
     }};
 }
 
-fn gpu_or_skip() -> Option<CudaBackend> {
+fn gpu_or_skip(half: Half) -> Option<CudaBackend> {
     if !ENABLED {
         eprintln!("skipped: built without `--features cuda`");
         return None;
@@ -250,6 +261,7 @@ fn gpu_or_skip() -> Option<CudaBackend> {
         include_dirs: include,
         cache_dir: std::env::var("ZHLLAMA_KERNEL_CACHE").ok().map(Into::into),
         profile: false,
+        half,
     };
     match CudaBackend::with_options(opts) {
         Ok(g) => Some(g),
@@ -266,7 +278,9 @@ fn gpu_or_skip() -> Option<CudaBackend> {
 
 #[test]
 fn every_kernel_matches_the_cpu_reference() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let Some(gpu) = gpu_or_skip(Half::Bf16) else {
+        return;
+    };
     println!("device: {}", gpu.name());
     println!(
         "{:<34} {:<26} {:<6} {:>10} {:>8} result",
@@ -277,8 +291,15 @@ fn every_kernel_matches_the_cpu_reference() {
         cpu: CpuBackend::new(),
         rng: ChaCha8Rng::seed_from_u64(42),
         failures: Vec::new(),
+        half16: false,
     };
-    for mode in [Mode::F32, Mode::Mixed] {
+    for mode in [Mode::F32, Mode::Mixed, Mode::F16] {
+        if mode == Mode::F16 {
+            // A second backend whose Weight/Activation buffers are f16 (the first is dropped).
+            c.gpu = gpu_or_skip(Half::F16).expect("the bf16 backend started, so must the f16 one");
+            c.half16 = true;
+            println!("device: {} with f16 storage", c.gpu.name());
+        }
         matmul(&mut c, mode);
         rmsnorm(&mut c, mode);
         rope(&mut c, mode);
@@ -659,14 +680,14 @@ fn lm_head_ce(c: &mut Ctx, mode: Mode) {
         let mut logits = vec![0.0; n * v];
         c.cpu
             .matmul(&mut logits, &x, &w, n, v, ch, false, true, 1.0, 0.0);
-        let logits = stored(&logits, r);
+        let logits = c.stored(&logits, r);
         let mut losses = vec![0.0; n];
         c.cpu.cross_entropy_forward(&mut losses, &logits, &t, n, v);
         let scale = 1.0 / t.iter().filter(|&&x| x != -100).count().max(1) as f32;
         let mut dlog = vec![0.0; n * v];
         c.cpu
             .cross_entropy_backward(&mut dlog, &logits, &t, n, v, scale);
-        let dlog = stored(&dlog, r);
+        let dlog = c.stored(&dlog, r);
         let dx0 = c.rand(n * ch, 1.0, r);
         let mut dx = dx0.clone();
         c.cpu
@@ -743,7 +764,7 @@ fn lora(c: &mut Ctx, mode: Mode) {
         let mut u = vec![0.0; n * rank];
         c.cpu
             .matmul(&mut u, &xd, &a, n, rank, inf, false, true, 1.0, 0.0);
-        let u = stored(&u, r);
+        let u = c.stored(&u, r);
         let mut out = out0.clone();
         c.cpu
             .matmul(&mut out, &u, &bw, n, outf, rank, false, true, s, 1.0);
@@ -777,7 +798,7 @@ fn lora(c: &mut Ctx, mode: Mode) {
         let mut du = vec![0.0; n * rank];
         c.cpu
             .matmul(&mut du, &dout, &bw, n, rank, outf, false, false, s, 0.0);
-        let du = stored(&du, r);
+        let du = c.stored(&du, r);
         let mut da = vec![0.0; rank * inf];
         c.cpu
             .matmul(&mut da, &du, &xd, rank, inf, n, true, false, 1.0, 1.0);
@@ -878,7 +899,13 @@ fn adamw(c: &mut Ctx, mode: Mode) {
             c.check(&format!("adamw_step {name}"), &shape, Mode::F32, &got, w);
         }
         let got = c.down(&copy);
-        c.check("adamw_step bf16 copy", &shape, Mode::Mixed, &got, &pw);
+        // The copy is a Role::Weight buffer: bf16 on the bf16 backend (also in f32 mode), else f16.
+        let copy_mode = if mode == Mode::F16 {
+            Mode::F16
+        } else {
+            Mode::Mixed
+        };
+        c.check("adamw_step 16-bit copy", &shape, copy_mode, &got, &pw);
     }
 }
 
@@ -902,7 +929,8 @@ fn elementwise(c: &mut Ctx, mode: Mode) {
         let mut gz = c.gpu.alloc(len, r).unwrap();
         c.gpu.copy(gm!(c, gz), gv!(c, gy));
         let got = c.down(&gz);
-        c.check("copy (cast)", &shape, mode, &got, &stored(&want, r));
+        let want = c.stored(&want, r);
+        c.check("copy (cast)", &shape, mode, &got, &want);
         let ss_cpu = c.cpu.sum_squares(&x).unwrap();
         let ss_gpu = c.gpu.sum_squares(gv!(c, gx)).unwrap();
         c.check(
@@ -941,7 +969,7 @@ fn dropout(c: &mut Ctx, mode: Mode) {
         let key: u64 = c.rng.random();
         let mut want = x.clone();
         c.cpu.dropout(&mut want[off..], p, key);
-        let want = stored(&want, r);
+        let want = c.stored(&want, r);
         let mut gx = c.up(&x, r);
         c.gpu
             .dropout(c.gpu.view_mut(&mut gx, off..len + off), p, key);

@@ -12,12 +12,13 @@
 //! - `profile`:   one LLaMA-7B layer's ops (B=1, T=512, LoRA r8 on q/k/v/o/gate/up/down) under the
 //!   per-kernel CUDA-event profiler: the table `zhllama bench --profile` prints.
 //!
-//! Usage: `cuda-bench <ceilings|rooflines|ce-memory|profile|all> [--reps N]`. Reads
+//! Usage: `cuda-bench <ceilings|rooflines|ce-memory|profile|all> [--reps N] [--f16]` (`--f16`:
+//! weights and activations stored as f16; the kernel names in the lines then end in `_f16`). Reads
 //! `ZHLLAMA_CUDA_INCLUDE`/`CUDA_HOME`/`CUDA_PATH`/`LD_LIBRARY_PATH` to find the CUDA headers and
 //! `ZHLLAMA_KERNEL_CACHE` for the cubin cache.
 
 use anyhow::{Context, Result, bail};
-use zhllama::backend::cuda::{CudaBackend, CudaBuf, CudaOptions};
+use zhllama::backend::cuda::{CudaBackend, CudaBuf, CudaOptions, Half};
 use zhllama::backend::{AdamW, Backend, Role};
 use zhllama::kernels;
 
@@ -590,6 +591,12 @@ fn main() -> Result<()> {
         include_dirs: kernels::cuda_include_dirs(|k| std::env::var(k).ok()),
         cache_dir: std::env::var("ZHLLAMA_KERNEL_CACHE").ok().map(Into::into),
         profile: false,
+        // `--f16`: weights and activations stored as f16 (the fp16 mode) instead of bf16.
+        half: if args.iter().any(|a| a == "--f16") {
+            Half::F16
+        } else {
+            Half::Bf16
+        },
     };
     let g = CudaBackend::with_options(opts)?;
     println!(

@@ -1,8 +1,8 @@
 // Host driver for the emulated kernels (tests/cuda_emulated.rs). Reads a script on stdin:
-//   b ID LEN   fp32 buffer (from DIR/inID.bin if present, else zeros)      B: bf16 (file holds f32)
+//   b ID LEN   fp32 buffer (from DIR/inID.bin if present, else zeros)      B: bf16, H: f16 (file f32)
 //   i ID LEN   int32 buffer (from DIR/inID.bin if present, else zeros)      D: fp64 zeros
 //   L NAME GX GY GZ THREADS ARG...   launch; ARG = pID | n0 (null pointer) | iV | lV | uV | qV | fV
-//   d ID       write the buffer as f32 (bf16 widened, f64 narrowed) to DIR/outID.bin
+//   d ID       write the buffer as f32 (bf16/f16 widened, f64 narrowed) to DIR/outID.bin
 // DIR is argv[1]. Every kernels/*.cu is compiled into this one file against emu.h.
 #include "emu.h"
 #include <cstdio>
@@ -84,6 +84,12 @@ static std::map<std::string, Launcher> table = {
     REG(lora_dx_v1_r8_f32), REG(adamw_step_v1_f32_f32), REG(adamw_step_v1_f32_bf16),
     REG(sum_squares_partial_v1_f32), REG(sum_squares_finish_v1_f64), REG(axpy_v1_f32_bf16),
     REG(copy_v1_bf16_f32), REG(scale_v1_f32), REG(dropout_v1_f32), REG(dropout_v1_bf16),
+    // fp16 storage (the recipe's fp16 mode)
+    REG(rmsnorm_forward_v1_f16), REG(rmsnorm_backward_v1_f16), REG(swiglu_forward_v1_f16),
+    REG(swiglu_backward_v1_f16), REG(attention_forward_v1_d64_f16), REG(attention_backward_delta_v1_f16),
+    REG(attention_backward_dkdv_v1_d64_f16), REG(attention_backward_dq_v1_d64_f16),
+    REG(cross_entropy_forward_v1_f16), REG(cross_entropy_backward_v1_f16), REG(adamw_step_v1_f32_f16_cf16),
+    REG(adamw_step_v1_f32_f32_cf16), REG(dropout_v1_f16), REG(copy_v1_f16_f32), REG(embedding_backward_v1_f16),
 };
 
 static std::vector<unsigned char> read_file(const std::string& p) {
@@ -99,20 +105,25 @@ int main(int argc, char** argv) {
         std::istringstream s(line);
         std::string op;
         s >> op;
-        if (op == "b" || op == "B" || op == "i" || op == "D") {
+        if (op == "b" || op == "B" || op == "H" || op == "i" || op == "D") {
             int id;
             size_t len;
             s >> id >> len;
-            const size_t es = op == "B" ? 2 : op == "D" ? 8 : 4;
+            const size_t es = op == "B" || op == "H" ? 2 : op == "D" ? 8 : 4;
             Buf b{op[0], std::vector<unsigned char>(len * es + 16, 0)};
             auto in = read_file(dir + "/in" + std::to_string(id) + ".bin");
             if (!in.empty()) {
-                if (op == "B") {
+                if (op == "B" || op == "H") {
                     for (size_t k = 0; k < len; k++) {
                         float f;
                         std::memcpy(&f, in.data() + 4 * k, 4);
-                        __nv_bfloat16 h = __float2bfloat16_rn(f);
-                        std::memcpy(b.bytes.data() + 2 * k, &h, 2);
+                        if (op == "B") {
+                            __nv_bfloat16 h = __float2bfloat16_rn(f);
+                            std::memcpy(b.bytes.data() + 2 * k, &h, 2);
+                        } else {
+                            __half h = __float2half_rn(f);
+                            std::memcpy(b.bytes.data() + 2 * k, &h, 2);
+                        }
                     }
                 } else {
                     std::memcpy(b.bytes.data(), in.data(), std::min(in.size(), len * es));
@@ -142,7 +153,7 @@ int main(int argc, char** argv) {
             int id;
             s >> id;
             const Buf& b = bufs.at(id);
-            const size_t es = b.kind == 'B' ? 2 : b.kind == 'D' ? 8 : 4;
+            const size_t es = b.kind == 'B' || b.kind == 'H' ? 2 : b.kind == 'D' ? 8 : 4;
             const size_t len = (b.bytes.size() - 16) / es;
             std::vector<float> out(len);
             for (size_t k = 0; k < len; k++) {
@@ -150,6 +161,10 @@ int main(int argc, char** argv) {
                     __nv_bfloat16 h;
                     std::memcpy(&h, b.bytes.data() + 2 * k, 2);
                     out[k] = __bfloat162float(h);
+                } else if (b.kind == 'H') {
+                    __half h;
+                    std::memcpy(&h, b.bytes.data() + 2 * k, 2);
+                    out[k] = __half2float(h);
                 } else if (b.kind == 'D') {
                     double d;
                     std::memcpy(&d, b.bytes.data() + 8 * k, 8);

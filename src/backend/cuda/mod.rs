@@ -1,16 +1,17 @@
 //! The CUDA backend (feature `cuda`): the `Backend` trait over device buffers, with the kernels of
 //! `kernels/` (compiled at start-up by NVRTC for the device's architecture, cached on disk) and
-//! cuBLAS GEMMs (bf16 or fp32 inputs, fp32 accumulation).
+//! cuBLAS GEMMs (bf16, f16 or fp32 inputs, fp32 accumulation).
 //!
-//! - Storage by [`Role`]: `Weight` and `Activation` buffers are bf16, `Fp32` buffers fp32. Host
+//! - Storage by [`Role`]: `Weight` and `Activation` buffers are bf16, or f16 with
+//!   [`CudaOptions::half`] = [`Half::F16`] (the recipe's fp16 mode), `Fp32` buffers fp32. Host
 //!   transfers are f32 (converted on the host, round to nearest even).
 //! - One explicit stream per backend; every op is queued on it and returns at once. The trait's ops
 //!   return `()`, so a failed launch is recorded and returned by the next [`Backend::synchronize`]
 //!   (or any call that returns `Result`).
 //! - Each op picks its kernel variant from the dtypes of its arguments: the mixed-precision
-//!   combination (bf16 data, fp32 statistics and gradient accumulators) has a `_bf16` kernel, an
-//!   all-fp32 call the `_f32` kernel; any other combination is staged through fp32 scratch (slow but
-//!   exact, so a caller's unusual `Role` never gives a wrong result).
+//!   combination (bf16/f16 data, fp32 statistics and gradient accumulators) has a `_bf16`/`_f16`
+//!   kernel, an all-fp32 call the `_f32` kernel; any other combination is staged through fp32
+//!   scratch (slow but exact, so a caller's unusual `Role` never gives a wrong result).
 //! - No driver, no GPU or no NVRTC: [`CudaBackend::new`] returns an error saying which, never panics.
 //!
 //! Fused ops beyond the trait (the model may call them directly): attention with RoPE applied on the
@@ -30,7 +31,7 @@ use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
     LaunchConfig, PushKernelArg, result as drv, sys as drv_sys,
 };
-use half::bf16;
+use half::{bf16, f16};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -52,6 +53,27 @@ pub struct CudaOptions {
     pub cache_dir: Option<PathBuf>,
     /// Time every launch with CUDA events from the start.
     pub profile: bool,
+    /// Storage of `Role::Weight` / `Role::Activation` buffers: bf16 (the default) or f16 (the
+    /// recipe's fp16 mode; pair it with loss scaling: f16's range ends at 65504).
+    pub half: Half,
+}
+
+/// The 16-bit storage type of weights and activations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Half {
+    #[default]
+    Bf16,
+    F16,
+}
+
+impl Half {
+    /// The element type of buffers stored in this format.
+    pub fn dtype(self) -> DType {
+        match self {
+            Half::Bf16 => DType::BF16,
+            Half::F16 => DType::F16,
+        }
+    }
 }
 
 /// A device buffer: `len` elements stored as `dtype`.
@@ -144,6 +166,8 @@ pub struct CudaBackend {
     arch: String,
     sm_count: u32,
     device_name: String,
+    /// Storage type of `Weight` / `Activation` buffers (bf16 or f16).
+    half: DType,
     scratch: Mutex<HashMap<String, CudaSlice<u8>>>,
     error: Mutex<Option<anyhow::Error>>,
     profiler: Mutex<Profiler>,
@@ -166,9 +190,10 @@ impl Drop for CudaBackend {
     }
 }
 
-fn dt(role: Role) -> DType {
+/// The storage type of a buffer of `role` when weights and activations are stored as `half`.
+fn dt(role: Role, half: DType) -> DType {
     match role {
-        Role::Weight | Role::Activation => DType::BF16,
+        Role::Weight | Role::Activation => half,
         Role::Fp32 => DType::F32,
     }
 }
@@ -179,6 +204,12 @@ fn suffix(d: DType) -> &'static str {
         DType::F32 => "f32",
         DType::F16 => "f16",
     }
+}
+
+/// True when every dtype is the same 16-bit storage type (bf16 or f16): the ops' `_bf16`/`_f16`
+/// kernels take exactly that combination.
+fn uni16(ds: &[DType]) -> bool {
+    matches!(ds.first(), Some(DType::BF16 | DType::F16)) && ds.iter().all(|&d| d == ds[0])
 }
 
 /// Vectorised kernels read 16 bytes (f32) or 8 bytes (bf16) at a time; a view that does not start
@@ -201,6 +232,7 @@ impl CudaBackend {
             include_dirs: kernels::cuda_include_dirs(|_| None),
             cache_dir: None,
             profile: false,
+            half: Half::Bf16,
         })
     }
 
@@ -276,6 +308,7 @@ impl CudaBackend {
             arch,
             sm_count,
             device_name,
+            half: opts.half.dtype(),
             scratch: Mutex::new(HashMap::new()),
             error: Mutex::new(None),
             profiler: Mutex::new(Profiler {
@@ -288,6 +321,10 @@ impl CudaBackend {
     /// `sm_90`, ...
     pub fn arch(&self) -> &str {
         &self.arch
+    }
+    /// The storage type of `Role::Weight` / `Role::Activation` buffers.
+    pub fn half_dtype(&self) -> DType {
+        self.half
     }
     /// The device's name as the driver reports it.
     pub fn device_name(&self) -> &str {
@@ -548,12 +585,18 @@ impl CudaBackend {
                     KArg::I(pos_offset as i32),
                 ]
             };
-            let bf = [out.dtype, q.dtype, k.dtype, v.dtype] == [DType::BF16; 4]
+            let bf = uni16(&[out.dtype, q.dtype, k.dtype, v.dtype])
                 && lse.dtype == DType::F32
                 && aligned(&[out.ptr, q.ptr, k.ptr, v.ptr]);
             if bf {
                 let a = tail(&[out.ptr, lse.ptr, q.ptr, k.ptr, v.ptr]);
-                self.launch(&format!("attention_forward_v1_d{d}_bf16"), grid, 128, 0, &a)
+                self.launch(
+                    &format!("attention_forward_v1_d{d}_{}", suffix(out.dtype)),
+                    grid,
+                    128,
+                    0,
+                    &a,
+                )
             } else {
                 self.with_f32(
                     &[
@@ -691,14 +734,14 @@ impl CudaBackend {
             let data = [
                 dq.dtype, dk.dtype, dv.dtype, dout.dtype, q.dtype, k.dtype, v.dtype, out.dtype,
             ];
-            if data == [DType::BF16; 8]
+            if uni16(&data)
                 && lse.dtype == DType::F32
                 && aligned(&[
                     dq.ptr, dk.ptr, dv.ptr, dout.ptr, q.ptr, k.ptr, v.ptr, out.ptr,
                 ])
             {
                 run(
-                    "bf16",
+                    suffix(dq.dtype),
                     &[
                         dq.ptr, dk.ptr, dv.ptr, dout.ptr, q.ptr, k.ptr, v.ptr, out.ptr, lse.ptr,
                     ],
@@ -953,8 +996,8 @@ impl CudaBackend {
                     ],
                 )
             };
-            if [u.dtype, x.dtype, a.dtype] == [DType::BF16; 3] {
-                run("bf16", &[u.ptr, x.ptr, a.ptr])?;
+            if uni16(&[u.dtype, x.dtype, a.dtype]) {
+                run(suffix(u.dtype), &[u.ptr, x.ptr, a.ptr])?;
             } else {
                 self.with_f32(
                     &[
@@ -1062,9 +1105,8 @@ impl CudaBackend {
                     ],
                 )
             };
-            if [dx.dtype, du.dtype, x.dtype, a.dtype] == [DType::BF16; 4] && da.dtype == DType::F32
-            {
-                run("bf16", &[dx.ptr, da.ptr, du.ptr, x.ptr, a.ptr])
+            if uni16(&[dx.dtype, du.dtype, x.dtype, a.dtype]) && da.dtype == DType::F32 {
+                run(suffix(dx.dtype), &[dx.ptr, da.ptr, du.ptr, x.ptr, a.ptr])
             } else {
                 self.with_f32(
                     &[
@@ -1081,8 +1123,9 @@ impl CudaBackend {
         self.record(res);
     }
 
-    /// AdamW ([`Backend::adamw_step`]) that also writes `param_bf16 =` the updated parameters in bf16
-    /// (the fp32 master shard → the bf16 weights the forward reads, in the same pass).
+    /// AdamW ([`Backend::adamw_step`]) that also writes `param_bf16 =` the updated parameters in the
+    /// copy's 16-bit type, bf16 or f16 (the fp32 master shard → the weights the forward reads, in the
+    /// same pass).
     pub fn adamw_step_with_copy(
         &self,
         param: DViewMut<'_>,
@@ -1101,12 +1144,22 @@ impl CudaBackend {
                 Some(c) => {
                     Self::check_view("adamw param_bf16", c.len, len)?;
                     ensure!(
-                        c.dtype == DType::BF16,
-                        "adamw: the copy target must be a bf16 buffer"
+                        matches!(c.dtype, DType::BF16 | DType::F16),
+                        "adamw: the copy target must be a bf16 or f16 buffer"
                     );
                     c.ptr
                 }
                 None => 0,
+            };
+            // The `_cf16` instances write an f16 copy (and take f16 params/grads); the others bf16.
+            let cf16 = match &param_bf16 {
+                Some(c) => c.dtype == DType::F16,
+                None => param.dtype == DType::F16 || grad.dtype == DType::F16,
+            };
+            let (fam, cs) = if cf16 {
+                (DType::F16, "_cf16")
+            } else {
+                (DType::BF16, "")
             };
             if len == 0 {
                 return Ok(());
@@ -1137,12 +1190,13 @@ impl CudaBackend {
             };
             if m.dtype == DType::F32
                 && v.dtype == DType::F32
-                && param.dtype != DType::F16
-                && grad.dtype != DType::F16
+                && [param.dtype, grad.dtype]
+                    .iter()
+                    .all(|&d| d == DType::F32 || d == fam)
             {
                 run(
                     format!(
-                        "adamw_step_v1_{}_{}",
+                        "adamw_step_v1_{}_{}{cs}",
                         suffix(param.dtype),
                         suffix(grad.dtype)
                     ),
@@ -1159,7 +1213,7 @@ impl CudaBackend {
                         (v.ptr, len, v.dtype, Io::InOut),
                         (grad.ptr, len, grad.dtype, Io::In),
                     ],
-                    |p| run("adamw_step_v1_f32_f32".into(), p[0], p[1], p[2], p[3]),
+                    |p| run(format!("adamw_step_v1_f32_f32{cs}"), p[0], p[1], p[2], p[3]),
                 )
             }
         })();
@@ -1187,7 +1241,8 @@ impl CudaBackend {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        let ok = (a.dtype == DType::BF16 && b.dtype == DType::BF16 && out.dtype != DType::F16)
+        // cuBLAS takes 16-bit inputs of one type with an output of that type or fp32.
+        let ok = (uni16(&[a.dtype, b.dtype]) && (out.dtype == a.dtype || out.dtype == DType::F32))
             || (a.dtype == DType::F32 && b.dtype == DType::F32 && out.dtype == DType::F32);
         if !ok {
             let out_io = if beta == 0.0 { Io::Out } else { Io::InOut };
@@ -1241,6 +1296,7 @@ impl CudaBackend {
         use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
         let cty = |d: DType| match d {
             DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
+            DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
             _ => blas_sys::cudaDataType::CUDA_R_32F,
         };
         let (opb, ldb_) = if trans_b {
@@ -1390,7 +1446,7 @@ impl Backend for CudaBackend {
     }
 
     fn alloc(&self, len: usize, role: Role) -> Result<CudaBuf> {
-        let dtype = dt(role);
+        let dtype = dt(role, self.half);
         let bytes = (len * dtype.size()).max(16);
         let mem = self
             .stream
@@ -1434,9 +1490,13 @@ impl Backend for CudaBackend {
         );
         self.take_error()?;
         let r = match dst.dtype {
-            DType::BF16 => {
-                let h: Vec<u16> = src.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
-                // SAFETY: the buffer holds len bf16 (2·len bytes), copied as their u16 bits.
+            DType::BF16 | DType::F16 => {
+                let h: Vec<u16> = if dst.dtype == DType::BF16 {
+                    src.iter().map(|&x| bf16::from_f32(x).to_bits()).collect()
+                } else {
+                    src.iter().map(|&x| f16::from_f32(x).to_bits()).collect()
+                };
+                // SAFETY: the buffer holds len bf16/f16 (2·len bytes), copied as their u16 bits.
                 let mut v = unsafe { dst.mem.transmute_mut::<u16>(dst.len) }
                     .context("upload: buffer too small")?;
                 self.stream.memcpy_htod(&h, &mut v)
@@ -1462,9 +1522,9 @@ impl Backend for CudaBackend {
         );
         self.take_error()?;
         match src.dtype {
-            DType::BF16 => {
+            DType::BF16 | DType::F16 => {
                 let mut h = vec![0u16; src.len];
-                // SAFETY: the buffer holds len bf16, copied as their u16 bits.
+                // SAFETY: the buffer holds len bf16/f16, copied as their u16 bits.
                 let v = unsafe { src.mem.transmute::<u16>(src.len) }
                     .context("download: buffer too small")?;
                 self.stream
@@ -1473,8 +1533,14 @@ impl Backend for CudaBackend {
                 self.stream
                     .synchronize()
                     .map_err(|e| anyhow!("download: {e:?}"))?;
-                for (d, s) in dst.iter_mut().zip(&h) {
-                    *d = bf16::from_bits(*s).to_f32();
+                if src.dtype == DType::BF16 {
+                    for (d, s) in dst.iter_mut().zip(&h) {
+                        *d = bf16::from_bits(*s).to_f32();
+                    }
+                } else {
+                    for (d, s) in dst.iter_mut().zip(&h) {
+                        *d = f16::from_bits(*s).to_f32();
+                    }
                 }
             }
             _ => {
@@ -1729,12 +1795,12 @@ impl Backend for CudaBackend {
                     KArg::F(eps),
                 ]
             };
-            if [out.dtype, x.dtype, w.dtype] == [DType::BF16; 3]
+            if uni16(&[out.dtype, x.dtype, w.dtype])
                 && rstd.dtype == DType::F32
                 && aligned(&[out.ptr, x.ptr, w.ptr])
             {
                 self.launch(
-                    "rmsnorm_forward_v1_bf16",
+                    &format!("rmsnorm_forward_v1_{}", suffix(out.dtype)),
                     (n as u32, 1, 1),
                     256,
                     0,
@@ -1812,12 +1878,15 @@ impl Backend for CudaBackend {
                     ],
                 )
             };
-            if [dx.dtype, dout.dtype, x.dtype, w.dtype] == [DType::BF16; 4]
+            if uni16(&[dx.dtype, dout.dtype, x.dtype, w.dtype])
                 && dw.dtype == DType::F32
                 && rstd.dtype == DType::F32
                 && aligned(&[dx.ptr, dout.ptr, x.ptr, w.ptr])
             {
-                run("bf16", &[dx.ptr, dw.ptr, dout.ptr, x.ptr, w.ptr, rstd.ptr])
+                run(
+                    suffix(dx.dtype),
+                    &[dx.ptr, dw.ptr, dout.ptr, x.ptr, w.ptr, rstd.ptr],
+                )
             } else {
                 self.with_f32(
                     &[
@@ -1919,9 +1988,9 @@ impl Backend for CudaBackend {
                     KArg::L(len as i64),
                 ]
             };
-            if [out.dtype, gate.dtype, up.dtype] == [DType::BF16; 3] {
+            if uni16(&[out.dtype, gate.dtype, up.dtype]) {
                 self.launch(
-                    &format!("swiglu_forward_{v}_bf16"),
+                    &format!("swiglu_forward_{v}_{}", suffix(out.dtype)),
                     (g, 1, 1),
                     t,
                     0,
@@ -1986,9 +2055,9 @@ impl Backend for CudaBackend {
                     KArg::L(len as i64),
                 ]
             };
-            if [dgate.dtype, dup.dtype, dout.dtype, gate.dtype, up.dtype] == [DType::BF16; 5] {
+            if uni16(&[dgate.dtype, dup.dtype, dout.dtype, gate.dtype, up.dtype]) {
                 self.launch(
-                    &format!("swiglu_backward_{v}_bf16"),
+                    &format!("swiglu_backward_{v}_{}", suffix(dgate.dtype)),
                     (g, 1, 1),
                     t,
                     0,
@@ -2046,8 +2115,7 @@ impl Backend for CudaBackend {
                     KArg::I(c as i32),
                 ]
             };
-            if out.dtype == table.dtype && out.dtype != DType::F16 && aligned(&[out.ptr, table.ptr])
-            {
+            if out.dtype == table.dtype && aligned(&[out.ptr, table.ptr]) {
                 self.launch(
                     &format!("embedding_forward_v1_{}", suffix(out.dtype)),
                     (n as u32, 1, 1),
@@ -2110,7 +2178,7 @@ impl Backend for CudaBackend {
                 ]
             };
             let grid = (ids.n_uniq as u32, 1, 1);
-            if dtable.dtype == DType::F32 && dout.dtype != DType::F16 {
+            if dtable.dtype == DType::F32 {
                 self.launch(
                     &format!("embedding_backward_v1_{}", suffix(dout.dtype)),
                     grid,
@@ -2155,7 +2223,7 @@ impl Backend for CudaBackend {
                     KArg::I(v as i32),
                 ]
             };
-            if losses.dtype == DType::F32 && logits.dtype != DType::F16 {
+            if losses.dtype == DType::F32 {
                 self.launch(
                     &format!("cross_entropy_forward_v1_{}", suffix(logits.dtype)),
                     (n as u32, 1, 1),
@@ -2209,7 +2277,7 @@ impl Backend for CudaBackend {
                     KArg::F(scale),
                 ]
             };
-            if dlogits.dtype == logits.dtype && logits.dtype != DType::F16 {
+            if dlogits.dtype == logits.dtype {
                 self.launch(
                     &format!("cross_entropy_backward_v1_{}", suffix(logits.dtype)),
                     (n as u32, 1, 1),
@@ -2299,9 +2367,9 @@ impl Backend for CudaBackend {
                 ]
             };
             let grid = (rows as u32, 1, 1);
-            if [out.dtype, q.dtype, kcache.dtype, vcache.dtype] == [DType::BF16; 4] {
+            if uni16(&[out.dtype, q.dtype, kcache.dtype, vcache.dtype]) {
                 self.launch(
-                    "attention_cached_forward_v1_bf16",
+                    &format!("attention_cached_forward_v1_{}", suffix(out.dtype)),
                     grid,
                     128,
                     smem as u32,
@@ -2363,19 +2431,13 @@ impl CudaBackend {
                     KArg::I(pos_offset as i32),
                 ]
             };
-            if x.dtype == DType::F16 {
-                self.with_f32(&[(x.ptr, x.len, x.dtype, Io::InOut)], |p| {
-                    self.launch(&format!("rope_{dir}_v1_f32"), (g, 1, 1), th, 0, &args(p[0]))
-                })
-            } else {
-                self.launch(
-                    &format!("rope_{dir}_v1_{}", suffix(x.dtype)),
-                    (g, 1, 1),
-                    th,
-                    0,
-                    &args(x.ptr),
-                )
-            }
+            self.launch(
+                &format!("rope_{dir}_v1_{}", suffix(x.dtype)),
+                (g, 1, 1),
+                th,
+                0,
+                &args(x.ptr),
+            )
         })();
         self.record(r);
     }
