@@ -1438,10 +1438,11 @@ impl Backend for CudaBackend {
 
     fn name(&self) -> String {
         format!(
-            "cuda:{} ({}, {})",
+            "cuda:{} ({}, {}, {} storage)",
             self.ctx.ordinal(),
             self.device_name,
-            self.arch
+            self.arch,
+            suffix(self.half)
         )
     }
 
