@@ -418,7 +418,7 @@ impl<B: Backend> Llama<B> {
             self.layer_forward(
                 la,
                 &cur[li],
-                next,
+                Some(next),
                 &ctx,
                 (b, t, past),
                 cache.as_deref_mut(),
@@ -457,15 +457,15 @@ impl<B: Backend> Llama<B> {
         Ok(())
     }
 
-    /// One decoder layer's forward: `la =` everything its backward reads, `next =` the residual
-    /// stream after the layer, from its input `x`. With a KV cache, this layer's new keys/values
-    /// are appended at `past` and attention runs over the cache (inference only).
+    /// One decoder layer's forward: `la =` everything its backward reads, `next =` (when given)
+    /// the residual stream after the layer, from its input `x`. With a KV cache, this layer's new
+    /// keys/values are appended at `past` and attention runs over the cache (inference only).
     #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         la: &mut LayerActs<B>,
         x: &B::Buf,
-        next: &mut B::Buf,
+        mut next: Option<&mut B::Buf>,
         ctx: &LinCtx,
         (b, t, past): (usize, usize, usize),
         mut cache: Option<&mut KvCache<B>>,
@@ -493,7 +493,7 @@ impl<B: Backend> Llama<B> {
         );
         let [lq, lk, lv, lo, lg, lu, ld] = &mut la.lora;
         self.linear_forward(
-            &mut la.q,
+            Some(&mut la.q),
             0.0,
             &la.ln1,
             lq.as_mut(),
@@ -503,7 +503,7 @@ impl<B: Backend> Llama<B> {
             host,
         )?;
         self.linear_forward(
-            &mut la.k,
+            Some(&mut la.k),
             0.0,
             &la.ln1,
             lk.as_mut(),
@@ -513,7 +513,7 @@ impl<B: Backend> Llama<B> {
             host,
         )?;
         self.linear_forward(
-            &mut la.v,
+            Some(&mut la.v),
             0.0,
             &la.ln1,
             lv.as_mut(),
@@ -566,7 +566,7 @@ impl<B: Backend> Llama<B> {
         }
         be.copy(vm(be, &mut la.resid_mid), v(be, x));
         self.linear_forward(
-            &mut la.resid_mid,
+            Some(&mut la.resid_mid),
             1.0,
             &la.att,
             lo.as_mut(),
@@ -585,7 +585,7 @@ impl<B: Backend> Llama<B> {
             cfg.rms_norm_eps,
         );
         self.linear_forward(
-            &mut la.gate,
+            Some(&mut la.gate),
             0.0,
             &la.ln2,
             lg.as_mut(),
@@ -595,7 +595,7 @@ impl<B: Backend> Llama<B> {
             host,
         )?;
         self.linear_forward(
-            &mut la.up,
+            Some(&mut la.up),
             0.0,
             &la.ln2,
             lu.as_mut(),
@@ -605,7 +605,11 @@ impl<B: Backend> Llama<B> {
             host,
         )?;
         be.swiglu_forward(vm(be, &mut la.hid), v(be, &la.gate), v(be, &la.up));
-        be.copy(vm(be, next), v(be, &la.resid_mid));
+        // A recompute passes no `next`: the down projection's output (the next layer's input) is
+        // not needed again, only its LoRA intermediates are.
+        if let Some(next) = next.as_deref_mut() {
+            be.copy(vm(be, next), v(be, &la.resid_mid));
+        }
         self.linear_forward(
             next,
             1.0,
@@ -678,7 +682,7 @@ impl<B: Backend> Llama<B> {
     #[allow(clippy::too_many_arguments)]
     fn linear_forward(
         &self,
-        out: &mut B::Buf,
+        mut out: Option<&mut B::Buf>,
         beta: f32,
         x: &B::Buf,
         lora_acts: Option<&mut LoraActs<B>>,
@@ -689,19 +693,21 @@ impl<B: Backend> Llama<B> {
     ) -> Result<()> {
         let be = &*self.backend;
         let n = ctx.n;
-        // out[n,out] (+)= x[n,in] · W[out,in]ᵀ
-        be.matmul(
-            vm(be, out),
-            v(be, x),
-            self.p(pl.w),
-            n,
-            pl.out,
-            pl.inp,
-            false,
-            true,
-            1.0,
-            beta,
-        );
+        // out[n,out] (+)= x[n,in] · W[out,in]ᵀ (no `out`: only the LoRA intermediates)
+        if let Some(out) = out.as_deref_mut() {
+            be.matmul(
+                vm(be, out),
+                v(be, x),
+                self.p(pl.w),
+                n,
+                pl.out,
+                pl.inp,
+                false,
+                true,
+                1.0,
+                beta,
+            );
+        }
         if let (Some((a, bl)), Some(la)) = (pl.lora, lora_acts) {
             let lora = self.lora().expect("LoRA locs imply a LoRA config");
             let (r, s) = (lora.r, lora.scaling());
@@ -728,18 +734,20 @@ impl<B: Backend> Llama<B> {
                 1.0,
                 0.0,
             );
-            be.matmul(
-                vm(be, out),
-                v(be, &la.xa),
-                self.p(bl),
-                n,
-                pl.out,
-                r,
-                false,
-                true,
-                s,
-                1.0,
-            );
+            if let Some(out) = out {
+                be.matmul(
+                    vm(be, out),
+                    v(be, &la.xa),
+                    self.p(bl),
+                    n,
+                    pl.out,
+                    r,
+                    false,
+                    true,
+                    s,
+                    1.0,
+                );
+            }
         }
         Ok(())
     }
@@ -845,13 +853,12 @@ impl<B: Backend> Llama<B> {
                 // Gradient checkpointing: rerun this layer's forward from its saved input into the
                 // shared set (the same ops on the same inputs, and the LoRA dropout masks are a
                 // function of (key, layer, proj), so every value is the forward's). Its output,
-                // layer li+1's input, is no longer needed: it goes to `dln`, free until the
-                // layer's backward writes it.
+                // layer li+1's input, is not needed again and is not recomputed.
                 let _r = self.range(&format!("layer {li} recompute"));
                 self.layer_forward(
                     &mut acts.layers[0],
                     &acts.resid[li],
-                    &mut bw.dln,
+                    None,
                     &ctx,
                     (b, t, 0),
                     None,
