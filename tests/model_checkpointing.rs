@@ -225,3 +225,46 @@ fn trainer_steps_bit_identical() {
     assert_eq!(results[0].0, results[1].0, "losses");
     assert_eq!(bits(&results[0].1), bits(&results[1].1), "weights");
 }
+
+/// `zhllama train --dry-run` reports both activation sizes (the formula's, at bf16) and counts the
+/// one `gradient_checkpointing` selects.
+#[test]
+fn dry_run_reports_both_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "vocab_size": 32000,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": false}"#,
+    )
+    .unwrap();
+    let dims = Dims::from_model_dir(dir.path()).unwrap();
+    let tc = TrainConfig {
+        micro_batch_size: 4,
+        ..TrainConfig::preset(Stage::Sft)
+    };
+    let want = |on| dryrun::activation_bytes(&dims, &tc, 4, 512, 49954, 2, on);
+    for on in [false, true] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_zhllama"))
+            .args(["train", "--stage", "sft", "--dry-run", "--model"])
+            .arg(dir.path())
+            .args(["--vocab-size", "49954", "--precision", "bf16"])
+            .args(["--micro-batch-size", "4", "--gradient-checkpointing"])
+            .arg(on.to_string())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let get = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{k} missing: {v}"));
+        assert_eq!(
+            get("activation_bytes_per_micro_batch_without_checkpointing"),
+            want(false)
+        );
+        assert_eq!(
+            get("activation_bytes_per_micro_batch_with_checkpointing"),
+            want(true)
+        );
+        assert_eq!(get("activation_bytes_per_micro_batch"), want(on));
+        assert_eq!(v["gradient_checkpointing"].as_bool(), Some(on));
+    }
+}
