@@ -1238,8 +1238,9 @@ struct BackwardBufs<B: Backend> {
 /// keeps only each layer's input (the residual stream, `[N, C]`) and one set of per-layer
 /// buffers shared by all layers; the backward recomputes each layer's forward from its input into
 /// that set just before the layer's backward (the last layer's is still there after the forward
-/// and is not recomputed). Costs about one more forward per step; the loss and the gradients
-/// are the same values (bit-identical on a deterministic backend).
+/// and is not recomputed; a recompute skips the down projection's output, already saved as the
+/// next layer's input). Costs a little less than one more forward per step; the loss and the
+/// gradients are the same values (bit-identical on a deterministic backend).
 pub struct Activations<B: Backend> {
     b: usize,
     t: usize,
@@ -1319,7 +1320,7 @@ impl<B: Backend> Activations<B> {
         let stat = |len: usize| alloc(len, Role::Fp32);
         let lora = model.lora();
         let dropout = lora.is_some_and(|l| l.dropout > 0.0);
-        let sets = if checkpointed { 1 } else { model.layers.len() };
+        let sets = if checkpointed { 1 } else { model.layers.len() }.min(model.layers.len());
         let mut layers = Vec::with_capacity(sets);
         // Every layer has the same shapes and LoRA targets: the shared set fits them all.
         for ll in &model.layers[..sets] {
