@@ -72,6 +72,10 @@ pub trait Backend: Send + Sync {
     /// A zero-filled buffer of `len` ids.
     fn alloc_ids(&self, len: usize) -> Result<Self::Ids>;
     fn buf_len(&self, buf: &Self::Buf) -> usize;
+    /// Device bytes `buf` holds (memory reports): 4 per element unless a backend stores narrower.
+    fn buf_bytes(&self, buf: &Self::Buf) -> usize {
+        4 * self.buf_len(buf)
+    }
     fn upload(&self, dst: &mut Self::Buf, src: &[f32]) -> Result<()>;
     fn download(&self, src: &Self::Buf, dst: &mut [f32]) -> Result<()>;
     fn upload_ids(&self, dst: &mut Self::Ids, src: &[i32]) -> Result<()>;

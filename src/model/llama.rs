@@ -56,6 +56,8 @@ pub struct Llama<B: Backend> {
     final_norm: Loc,
     lm_head: Loc,
     layers: Vec<LayerLocs>,
+    /// [`Activations::new`] allocates checkpointed activations (HF's `gradient_checkpointing`).
+    gradient_checkpointing: bool,
 }
 
 /// Parameters copied to the host: the two flat buffers and the layout to slice them.
@@ -184,6 +186,7 @@ impl<B: Backend> Llama<B> {
             final_norm: layout.loc(Kind::FinalNorm),
             lm_head: layout.loc(Kind::LmHead),
             layers,
+            gradient_checkpointing: false,
             backend,
             config,
             spec,
@@ -252,6 +255,14 @@ impl<B: Backend> Llama<B> {
     pub fn lora(&self) -> Option<&LoraConfig> {
         self.spec.lora.as_ref()
     }
+    /// Whether [`Activations::new`] recomputes each layer in the backward instead of keeping its
+    /// activations (HF's `gradient_checkpointing_enable`); see [`Activations`].
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.gradient_checkpointing
+    }
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
+    }
 
     /// The trainable flat buffer (layout: [`ParamLayout`] entries with `Group::Trainable`).
     pub fn trainable(&self) -> &B::Buf {
@@ -316,6 +327,12 @@ impl<B: Backend> Llama<B> {
         }
     }
 
+    /// A profiler range named `name` (see [`Backend::range_push`]), closed when dropped.
+    fn range(&self, name: &str) -> RangeGuard<'_, B> {
+        self.backend.range_push(name);
+        RangeGuard(&*self.backend)
+    }
+
     // ---- forward ------------------------------------------------------------------------------
 
     /// `acts.logits[B·T, V] =` the logits for `ids` (`[B, T]` row-major, every id in `0..V`).
@@ -339,13 +356,7 @@ impl<B: Backend> Llama<B> {
         let (b, t) = (acts.b, acts.t);
         let n = b * t;
         let cfg = &self.config;
-        let (c, h, hkv, d) = (
-            cfg.hidden_size,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim(),
-        );
-        let kvd = hkv * d;
+        let (c, kvd) = (cfg.hidden_size, cfg.kv_dim());
         ensure!(
             ids.len() == n,
             "got {} token ids for a batch of {b}×{t}",
@@ -380,162 +391,43 @@ impl<B: Backend> Llama<B> {
         let key = acts.rng_key;
         let dropout = acts.dropout_active;
 
-        be.embedding_forward(
-            vm(be, &mut acts.layers[0].resid_in),
-            &acts.ids,
-            self.p(self.embed),
-            n,
-            c,
-        );
-        for (li, ll) in self.layers.iter().enumerate() {
-            let (cur, rest) = acts.layers.split_at_mut(li + 1);
-            let la = &mut cur[li];
-            let next = match rest.first_mut() {
-                Some(nl) => &mut nl.resid_in,
-                None => &mut acts.resid_out,
-            };
-            let host = &mut acts.host;
-            be.rmsnorm_forward(
-                vm(be, &mut la.ln1),
-                vm(be, &mut la.rstd1),
-                v(be, &la.resid_in),
-                self.p(ll.ln1),
+        {
+            let _r = self.range("embedding");
+            be.embedding_forward(
+                vm(be, &mut acts.resid[0]),
+                &acts.ids,
+                self.p(self.embed),
                 n,
                 c,
-                cfg.rms_norm_eps,
             );
-            let [lq, lk, lv, lo, lg, lu, ld] = &mut la.lora;
+        }
+        for li in 0..self.layers.len() {
+            let _r = self.range(&format!("layer {li} fwd"));
+            let (cur, rest) = acts.resid.split_at_mut(li + 1);
+            let next = match rest.first_mut() {
+                Some(nr) => nr,
+                None => &mut acts.resid_out,
+            };
             let ctx = LinCtx {
                 n,
                 li,
                 key,
                 dropout,
             };
-            self.linear_forward(
-                &mut la.q,
-                0.0,
-                &la.ln1,
-                lq.as_mut(),
-                &ll.proj[0],
-                Proj::Q,
+            let la = &mut acts.layers[if acts.checkpointed { 0 } else { li }];
+            self.layer_forward(
+                la,
+                &cur[li],
+                Some(next),
                 &ctx,
-                host,
-            )?;
-            self.linear_forward(
-                &mut la.k,
-                0.0,
-                &la.ln1,
-                lk.as_mut(),
-                &ll.proj[1],
-                Proj::K,
-                &ctx,
-                host,
-            )?;
-            self.linear_forward(
-                &mut la.v,
-                0.0,
-                &la.ln1,
-                lv.as_mut(),
-                &ll.proj[2],
-                Proj::V,
-                &ctx,
-                host,
-            )?;
-            be.rope_forward(vm(be, &mut la.q), b, t, h, d, cfg.rope_theta, past);
-            be.rope_forward(vm(be, &mut la.k), b, t, hkv, d, cfg.rope_theta, past);
-            if let Some(kc) = cache.as_deref_mut() {
-                // Rows past..past+t of each sequence's cache = the new keys/values.
-                let tmax = kc.tmax;
-                for bi in 0..b {
-                    let src = bi * t * kvd..(bi + 1) * t * kvd;
-                    let dst = (bi * tmax + past) * kvd..(bi * tmax + past + t) * kvd;
-                    be.copy(
-                        be.view_mut(&mut kc.k[li], dst.clone()),
-                        be.view(&la.k, src.clone()),
-                    );
-                    be.copy(be.view_mut(&mut kc.v[li], dst), be.view(&la.v, src));
-                }
-            }
-            match cache.as_deref() {
-                Some(kc) if past > 0 => be.attention_cached_forward(
-                    vm(be, &mut la.att),
-                    v(be, &la.q),
-                    v(be, &kc.k[li]),
-                    v(be, &kc.v[li]),
-                    b,
-                    t,
-                    past,
-                    kc.tmax,
-                    h,
-                    hkv,
-                    d,
-                ),
-                _ => be.attention_forward(
-                    vm(be, &mut la.att),
-                    vm(be, &mut la.lse),
-                    v(be, &la.q),
-                    v(be, &la.k),
-                    v(be, &la.v),
-                    b,
-                    t,
-                    h,
-                    hkv,
-                    d,
-                ),
-            }
-            be.copy(vm(be, &mut la.resid_mid), v(be, &la.resid_in));
-            self.linear_forward(
-                &mut la.resid_mid,
-                1.0,
-                &la.att,
-                lo.as_mut(),
-                &ll.proj[3],
-                Proj::O,
-                &ctx,
-                host,
-            )?;
-            be.rmsnorm_forward(
-                vm(be, &mut la.ln2),
-                vm(be, &mut la.rstd2),
-                v(be, &la.resid_mid),
-                self.p(ll.ln2),
-                n,
-                c,
-                cfg.rms_norm_eps,
-            );
-            self.linear_forward(
-                &mut la.gate,
-                0.0,
-                &la.ln2,
-                lg.as_mut(),
-                &ll.proj[4],
-                Proj::Gate,
-                &ctx,
-                host,
-            )?;
-            self.linear_forward(
-                &mut la.up,
-                0.0,
-                &la.ln2,
-                lu.as_mut(),
-                &ll.proj[5],
-                Proj::Up,
-                &ctx,
-                host,
-            )?;
-            be.swiglu_forward(vm(be, &mut la.hid), v(be, &la.gate), v(be, &la.up));
-            be.copy(vm(be, next), v(be, &la.resid_mid));
-            self.linear_forward(
-                next,
-                1.0,
-                &la.hid,
-                ld.as_mut(),
-                &ll.proj[6],
-                Proj::Down,
-                &ctx,
-                host,
+                (b, t, past),
+                cache.as_deref_mut(),
+                &mut acts.host,
             )?;
         }
+        // The shared set (checkpointing) now holds the last layer's activations.
+        acts.resident = self.layers.len().checked_sub(1);
+        let r = self.range("final norm");
         be.rmsnorm_forward(
             vm(be, &mut acts.normf),
             vm(be, &mut acts.normf_rstd),
@@ -545,6 +437,8 @@ impl<B: Backend> Llama<B> {
             c,
             cfg.rms_norm_eps,
         );
+        drop(r);
+        let _r = self.range("lm_head");
         be.matmul(
             vm(be, &mut acts.logits),
             v(be, &acts.normf),
@@ -560,6 +454,172 @@ impl<B: Backend> Llama<B> {
         if let Some(kc) = cache {
             kc.len += t;
         }
+        Ok(())
+    }
+
+    /// One decoder layer's forward: `la =` everything its backward reads, `next =` (when given)
+    /// the residual stream after the layer, from its input `x`. With a KV cache, this layer's new
+    /// keys/values are appended at `past` and attention runs over the cache (inference only).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        la: &mut LayerActs<B>,
+        x: &B::Buf,
+        mut next: Option<&mut B::Buf>,
+        ctx: &LinCtx,
+        (b, t, past): (usize, usize, usize),
+        mut cache: Option<&mut KvCache<B>>,
+        host: &mut Vec<f32>,
+    ) -> Result<()> {
+        let be = &*self.backend;
+        let cfg = &self.config;
+        let (li, n) = (ctx.li, ctx.n);
+        let ll = &self.layers[li];
+        let (c, h, hkv, d) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim(),
+        );
+        let kvd = hkv * d;
+        be.rmsnorm_forward(
+            vm(be, &mut la.ln1),
+            vm(be, &mut la.rstd1),
+            v(be, x),
+            self.p(ll.ln1),
+            n,
+            c,
+            cfg.rms_norm_eps,
+        );
+        let [lq, lk, lv, lo, lg, lu, ld] = &mut la.lora;
+        self.linear_forward(
+            Some(&mut la.q),
+            0.0,
+            &la.ln1,
+            lq.as_mut(),
+            &ll.proj[0],
+            Proj::Q,
+            ctx,
+            host,
+        )?;
+        self.linear_forward(
+            Some(&mut la.k),
+            0.0,
+            &la.ln1,
+            lk.as_mut(),
+            &ll.proj[1],
+            Proj::K,
+            ctx,
+            host,
+        )?;
+        self.linear_forward(
+            Some(&mut la.v),
+            0.0,
+            &la.ln1,
+            lv.as_mut(),
+            &ll.proj[2],
+            Proj::V,
+            ctx,
+            host,
+        )?;
+        be.rope_forward(vm(be, &mut la.q), b, t, h, d, cfg.rope_theta, past);
+        be.rope_forward(vm(be, &mut la.k), b, t, hkv, d, cfg.rope_theta, past);
+        if let Some(kc) = cache.as_deref_mut() {
+            // Rows past..past+t of each sequence's cache = the new keys/values.
+            let tmax = kc.tmax;
+            for bi in 0..b {
+                let src = bi * t * kvd..(bi + 1) * t * kvd;
+                let dst = (bi * tmax + past) * kvd..(bi * tmax + past + t) * kvd;
+                be.copy(
+                    be.view_mut(&mut kc.k[li], dst.clone()),
+                    be.view(&la.k, src.clone()),
+                );
+                be.copy(be.view_mut(&mut kc.v[li], dst), be.view(&la.v, src));
+            }
+        }
+        match cache.as_deref() {
+            Some(kc) if past > 0 => be.attention_cached_forward(
+                vm(be, &mut la.att),
+                v(be, &la.q),
+                v(be, &kc.k[li]),
+                v(be, &kc.v[li]),
+                b,
+                t,
+                past,
+                kc.tmax,
+                h,
+                hkv,
+                d,
+            ),
+            _ => be.attention_forward(
+                vm(be, &mut la.att),
+                vm(be, &mut la.lse),
+                v(be, &la.q),
+                v(be, &la.k),
+                v(be, &la.v),
+                b,
+                t,
+                h,
+                hkv,
+                d,
+            ),
+        }
+        be.copy(vm(be, &mut la.resid_mid), v(be, x));
+        self.linear_forward(
+            Some(&mut la.resid_mid),
+            1.0,
+            &la.att,
+            lo.as_mut(),
+            &ll.proj[3],
+            Proj::O,
+            ctx,
+            host,
+        )?;
+        be.rmsnorm_forward(
+            vm(be, &mut la.ln2),
+            vm(be, &mut la.rstd2),
+            v(be, &la.resid_mid),
+            self.p(ll.ln2),
+            n,
+            c,
+            cfg.rms_norm_eps,
+        );
+        self.linear_forward(
+            Some(&mut la.gate),
+            0.0,
+            &la.ln2,
+            lg.as_mut(),
+            &ll.proj[4],
+            Proj::Gate,
+            ctx,
+            host,
+        )?;
+        self.linear_forward(
+            Some(&mut la.up),
+            0.0,
+            &la.ln2,
+            lu.as_mut(),
+            &ll.proj[5],
+            Proj::Up,
+            ctx,
+            host,
+        )?;
+        be.swiglu_forward(vm(be, &mut la.hid), v(be, &la.gate), v(be, &la.up));
+        // A recompute passes no `next`: the down projection's output (the next layer's input) is
+        // not needed again, only its LoRA intermediates are.
+        if let Some(next) = next.as_deref_mut() {
+            be.copy(vm(be, next), v(be, &la.resid_mid));
+        }
+        self.linear_forward(
+            next,
+            1.0,
+            &la.hid,
+            ld.as_mut(),
+            &ll.proj[6],
+            Proj::Down,
+            ctx,
+            host,
+        )?;
         Ok(())
     }
 
@@ -601,6 +661,7 @@ impl<B: Backend> Llama<B> {
         be.upload_ids(&mut acts.targets, &acts.targets_host)?;
         acts.count = count;
         acts.has_targets = true;
+        let _r = self.range("cross-entropy");
         be.cross_entropy_forward(
             vm(be, &mut acts.losses),
             v(be, &acts.logits),
@@ -621,7 +682,7 @@ impl<B: Backend> Llama<B> {
     #[allow(clippy::too_many_arguments)]
     fn linear_forward(
         &self,
-        out: &mut B::Buf,
+        mut out: Option<&mut B::Buf>,
         beta: f32,
         x: &B::Buf,
         lora_acts: Option<&mut LoraActs<B>>,
@@ -632,19 +693,21 @@ impl<B: Backend> Llama<B> {
     ) -> Result<()> {
         let be = &*self.backend;
         let n = ctx.n;
-        // out[n,out] (+)= x[n,in] · W[out,in]ᵀ
-        be.matmul(
-            vm(be, out),
-            v(be, x),
-            self.p(pl.w),
-            n,
-            pl.out,
-            pl.inp,
-            false,
-            true,
-            1.0,
-            beta,
-        );
+        // out[n,out] (+)= x[n,in] · W[out,in]ᵀ (no `out`: only the LoRA intermediates)
+        if let Some(out) = out.as_deref_mut() {
+            be.matmul(
+                vm(be, out),
+                v(be, x),
+                self.p(pl.w),
+                n,
+                pl.out,
+                pl.inp,
+                false,
+                true,
+                1.0,
+                beta,
+            );
+        }
         if let (Some((a, bl)), Some(la)) = (pl.lora, lora_acts) {
             let lora = self.lora().expect("LoRA locs imply a LoRA config");
             let (r, s) = (lora.r, lora.scaling());
@@ -669,18 +732,20 @@ impl<B: Backend> Llama<B> {
                 1.0,
                 0.0,
             );
-            be.matmul(
-                vm(be, out),
-                v(be, &la.xa),
-                self.p(bl),
-                n,
-                pl.out,
-                r,
-                false,
-                true,
-                s,
-                1.0,
-            );
+            if let Some(out) = out {
+                be.matmul(
+                    vm(be, out),
+                    v(be, &la.xa),
+                    self.p(bl),
+                    n,
+                    pl.out,
+                    r,
+                    false,
+                    true,
+                    s,
+                    1.0,
+                );
+            }
         }
         Ok(())
     }
@@ -726,6 +791,7 @@ impl<B: Backend> Llama<B> {
         if acts.count == 0 {
             return Ok(());
         }
+        let r = self.range("lm_head+CE bwd");
         be.cross_entropy_backward(
             vm(be, &mut bw.dlogits),
             v(be, &acts.logits),
@@ -761,6 +827,8 @@ impl<B: Backend> Llama<B> {
             1.0,
             0.0,
         );
+        drop(r);
+        let r = self.range("final norm bwd");
         self.norm_backward(
             bw,
             grads,
@@ -769,16 +837,35 @@ impl<B: Backend> Llama<B> {
             self.final_norm,
             n,
         );
+        drop(r);
         let key = acts.rng_key;
         let dropout = acts.dropout_active;
         for (li, ll) in self.layers.iter().enumerate().rev() {
-            let la = &mut acts.layers[li];
             let ctx = LinCtx {
                 n,
                 li,
                 key,
                 dropout,
             };
+            if acts.checkpointed && acts.resident != Some(li) {
+                // Gradient checkpointing: rerun this layer's forward from its saved input into the
+                // shared set (the same ops on the same inputs, and the LoRA dropout masks are a
+                // function of (key, layer, proj), so every value is the forward's). Its output,
+                // layer li+1's input, is not needed again and is not recomputed.
+                let _r = self.range(&format!("layer {li} recompute"));
+                self.layer_forward(
+                    &mut acts.layers[0],
+                    &acts.resid[li],
+                    None,
+                    &ctx,
+                    (b, t, 0),
+                    None,
+                    &mut acts.host,
+                )?;
+                acts.resident = Some(li);
+            }
+            let _r = self.range(&format!("layer {li} bwd"));
+            let la = &acts.layers[if acts.checkpointed { 0 } else { li }];
             let [lq, lk, lv, lo, lg, lu, ld] = &la.lora;
             // MLP: next = resid_mid + down(swiglu(gate(ln2), up(ln2)))
             self.linear_backward(
@@ -892,9 +979,10 @@ impl<B: Backend> Llama<B> {
                 grads,
                 &mut bw.scratch,
             )?;
-            self.norm_backward(bw, grads, &la.resid_in, &la.rstd1, ll.ln1, n);
+            self.norm_backward(bw, grads, &acts.resid[li], &la.rstd1, ll.ln1, n);
         }
         if self.embed.trainable() {
+            let _r = self.range("embedding bwd");
             be.embedding_backward(
                 be.view_mut(grads, self.embed.range()),
                 v(be, &bw.dres),
@@ -1073,6 +1161,15 @@ impl<B: Backend> Llama<B> {
     }
 }
 
+/// Closes a [`Backend::range_push`] range when dropped (also on an early `?` return).
+struct RangeGuard<'a, B: Backend>(&'a B);
+
+impl<B: Backend> Drop for RangeGuard<'_, B> {
+    fn drop(&mut self) {
+        self.0.range_pop();
+    }
+}
+
 /// Per-projection context of a forward/backward call.
 struct LinCtx {
     n: usize,
@@ -1088,8 +1185,9 @@ struct LoraActs<B: Backend> {
     xd: Option<B::Buf>,
 }
 
+/// What one decoder layer's backward reads (besides the layer's input, kept in
+/// [`Activations::resid`]).
 struct LayerActs<B: Backend> {
-    resid_in: B::Buf,
     ln1: B::Buf,
     rstd1: B::Buf,
     /// After RoPE.
@@ -1132,9 +1230,23 @@ struct BackwardBufs<B: Backend> {
 
 /// Everything a forward saves for the backward, plus the backward's scratch, for one (B, T) shape.
 /// Allocate once per shape and reuse.
+///
+/// With gradient checkpointing (HF's `gradient_checkpointing`, per decoder layer) the forward
+/// keeps only each layer's input (the residual stream, `[N, C]`) and one set of per-layer
+/// buffers shared by all layers; the backward recomputes each layer's forward from its input into
+/// that set just before the layer's backward (the last layer's is still there after the forward
+/// and is not recomputed; a recompute skips the down projection's output, already saved as the
+/// next layer's input). Costs a little less than one more forward per step; the loss and the
+/// gradients are the same values (bit-identical on a deterministic backend).
 pub struct Activations<B: Backend> {
     b: usize,
     t: usize,
+    /// One shared [`LayerActs`] instead of one per layer.
+    checkpointed: bool,
+    /// The layer whose activations `layers[0]` holds (checkpointing).
+    resident: Option<usize>,
+    /// Device bytes of every buffer below.
+    bytes: usize,
     /// Apply the LoRA dropout (training). Off by default: eval and generation want none.
     pub training: bool,
     /// Key of the LoRA dropout masks of the next forward (and its backward). The trainer sets it
@@ -1148,6 +1260,9 @@ pub struct Activations<B: Backend> {
     targets: B::Ids,
     targets_host: Vec<i32>,
     host: Vec<f32>,
+    /// `resid[l]` = the input of layer `l` (`[N, C]`; `resid[0]` = the embeddings).
+    resid: Vec<B::Buf>,
+    /// One per layer, or one shared set with checkpointing.
     layers: Vec<LayerActs<B>>,
     resid_out: B::Buf,
     normf: B::Buf,
@@ -1158,17 +1273,29 @@ pub struct Activations<B: Backend> {
 }
 
 impl<B: Backend> Activations<B> {
-    /// Buffers for forward and backward of `model` at batch `b`, sequence `t`.
+    /// Buffers for forward and backward of `model` at batch `b`, sequence `t`; checkpointed when
+    /// the model's [`Llama::gradient_checkpointing`] is on.
     pub fn new(model: &Llama<B>, b: usize, t: usize) -> Result<Self> {
-        Self::alloc(model, b, t, true)
+        Self::alloc(model, b, t, true, model.gradient_checkpointing)
+    }
+
+    /// Buffers for forward and backward with gradient checkpointing, whatever the model's flag.
+    pub fn new_checkpointed(model: &Llama<B>, b: usize, t: usize) -> Result<Self> {
+        Self::alloc(model, b, t, true, true)
     }
 
     /// Buffers for the forward only (eval, generation): no gradient scratch.
     pub fn new_inference(model: &Llama<B>, b: usize, t: usize) -> Result<Self> {
-        Self::alloc(model, b, t, false)
+        Self::alloc(model, b, t, false, false)
     }
 
-    fn alloc(model: &Llama<B>, b: usize, t: usize, backward: bool) -> Result<Self> {
+    fn alloc(
+        model: &Llama<B>,
+        b: usize,
+        t: usize,
+        backward: bool,
+        checkpointed: bool,
+    ) -> Result<Self> {
         ensure!(b > 0 && t > 0, "batch and sequence length must be positive");
         let be = &*model.backend;
         let cfg = &model.config;
@@ -1180,12 +1307,20 @@ impl<B: Backend> Activations<B> {
             cfg.num_attention_heads,
             cfg.vocab_size,
         );
-        let act = |len: usize| be.alloc(len, Role::Activation);
-        let stat = |len: usize| be.alloc(len, Role::Fp32);
+        let bytes = std::cell::Cell::new(2 * n * std::mem::size_of::<i32>()); // ids, targets
+        let alloc = |len: usize, role: Role| -> Result<B::Buf> {
+            let buf = be.alloc(len, role)?;
+            bytes.set(bytes.get() + be.buf_bytes(&buf));
+            Ok(buf)
+        };
+        let act = |len: usize| alloc(len, Role::Activation);
+        let stat = |len: usize| alloc(len, Role::Fp32);
         let lora = model.lora();
         let dropout = lora.is_some_and(|l| l.dropout > 0.0);
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for ll in &model.layers {
+        let sets = if checkpointed { 1 } else { model.layers.len() }.min(model.layers.len());
+        let mut layers = Vec::with_capacity(sets);
+        // Every layer has the same shapes and LoRA targets: the shared set fits them all.
+        for ll in &model.layers[..sets] {
             let mut lora_acts: [Option<LoraActs<B>>; 7] = Default::default();
             for (i, pl) in ll.proj.iter().enumerate() {
                 if pl.lora.is_some() {
@@ -1201,7 +1336,6 @@ impl<B: Backend> Activations<B> {
                 }
             }
             layers.push(LayerActs {
-                resid_in: act(n * c)?,
                 ln1: act(n * c)?,
                 rstd1: stat(n)?,
                 q: act(n * c)?,
@@ -1218,6 +1352,9 @@ impl<B: Backend> Activations<B> {
                 lora: lora_acts,
             });
         }
+        let resid = (0..model.layers.len())
+            .map(|_| act(n * c))
+            .collect::<Result<_>>()?;
         let bw = if backward {
             let mut dxd = std::collections::HashMap::new();
             if dropout {
@@ -1245,9 +1382,14 @@ impl<B: Backend> Activations<B> {
         } else {
             None
         };
+        let (resid_out, normf, normf_rstd) = (act(n * c)?, act(n * c)?, stat(n)?);
+        let (logits, losses) = (act(n * vsz)?, stat(n)?);
         Ok(Activations {
             b,
             t,
+            checkpointed,
+            resident: None,
+            bytes: bytes.get(),
             training: false,
             rng_key: 0,
             dropout_active: false,
@@ -1258,12 +1400,13 @@ impl<B: Backend> Activations<B> {
             targets: be.alloc_ids(n)?,
             targets_host: vec![IGNORE_INDEX; n],
             host: Vec::new(),
+            resid,
             layers,
-            resid_out: act(n * c)?,
-            normf: act(n * c)?,
-            normf_rstd: stat(n)?,
-            logits: act(n * vsz)?,
-            losses: stat(n)?,
+            resid_out,
+            normf,
+            normf_rstd,
+            logits,
+            losses,
             bw,
         })
     }
@@ -1273,6 +1416,15 @@ impl<B: Backend> Activations<B> {
     }
     pub fn seq_len(&self) -> usize {
         self.t
+    }
+    /// Whether these activations use gradient checkpointing.
+    pub fn checkpointed(&self) -> bool {
+        self.checkpointed
+    }
+    /// Device bytes held by these activations: every float buffer at its storage size
+    /// ([`Backend::buf_bytes`]) plus 4 bytes per position for the ids and the targets.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
     /// Non-ignored targets of the last forward (the loss is their mean).
     pub fn num_targets(&self) -> usize {

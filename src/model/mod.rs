@@ -7,7 +7,9 @@
 //!   or the trainable flat buffer;
 //! - [`Llama`]: `from_dir` / `random` / `new`, `forward` (→ loss), `forward_logits`, `backward`
 //!   (`grads +=`), `trainable()` / `trainable_mut()`, `download_params`, `save_hf`;
-//! - [`Activations`]: the saved forward state for one (batch, seq) shape.
+//! - [`Activations`]: the saved forward state for one (batch, seq) shape; with gradient
+//!   checkpointing (`Activations::new_checkpointed`, or `Llama::set_gradient_checkpointing`) only
+//!   each layer's input is kept and the backward recomputes the layer; `bytes()` = device bytes.
 //!
 //! One training micro-step on any backend:
 //! ```no_run

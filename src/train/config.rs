@@ -57,6 +57,9 @@ pub struct TrainConfig {
     pub max_steps: u64,
     /// Tokens per sequence (the pre-training block size; SFT truncation length).
     pub max_length: usize,
+    /// Recompute each decoder layer's forward in the backward instead of keeping its activations
+    /// (HF's `gradient_checkpointing`): ~1 more forward per step, activations ~1/layers.
+    pub gradient_checkpointing: bool,
     /// Fraction of `max_steps` spent warming up; warmup steps = ceil(ratio × max_steps) as HF's
     /// `TrainingArguments.get_warmup_steps`.
     pub warmup_ratio: f64,
@@ -105,6 +108,7 @@ impl Default for TrainConfig {
             learning_rate: 1e-4,
             max_steps: 1000,
             max_length: 512,
+            gradient_checkpointing: false,
             warmup_ratio: 0.0,
             warmup_steps: 0,
             weight_decay: 0.0,

@@ -137,29 +137,58 @@ fn precision_bytes(precision: &str) -> Result<(u64, u64)> {
     }
 }
 
-/// Activation elements saved for backward by one micro-batch of `b` sequences of `t` tokens:
-/// per layer the residual input, the two RMSNorm outputs and 1/rms, q/k/v, the attention output
-/// and its log-sum-exp, the post-attention residual, gate/up/SwiGLU output, and for each LoRA
-/// target its (dropped-out) input and the rank-r intermediate; then the final norm and the logits
-/// with their gradient. An estimate of what an explicit-backward LLaMA keeps, not a measurement.
-pub fn activation_elems(dims: &Dims, cfg: &TrainConfig, b: usize, t: usize, vocab: usize) -> u64 {
-    let n = (b * t) as u64;
+/// Device bytes of the activations of one training micro-batch of `b` sequences of `t` tokens:
+/// exactly what [`crate::model::Activations`] allocates (checked against `Activations::bytes()`
+/// in `tests/model_checkpointing.rs`). With N = b·t, C hidden, K = kv width, F ffn, H heads,
+/// V vocab, L layers, `a` bytes per activation element (4 f32, 2 bf16/f16), 4 bytes per fp32
+/// statistic and per id; LoRA rank r on the targets P (with `in_p` their input width), and
+/// `δ` = 1 when the LoRA dropout is > 0:
+///
+/// - one layer set  S = a·N·(5C + 2K + 3F) + 4·N·(H + 2) + Σ_{p∈P} a·N·(r + δ·in_p)
+///   (norm1/q/attention/resid-mid/norm2 outputs, k/v, gate/up/SwiGLU; 1/rms ×2, log-sum-exp;
+///   LoRA `x·Aᵀ` and dropped-out input);
+/// - residual stream  R = L·a·N·C (each layer's input), head  E = a·N·(2C + V) + 4·N·4
+///   (output residual, final norm, logits; its 1/rms, per-token losses, ids, targets);
+/// - backward scratch  G = a·N·(V + 4C + 2K + 3F + max(r,1) + δ·W) + 4·C
+///   (d-logits, d-residual, d-norm, dq, d-attention, dk/dv, d-gate/up/SwiGLU, LoRA `dxa`, the
+///   dropout's `dx` per input width, W = C + F, or C when F = C; the norm-weight scratch).
+///
+/// Total = R + E + G + L·S without checkpointing, R + E + G + S with it (one layer set shared
+/// by all layers; each layer's forward is recomputed before its backward).
+#[allow(clippy::too_many_arguments)]
+pub fn activation_bytes(
+    dims: &Dims,
+    cfg: &TrainConfig,
+    b: usize,
+    t: usize,
+    vocab: usize,
+    act_bytes: u64,
+    checkpointing: bool,
+) -> u64 {
+    let (a, n) = (act_bytes, (b * t) as u64);
     let c = dims.hidden_size as u64;
     let h = dims.num_attention_heads as u64;
-    let q = (dims.num_attention_heads * dims.head_dim()) as u64;
-    let kv = (dims.kv_heads() * dims.head_dim()) as u64;
+    let k = (dims.kv_heads() * dims.head_dim()) as u64;
     let f = dims.intermediate_size as u64;
-    let mut layer = n * (c + 1 + c) // residual in, rstd1, norm1 out
-        + n * (q + 2 * kv) // q, k, v
-        + n * q + n * h // attention out, lse
-        + n * (c + 1 + c) // residual mid, rstd2, norm2 out
-        + n * 3 * f; // gate, up, swiglu out
-    for tgt in &cfg.lora_targets {
+    let l = dims.num_hidden_layers as u64;
+    let v = vocab as u64;
+    let mut targets: Vec<&str> = cfg.lora_targets.iter().map(String::as_str).collect();
+    targets.sort_unstable();
+    targets.dedup();
+    let lora = cfg.lora_rank > 0 && !targets.is_empty();
+    let r = if lora { cfg.lora_rank as u64 } else { 0 };
+    let delta = u64::from(lora && cfg.lora_dropout > 0.0);
+    let mut set = a * n * (5 * c + 2 * k + 3 * f) + 4 * n * (h + 2);
+    for tgt in &targets {
         let (i, _) = dims.proj_shape(tgt).unwrap_or((0, 0));
-        let dropped = if cfg.lora_dropout > 0.0 { i as u64 } else { 0 };
-        layer += n * (dropped + cfg.lora_rank as u64);
+        set += a * n * (r + delta * i as u64);
     }
-    dims.num_hidden_layers as u64 * layer + n * (c + 1) + 2 * n * vocab as u64
+    let resid = l * a * n * c;
+    let head = a * n * (2 * c + v) + 4 * n * 4;
+    let w = if f == c { c } else { c + f };
+    let grad = a * n * (v + 4 * c + 2 * k + 3 * f + r.max(1) + delta * w) + 4 * c;
+    let sets = if checkpointing { 1 } else { l };
+    resid + head + grad + sets * set
 }
 
 /// The dry-run JSON line.
@@ -183,7 +212,23 @@ pub fn plan(
     let weights = counts.total * wb;
     let gradients = p * 4;
     let optimizer = p * 12;
-    let acts = activation_elems(dims, cfg, cfg.micro_batch_size, cfg.max_length, vocab) * ab;
+    let act_mem = |ckpt| {
+        activation_bytes(
+            dims,
+            cfg,
+            cfg.micro_batch_size,
+            cfg.max_length,
+            vocab,
+            ab,
+            ckpt,
+        )
+    };
+    let (acts_full, acts_ckpt) = (act_mem(false), act_mem(true));
+    let acts = if cfg.gradient_checkpointing {
+        acts_ckpt
+    } else {
+        acts_full
+    };
     let opt_rank = mp.optimizer_bytes_per_rank;
     let grad_rank = mp.gradient_bytes_per_rank;
     Ok(json!({
@@ -201,7 +246,10 @@ pub fn plan(
         "weights_bytes": weights,
         "gradient_bytes": gradients,
         "optimizer_bytes": optimizer,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
         "activation_bytes_per_micro_batch": acts,
+        "activation_bytes_per_micro_batch_without_checkpointing": acts_full,
+        "activation_bytes_per_micro_batch_with_checkpointing": acts_ckpt,
         "optimizer_bytes_per_rank": opt_rank,
         "gradient_bytes_per_rank": grad_rank,
         "gradient_accumulation_bytes_per_rank": gradients,

@@ -163,6 +163,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         };
         let mut zero = Zero2::new(comm.rank(), world, p, BUCKET_ELEMS);
         let mut model = model;
+        model.set_gradient_checkpointing(cfg.gradient_checkpointing);
         if let Some(dir) = resume_from {
             let saved = checkpoint::verify(dir)
                 .with_context(|| format!("refusing to resume from {}", dir.display()))?;

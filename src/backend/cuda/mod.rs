@@ -1482,6 +1482,9 @@ impl Backend for CudaBackend {
     fn buf_len(&self, buf: &CudaBuf) -> usize {
         buf.len
     }
+    fn buf_bytes(&self, buf: &CudaBuf) -> usize {
+        buf.mem.len()
+    }
     fn upload(&self, dst: &mut CudaBuf, src: &[f32]) -> Result<()> {
         ensure!(
             dst.len == src.len(),
