@@ -13,12 +13,16 @@
 //!
 //! Usage: `cuda-bench <ceilings|rooflines|ce-memory|profile|all> [--reps N]`. Reads
 //! `ZHLLAMA_CUDA_INCLUDE`/`CUDA_HOME`/`CUDA_PATH`/`LD_LIBRARY_PATH` to find the CUDA headers and
-//! `ZHLLAMA_KERNEL_CACHE` for the cubin cache.
+//! `ZHLLAMA_KERNEL_CACHE` (else the user cache dir) for the cubin cache.
 
 use anyhow::{Context, Result, bail};
-use zhllama::backend::cuda::{CudaBackend, CudaBuf, CudaOptions};
+use zhllama::backend::cuda::{CudaBackend, CudaBuf};
 use zhllama::backend::{AdamW, Backend, Role};
-use zhllama::kernels;
+
+// The options-from-environment helper `zhllama --backend cuda` uses (one copy of that logic).
+#[allow(dead_code)]
+#[path = "../src/cli/backend.rs"]
+mod backend;
 
 struct B {
     g: CudaBackend,
@@ -543,13 +547,7 @@ fn main() -> Result<()> {
             .context("--reps")?,
         None => 5,
     };
-    let opts = CudaOptions {
-        device: 0,
-        include_dirs: kernels::cuda_include_dirs(|k| std::env::var(k).ok()),
-        cache_dir: std::env::var("ZHLLAMA_KERNEL_CACHE").ok().map(Into::into),
-        profile: false,
-    };
-    let g = CudaBackend::with_options(opts)?;
+    let g = CudaBackend::with_options(backend::cuda_options(0, false))?;
     println!(
         "device {} ({}), {} MiB free",
         g.device_name(),

@@ -103,10 +103,10 @@ impl Backend for CudaBackend {
     fn upload_ids(&self, _dst: &mut Never, _src: &[i32]) -> Result<()> {
         match self.never {}
     }
-    fn view<'a>(&self, _buf: &'a Never, _range: Range<usize>) -> Never {
+    fn view(&self, _buf: &Never, _range: Range<usize>) -> Never {
         match self.never {}
     }
-    fn view_mut<'a>(&self, _buf: &'a mut Never, _range: Range<usize>) -> Never {
+    fn view_mut(&self, _buf: &mut Never, _range: Range<usize>) -> Never {
         match self.never {}
     }
     fn synchronize(&self) -> Result<()> {
@@ -122,6 +122,9 @@ impl Backend for CudaBackend {
         match self.never {}
     }
     fn scale(&self, _out: Never, _alpha: f32) {
+        match self.never {}
+    }
+    fn fill_uniform(&self, _out: Never, _seed: u64, _lo: f32, _hi: f32) {
         match self.never {}
     }
     fn sum_squares(&self, _x: Never) -> Result<f64> {

@@ -19,6 +19,7 @@
 #include "../../kernels/cast.cu"
 #include "../../kernels/cross_entropy.cu"
 #include "../../kernels/embedding.cu"
+#include "../../kernels/init.cu"
 #include "../../kernels/lora.cu"
 #include "../../kernels/rmsnorm.cu"
 #include "../../kernels/rope_attention.cu"
@@ -83,6 +84,7 @@ static std::map<std::string, Launcher> table = {
     REG(lora_dx_v1_r8_f32), REG(adamw_step_v1_f32_f32), REG(adamw_step_v1_f32_bf16),
     REG(sum_squares_partial_v1_f32), REG(sum_squares_finish_v1_f64), REG(axpy_v1_f32_bf16),
     REG(copy_v1_bf16_f32), REG(scale_v1_f32),
+    REG(fill_uniform_v1_f32), REG(fill_uniform_v1_bf16),
 };
 
 static std::vector<unsigned char> read_file(const std::string& p) {
