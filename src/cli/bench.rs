@@ -362,6 +362,7 @@ fn run_on<B: Backend + DeviceInfo>(backend: Arc<B>, args: &Args) -> Result<()> {
         losses.last().copied().unwrap_or(f32::NAN)
     );
     let mut profile = serde_json::Value::Null;
+    let mut profile_tflops = None;
     if args.profile {
         if backend.profile_start() {
             let p0 = Instant::now();
@@ -382,6 +383,7 @@ fn run_on<B: Backend + DeviceInfo>(backend: Arc<B>, args: &Args) -> Result<()> {
                     100.0 * ms / total.max(1e-9)
                 );
             }
+            profile_tflops = Some(flops / ps / 1e12);
             profile = serde_json::json!({
                 "step_ms": ps * 1e3, "kernel_ms": total, "tflops": flops / ps / 1e12,
                 "kernels": rows.iter().map(|(k, c, ms)| serde_json::json!({"name": k, "calls": c, "ms": ms})).collect::<Vec<_>>(),
@@ -405,6 +407,7 @@ fn run_on<B: Backend + DeviceInfo>(backend: Arc<B>, args: &Args) -> Result<()> {
             "flops_rule": if args.stage == BenchStage::Full { "6N+attention" } else { "4N" },
             "loss": losses.last(), "losses": losses, "cpu_s_per_step": cpu_s,
             "mem_used_bytes": mem, "init_s": init_s, "profile": profile,
+            "profile_tflops": profile_tflops,
         })
     );
     Ok(())
