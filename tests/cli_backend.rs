@@ -261,3 +261,54 @@ fn fill_uniform_is_uniform_reproducible_and_seeded() {
     be.fill_uniform(&mut z, 7, 1.0, 1.0);
     assert!(z.iter().all(|&v| v == 1.0));
 }
+
+#[test]
+fn random_on_device_has_the_init_scales_of_random() {
+    use std::sync::Arc;
+    use zhllama::model::{Kind, Llama, LlamaConfig};
+    use zhllama::train::config::{Stage, TrainConfig};
+    let cfg = LlamaConfig::new(1000, 128, 352, 2, 2, 1);
+    let spec = zhllama::train::setup::train_spec(&TrainConfig::preset(Stage::Sft)).unwrap();
+    let be = Arc::new(CpuBackend::new());
+    let m = Llama::random_on_device(be.clone(), cfg.clone(), spec.clone(), 5).unwrap();
+    let host = m.download_params().unwrap();
+    let std = cfg.initializer_range as f64;
+    for e in m.layout().entries() {
+        let v = host.entry(e);
+        let n = v.len() as f64;
+        match e.kind {
+            Kind::Norm { .. } | Kind::FinalNorm => {
+                assert!(v.iter().all(|&x| x == 1.0), "{}: norms are one", e.name)
+            }
+            Kind::LoraB { .. } => assert!(v.iter().all(|&x| x == 0.0), "{}: B is zero", e.name),
+            Kind::LoraA { .. } => {
+                // PEFT's kaiming-uniform bound 1/√fan_in.
+                let b = 1.0 / (e.shape[1] as f32).sqrt();
+                assert!(v.iter().all(|&x| x.abs() <= b), "{}: outside ±{b}", e.name);
+                assert!(
+                    v.iter().any(|&x| x.abs() > 0.5 * b),
+                    "{}: not spread",
+                    e.name
+                );
+            }
+            _ => {
+                // HF's init has standard deviation `initializer_range`; the uniform stand-in must too.
+                // The sample variance of n uniforms has relative standard error √(0.8/n) (kurtosis
+                // 9/5 of the uniform: Var(s²)/σ⁴ = (9/5 − 1)/n); bound 6 of those.
+                let var = v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / n;
+                let rel = (var / (std * std) - 1.0).abs();
+                assert!(
+                    rel < 6.0 * (0.8 / n).sqrt(),
+                    "{}: variance {var} vs {}",
+                    e.name,
+                    std * std
+                );
+            }
+        }
+    }
+    // The host-initialised model has the same layout: the two can stand in for each other.
+    let h = Llama::random(be, cfg, spec, 5).unwrap();
+    assert_eq!(h.layout().entries().len(), m.layout().entries().len());
+    assert_eq!(h.layout().trainable_len(), m.layout().trainable_len());
+    assert_eq!(h.layout().frozen_len(), m.layout().frozen_len());
+}
