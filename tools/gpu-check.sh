@@ -175,6 +175,10 @@ done
     grep -E '^roofline|^attention|^ce_memory' "$OUT/bench.txt" 2>/dev/null | sed 's/^/  /'
     printf "%s" "$TRAIN_CMP"
     printf "%s" "$HEADLINE"
+    if grep -q '^kernel ' "$OUT/zh_sft.txt" 2>/dev/null; then
+        echo "7B sft per-kernel profile (top 12 of one step; full table in zh_sft.txt):"
+        grep -A12 '^kernel ' "$OUT/zh_sft.txt" | sed 's/^/  /'
+    fi
     printf "%-40s %s\n" "failed steps" "${FAILED[*]:-none}"
     echo "logs: $OUT"
 } | tee -a "$SUMMARY"
