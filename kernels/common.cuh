@@ -176,3 +176,12 @@ __device__ __forceinline__ bool dropout_keep(unsigned long long seed, unsigned l
                                                                  (unsigned int)(seed >> 32))));
     return h >= threshold;
 }
+
+// SplitMix64's finaliser (crate::ops::dropout::mix64): the counter-based hash behind the dropout
+// masks (dropout.cu) and the on-device initialisation (init.cu), bit-identical to the CPU's.
+__device__ __forceinline__ unsigned long long zh_mix64(unsigned long long z) {
+    z += 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}

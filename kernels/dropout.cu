@@ -6,13 +6,6 @@
 // and projection) is made on the host by crate::model::lora::dropout_key.
 #include "common.cuh"
 
-__device__ __forceinline__ unsigned long long zh_mix64(unsigned long long z) {
-    z += 0x9e3779b97f4a7c15ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
 // out[len] *= mask·keep_scale (in place). Grid-stride, one element per thread-iteration: the hash
 // (three 64-bit multiplies) costs about as much as the 4–8 bytes of traffic per element.
 template <typename T>

@@ -1209,6 +1209,26 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         );
     }
 
+    // ---- fill_uniform (kernels/init.cu): the same hash, exact u and one fma as the CPU, so the
+    // fp32 kernel must match bit for bit (tolerance 0) and the bf16 one must hold bf16(cpu) ----
+    for (len, seed, lo, hi) in [(3001usize, 5u64, -0.02f32, 0.02f32), (77, 6, 1.0, 1.0)] {
+        let mut want = vec![0.0f32; len];
+        cpu.fill_uniform(&mut want, seed, lo, hi);
+        let key = zhllama::ops::fill::uniform_key(seed);
+        let (i32o, ib) = (e.zeros(len), e.zeros_bf16(len));
+        for (name, id) in [("fill_uniform_v1_f32", i32o), ("fill_uniform_v1_bf16", ib)] {
+            e.launch(
+                name,
+                (3, 1, 1),
+                128,
+                &[p(id), format!("q{key}"), f(lo), f(hi), format!("l{len}")],
+            );
+        }
+        let r = e.run(&[i32o, ib]);
+        check(&mut fails, "fill_uniform_v1_f32", &r[0], &want, 0.0);
+        check(&mut fails, "fill_uniform_v1_bf16", &r[1], &bf(&want), 0.0);
+    }
+
     assert!(
         fails.is_empty(),
         "{} mismatches:\n{}",

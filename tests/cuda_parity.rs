@@ -313,6 +313,7 @@ fn every_kernel_matches_the_cpu_reference() {
         adamw(&mut c, mode);
         elementwise(&mut c, mode);
         dropout(&mut c, mode);
+        fill_uniform(&mut c, mode);
     }
     c.gpu.synchronize().expect("no CUDA error queued");
     assert!(
@@ -985,6 +986,42 @@ fn dropout(c: &mut Ctx, mode: Mode) {
             c.failures.push(format!(
                 "dropout {shape} {}: {differ} elements not bit-identical",
                 mode.name()
+            ));
+        }
+    }
+}
+
+/// `fill_uniform` on a view that starts at an unaligned offset (index counted from the view), at
+/// ragged lengths. The fp32 kernel computes the same hash, exact `u` and one correctly rounded fma
+/// as the CPU, so it must match bit for bit; the bf16 buffer must hold the CPU value rounded to bf16.
+fn fill_uniform(c: &mut Ctx, mode: Mode) {
+    let r = mode.data();
+    for (len, seed, lo, hi) in [
+        (1usize, 7u64, -1.0f32, 1.0f32),
+        (1000, 8, -0.02, 0.02),
+        (1 << 20, 9, 0.5, 3.0),
+        (333, 10, 1.0, 1.0),
+    ] {
+        let off = 3;
+        let mut want = vec![0.0f32; len];
+        c.cpu.fill_uniform(&mut want, seed, lo, hi);
+        let mut g = c.gpu.alloc(off + len, r).unwrap();
+        c.gpu
+            .fill_uniform(c.gpu.view_mut(&mut g, off..off + len), seed, lo, hi);
+        let got = c.down(&g);
+        let want = c.stored(&want, r);
+        let shape = format!("len{len} [{lo},{hi}) off{off}");
+        c.check("fill_uniform", &shape, mode, &got[off..], &want);
+        let exact = got[off..]
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() == b.to_bits())
+            .count();
+        if exact != len || got[..off].iter().any(|&x| x != 0.0) {
+            c.failures.push(format!(
+                "fill_uniform {shape} {}: {exact}/{len} bit-identical, prefix {:?}",
+                mode.name(),
+                &got[..off]
             ));
         }
     }

@@ -15,12 +15,16 @@
 //! Usage: `cuda-bench <ceilings|rooflines|ce-memory|profile|all> [--reps N] [--f16]` (`--f16`:
 //! weights and activations stored as f16; the kernel names in the lines then end in `_f16`). Reads
 //! `ZHLLAMA_CUDA_INCLUDE`/`CUDA_HOME`/`CUDA_PATH`/`LD_LIBRARY_PATH` to find the CUDA headers and
-//! `ZHLLAMA_KERNEL_CACHE` for the cubin cache.
+//! `ZHLLAMA_KERNEL_CACHE` (else the user cache dir) for the cubin cache.
 
 use anyhow::{Context, Result, bail};
-use zhllama::backend::cuda::{CudaBackend, CudaBuf, CudaOptions, Half};
+use zhllama::backend::cuda::{CudaBackend, CudaBuf, Half};
 use zhllama::backend::{AdamW, Backend, Role};
-use zhllama::kernels;
+
+// The options-from-environment helper `zhllama --backend cuda` uses (one copy of that logic).
+#[allow(dead_code)]
+#[path = "../src/cli/backend.rs"]
+mod backend;
 
 struct B {
     g: CudaBackend,
@@ -586,18 +590,11 @@ fn main() -> Result<()> {
             .context("--reps")?,
         None => 5,
     };
-    let opts = CudaOptions {
-        device: 0,
-        include_dirs: kernels::cuda_include_dirs(|k| std::env::var(k).ok()),
-        cache_dir: std::env::var("ZHLLAMA_KERNEL_CACHE").ok().map(Into::into),
-        profile: false,
-        // `--f16`: weights and activations stored as f16 (the fp16 mode) instead of bf16.
-        half: if args.iter().any(|a| a == "--f16") {
-            Half::F16
-        } else {
-            Half::Bf16
-        },
-    };
+    let mut opts = backend::cuda_options(0, false);
+    // `--f16`: weights and activations stored as f16 (the fp16 mode) instead of bf16.
+    if args.iter().any(|a| a == "--f16") {
+        opts.half = Half::F16;
+    }
     let g = CudaBackend::with_options(opts)?;
     println!(
         "device {} ({}), {} MiB free",

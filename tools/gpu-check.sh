@@ -11,7 +11,7 @@
 # Steps (each under its own time budget, all under a global deadline):
 #   1. ceilings: D2D copy bandwidth, cuBLAS bf16 GEMM rate            (cuda-bench)
 #   2. every kernel vs the CPU backend on fresh random inputs           (cuda_parity test binary)
-#   3. a few training steps of a small model, GPU vs CPU losses         (zhllama bench, see TODO)
+#   3. a few training steps of a small model, GPU vs CPU losses         (zhllama bench --backend)
 #   4. LLaMA-7B-shaped SFT (LoRA r8 ×7 + embed + lm_head) and pt1 (embedding only): zhllama vs
 #      HF transformers + PEFT in the same run                          (zhllama bench + bench_torch_gpu.py)
 #   5. rooflines: RMSNorm / AdamW bandwidth vs copy; fused lm_head+CE memory vs unfused; profile
@@ -113,28 +113,51 @@ step nvrtc 60 "$BIN/cuda_nvrtc_compile" --nocapture every_kernel
 COPY="$(awk '/ceiling  d2d_copy/ {print $3}' "$OUT/bench.txt" 2>/dev/null)"
 GEMM="$(awk '/ceiling  gemm_bf16/ {print $3}' "$OUT/bench.txt" 2>/dev/null)"
 
-# ---- 3. training steps GPU vs CPU (needs `zhllama bench --backend cuda`) ------------------------------
-# TODO(model/train): `zhllama bench` takes `--backend cuda` once the model helper wires
-# `CudaBackend::with_options` into src/cli/bench.rs; until then this step reports "not available".
-if "$BIN/zhllama" bench --help 2>/dev/null | grep -q -- "--backend"; then
-    step train_cpu 45 "$BIN/zhllama" bench --preset tiny --backend cpu --steps 3 --warmup 0
-    step train_gpu 45 "$BIN/zhllama" bench --preset tiny --backend cuda --steps 3 --warmup 0
-else
-    note "train steps GPU vs CPU: not available (zhllama bench has no --backend flag in this build)"
-fi
+# ---- 3. training steps GPU vs CPU -------------------------------------------------------------------
+# The same seeded weights and tokens on both backends (`tiny-d64`: the smallest shape with the head dim
+# 64 the CUDA attention kernels take): `full` (forward + backward of every weight, no update: the same
+# loss each step) and `sft` (LoRA + embedding + lm_head with AdamW: the loss moves each step).
+# Every per-step loss must agree within 2e-2 relative: the GPU stores weights and activations in bf16
+# (2^-9 relative rounding each) through ~20 ops per layer, which moves the loss by up to ~1e-2.
+LOSS_TOL=2e-2
+losses() { awk '/^step [0-9]+ loss / {print $4}' "$1" 2>/dev/null; }
+TRAIN_CMP=""
+for st in full sft; do
+    step "train_cpu_$st" 60 "$BIN/zhllama" bench --preset tiny-d64 --stage "$st" --backend cpu --seed 3 --steps 4 --warmup 1
+    step "train_gpu_$st" 60 "$BIN/zhllama" bench --preset tiny-d64 --stage "$st" --backend cuda --seed 3 --steps 4 --warmup 1
+    res="$(paste <(losses "$OUT/train_cpu_$st.txt") <(losses "$OUT/train_gpu_$st.txt") | awk -v tol="$LOSS_TOL" '
+        NF != 2 { n++; bad++; next }
+        NF == 2 { n++; if ($1 !~ /^-?[0-9]+\.[0-9]+$/ || $2 !~ /^-?[0-9]+\.[0-9]+$/) { bad++; next }
+                  d = ($2 - $1) / ($1 == 0 ? 1 : $1); if (d < 0) d = -d; if (d > m) m = d; if (d > tol) bad++ }
+        END { if (n == 0) print "FAIL (no losses)"; else printf "%s (%d steps, max rel diff %.2e, tol %s)", (bad ? "FAIL" : "PASS"), n, m, tol }')"
+    [ "${res#PASS}" = "$res" ] && FAILED+=("losses_$st")
+    TRAIN_CMP="${TRAIN_CMP}$(printf "%-40s %s" "GPU vs CPU losses, tiny-d64 $st" "$res")"$'\n'
+    paste <(losses "$OUT/train_cpu_$st.txt") <(losses "$OUT/train_gpu_$st.txt") >"$OUT/losses_$st.tsv"
+done
 
 # ---- 4. headline: LLaMA-7B shape, SFT and pt1, zhllama vs HF+PEFT --------------------------------------
 BATCH="${GPU_CHECK_BATCH:-4}"
-# TODO(model/train): the SFT/pt1 stage flags of `zhllama bench` (`--stage sft|pt1 --random-init`) are
-# the model helper's; this runs them when `zhllama bench --help` lists `--stage`.
-if "$BIN/zhllama" bench --help 2>/dev/null | grep -q -- "--stage"; then
-    step zh_sft 90 "$BIN/zhllama" bench --preset 7b --backend cuda --stage sft --random-init --batch "$BATCH" --seq 512 --steps 3
-    step zh_pt1 60 "$BIN/zhllama" bench --preset 7b --backend cuda --stage pt1 --random-init --batch "$BATCH" --seq 512 --steps 3
-else
-    note "zhllama 7B SFT/pt1 bench: not available (zhllama bench has no --stage flag in this build)"
-fi
+# --profile adds one step under the per-kernel CUDA-event profiler (its table is in zh_sft.txt).
+step zh_sft 150 "$BIN/zhllama" bench --preset 7b --backend cuda --stage sft --random-init --batch "$BATCH" --seq 512 --steps 3 --gemm-tflops "${GEMM:-0}" --profile
+step zh_pt1 90 "$BIN/zhllama" bench --preset 7b --backend cuda --stage pt1 --random-init --batch "$BATCH" --seq 512 --steps 3 --gemm-tflops "${GEMM:-0}" --profile
 step torch_sft 110 python3 tools/oracle/bench_torch_gpu.py --stage sft --batch "$BATCH" --seq 512 --steps 3 --gemm-tflops "${GEMM:-0}"
 step torch_pt1 70 python3 tools/oracle/bench_torch_gpu.py --stage pt1 --batch "$BATCH" --seq 512 --steps 3 --gemm-tflops "${GEMM:-0}"
+
+# Field KEY of the last JSON line of FILE (zhllama's and python's spacing both).
+jget() { grep -o "\"$2\": *[^,}]*" "$1" 2>/dev/null | tail -1 | sed 's/.*: *//; s/^null$//'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.2fx", a / b; else printf "n/a" }'; }
+num() { awk -v a="$1" -v f="$2" 'BEGIN { if (a + 0 > 0) printf f, a; else printf "n/a" }'; }
+pct() { awk -v a="$1" 'BEGIN { if (a + 0 > 0) printf "%.2f%%", 100 * a; else printf "n/a" }'; }
+HEADLINE=""
+for st in sft pt1; do
+    zt="$(jget "$OUT/zh_$st.txt" tokens_per_s)"
+    ht="$(jget "$OUT/torch_$st.txt" tokens_per_s)"
+    zm="$(jget "$OUT/zh_$st.txt" mem_used_bytes)"
+    HEADLINE="${HEADLINE}$(printf "%-40s %s" "7B $st tokens/s zhllama / HF (ratio)" "$(num "$zt" %.0f) / $(num "$ht" %.0f) ($(ratio "$zt" "$ht"))")"$'\n'
+    HEADLINE="${HEADLINE}$(printf "%-40s %s" "7B $st MFU 4N zhllama / HF" "$(pct "$(jget "$OUT/zh_$st.txt" mfu)") / $(pct "$(jget "$OUT/torch_$st.txt" mfu_4n)")")"$'\n'
+    HEADLINE="${HEADLINE}$(printf "%-40s %s" "7B $st memory zhllama in use / HF peak" "$(awk -v b="$zm" 'BEGIN { if (b + 0 > 0) printf "%.1f GiB", b / 2^30; else printf "n/a" }') / $(num "$(jget "$OUT/torch_$st.txt" peak_mem_gib)" "%.1f GiB")")"$'\n'
+    HEADLINE="${HEADLINE}$(printf "%-40s %s" "7B $st profiled step TFLOP/s" "$(num "$(jget "$OUT/zh_$st.txt" profile_tflops)" %.1f)")"$'\n'
+done
 
 # ---- 6. summary ------------------------------------------------------------------------------------------
 {
@@ -150,9 +173,12 @@ step torch_pt1 70 python3 tools/oracle/bench_torch_gpu.py --stage pt1 --batch "$
         grep -E '^test result' "$OUT/parity.txt" | sed 's/^/  /'
     fi
     grep -E '^roofline|^attention|^ce_memory' "$OUT/bench.txt" 2>/dev/null | sed 's/^/  /'
-    for s in torch_sft torch_pt1 zh_sft zh_pt1 train_cpu train_gpu; do
-        [ -s "$OUT/$s.txt" ] && printf "%-40s %s\n" "$s" "$(grep -E 'tokens|loss' "$OUT/$s.txt" | tail -1)"
-    done
+    printf "%s" "$TRAIN_CMP"
+    printf "%s" "$HEADLINE"
+    if grep -q '^kernel ' "$OUT/zh_sft.txt" 2>/dev/null; then
+        echo "7B sft per-kernel profile (top 12 of one step; full table in zh_sft.txt):"
+        grep -A12 '^kernel ' "$OUT/zh_sft.txt" | sed 's/^/  /'
+    fi
     printf "%-40s %s\n" "failed steps" "${FAILED[*]:-none}"
     echo "logs: $OUT"
 } | tee -a "$SUMMARY"

@@ -101,6 +101,10 @@ pub trait Backend: Send + Sync {
     fn axpy(&self, out: Self::ViewMut<'_>, alpha: f32, x: Self::View<'_>);
     /// `out *= alpha`.
     fn scale(&self, out: Self::ViewMut<'_>, alpha: f32);
+    /// `out[i] =` a uniform value in `[lo, hi)` from a counter-based hash of `(seed, i)`, `i`
+    /// counted from the start of `out` (`crate::ops::fill::uniform_at`; every backend gives the same
+    /// values before its storage rounding). `lo == hi` fills with `lo`. For on-device weight init.
+    fn fill_uniform(&self, out: Self::ViewMut<'_>, seed: u64, lo: f32, hi: f32);
     /// Sum of squares of `x`, accumulated in f64 (for the global gradient norm and NaN checks:
     /// a NaN/Inf anywhere gives a non-finite result).
     fn sum_squares(&self, x: Self::View<'_>) -> Result<f64>;

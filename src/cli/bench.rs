@@ -1,27 +1,76 @@
-//! `zhllama bench --preset NAME`: time forward+backward training steps (every weight trainable,
-//! random init, random tokens) and print tokens/s and achieved GFLOP/s (FLOPs counted by
-//! `LlamaConfig::train_step_flops`: weight matmuls ×6 plus causal attention, elementwise ops not
-//! counted). `tools/oracle/bench_torch.py` times the same shape in PyTorch; see docs/PERF.md.
+//! `zhllama bench --preset NAME [--stage full|pt1|pt2|sft] [--backend cpu|cuda]`: time training steps
+//! of a named shape on random tokens and print per-step losses, tokens/s, achieved TFLOP/s and MFU.
+//!
+//! - `--stage full` (default): forward + backward with every weight trainable, no optimizer step (the
+//!   shape `tools/oracle/bench_torch.py` times on CPU). FLOPs by `LlamaConfig::train_step_flops`
+//!   (weight matmuls ×6 plus causal attention; elementwise ops not counted).
+//! - `--stage pt1|pt2|sft`: the recipe stage's trainable set (the `zhllama train` presets of
+//!   `train::config`, through the same `setup::train_spec`), and a whole step as
+//!   `tools/oracle/bench_torch_gpu.py` times it: forward, backward, global gradient norm + clipping,
+//!   AdamW on an fp32 master copy of the trainable parameters, copy back to the (bf16 on CUDA)
+//!   weights. MFU at 4N FLOPs/token with N = the matmul parameters (every layer's projections +
+//!   lm_head, as the PyTorch script counts them): frozen weights need no weight-gradient GEMMs, so
+//!   forward 2N + input gradient 2N; attention's T² terms are not counted.
+//! - `--random-init`: weights generated on the device (`Llama::random_on_device`); otherwise on the
+//!   host (`Llama::random`) and uploaded. Tokens are seeded, so a cpu and a cuda run of the same
+//!   preset, stage and seed see the same data and initial weights (bf16-rounded on CUDA).
+//! - `--profile` (CUDA): one extra step under the backend's CUDA-event profiler; prints the
+//!   per-kernel table and that step's TFLOP/s.
 //!
 //! Presets (`--batch`, `--seq`, `--layers` override):
-//! - `tiny`:  dim 64, 2 layers, 4 heads, ffn 176, vocab 1000, seq 64, batch 2 (seconds; smoke test)
-//! - `small`: dim 512, 8 layers, 8 heads, ffn 1376, vocab 49954, seq 256, batch 4 (the shape)
-//! - `7b`:    LLaMA-7B dims (dim 4096, 32 layers, 32 heads, ffn 11008, vocab 49954), seq 512, batch 1;
-//!   use `--layers 1` for one layer on a small machine.
+//! - `tiny`:     dim 64, 2 layers, 4 heads, ffn 176, vocab 1000, seq 64, batch 2 (CPU smoke test)
+//! - `tiny-d64`: dim 128, 2 layers, 2 heads of 64 (1 kv head), ffn 352, vocab 1000, seq 64, batch 2
+//!   (the smallest shape the CUDA attention kernels take: head dims 64 and 128; GPU-vs-CPU losses)
+//! - `small`:    dim 512, 8 layers, 8 heads, ffn 1376, vocab 49954, seq 256, batch 4
+//! - `7b`:       LLaMA-7B dims (dim 4096, 32 layers, 32 heads, ffn 11008, vocab 49954), seq 512,
+//!   batch 1; use `--layers 1` for one layer on a small machine.
+//!
+//! Human-readable lines go to stderr; stdout is one JSON object.
 
 use anyhow::{Result, bail};
 use rand::{RngExt, SeedableRng};
 use std::sync::Arc;
 use std::time::Instant;
-use zhllama::backend::Backend;
 use zhllama::backend::cpu::CpuBackend;
+use zhllama::backend::cuda::CudaBackend;
+use zhllama::backend::{AdamW, Backend, Role};
 use zhllama::model::{Activations, Llama, LlamaConfig, TrainSpec};
+use zhllama::train::config::{Stage, TrainConfig};
+
+use super::backend::{BackendKind, local_rank, open_cuda};
+
+/// Which parameters train.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchStage {
+    /// Every weight gets a gradient; forward + backward only.
+    Full,
+    /// Embedding only (recipe pre-training stage 1).
+    Pt1,
+    /// LoRA on q,k,v,o + embedding + lm_head (pre-training stage 2).
+    Pt2,
+    /// LoRA on all seven projections + embedding + lm_head (instruction tuning).
+    Sft,
+}
+
+impl BenchStage {
+    fn recipe(self) -> Option<Stage> {
+        match self {
+            BenchStage::Full => None,
+            BenchStage::Pt1 => Some(Stage::Pt1),
+            BenchStage::Pt2 => Some(Stage::Pt2),
+            BenchStage::Sft => Some(Stage::Sft),
+        }
+    }
+}
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Shape preset: tiny, small, 7b.
+    /// Shape preset: tiny, tiny-d64, small, 7b.
     #[arg(long, default_value = "small")]
     preset: String,
+    /// Trainable set and step kind (see the module docs).
+    #[arg(long, value_enum, default_value = "full")]
+    stage: BenchStage,
     /// Timed steps (after the warm-up).
     #[arg(long)]
     steps: Option<usize>,
@@ -34,13 +83,67 @@ pub struct Args {
     seq: Option<usize>,
     #[arg(long)]
     layers: Option<usize>,
-    /// Instead of a model step, time the backend's f32 matmul at `N×N×N` (the SGEMM ceiling the
-    /// step's GFLOP/s is compared against).
+    /// Seed of the weights (tokens use seed + 1).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Generate the weights on the device (`fill_uniform`) instead of on the host.
+    #[arg(long)]
+    random_init: bool,
+    /// The GEMM rate (TFLOP/s) MFU is computed against (e.g. the cuBLAS bf16 rate gpu-check measures).
+    #[arg(long)]
+    gemm_tflops: Option<f64>,
+    /// CUDA: profile one extra step per kernel (CUDA events) and print the table.
+    #[arg(long)]
+    profile: bool,
+    /// Instead of a model step, time the backend's matmul at `N×N×N` (the GEMM ceiling the step's
+    /// rate is compared against).
     #[arg(long, value_name = "N")]
     sgemm: Option<usize>,
-    /// Backend: cpu (cuda once the CUDA backend lands).
-    #[arg(long, default_value = "cpu")]
-    backend: String,
+    /// Backend that runs the steps.
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendKind,
+}
+
+/// What only a device backend can tell: memory in use and the per-kernel profile.
+trait DeviceInfo {
+    /// Bytes of device memory in use (total − free), or `None` on the host.
+    fn mem_used(&self) -> Result<Option<usize>>;
+    /// Start timing every launch, forgetting earlier ones; `false` when not supported.
+    fn profile_start(&self) -> bool;
+    /// Stop timing; (kernel name, calls, total ms) largest first.
+    fn profile_stop(&self) -> Result<Vec<(String, usize, f64)>>;
+}
+
+impl DeviceInfo for CpuBackend {
+    fn mem_used(&self) -> Result<Option<usize>> {
+        Ok(None)
+    }
+    fn profile_start(&self) -> bool {
+        false
+    }
+    fn profile_stop(&self) -> Result<Vec<(String, usize, f64)>> {
+        Ok(Vec::new())
+    }
+}
+
+impl DeviceInfo for CudaBackend {
+    fn mem_used(&self) -> Result<Option<usize>> {
+        let (free, total) = self.mem_info()?;
+        Ok(Some(total - free))
+    }
+    fn profile_start(&self) -> bool {
+        self.profile_reset();
+        self.set_profiling(true);
+        true
+    }
+    fn profile_stop(&self) -> Result<Vec<(String, usize, f64)>> {
+        let rows = self.profile_report()?;
+        self.set_profiling(false);
+        Ok(rows
+            .into_iter()
+            .map(|k| (k.name, k.calls, k.total_ms))
+            .collect())
+    }
 }
 
 /// CPU seconds used so far by this process, all threads (Linux: `/proc/self/stat` utime + stime,
@@ -59,9 +162,10 @@ fn cpu_seconds() -> Option<f64> {
 fn preset(name: &str) -> Result<(LlamaConfig, usize, usize, usize)> {
     Ok(match name {
         "tiny" => (LlamaConfig::new(1000, 64, 176, 2, 4, 4), 2, 64, 20),
+        "tiny-d64" => (LlamaConfig::new(1000, 128, 352, 2, 2, 1), 2, 64, 5),
         "small" => (LlamaConfig::new(49954, 512, 1376, 8, 8, 8), 4, 256, 5),
         "7b" => (LlamaConfig::new(49954, 4096, 11008, 32, 32, 32), 1, 512, 3),
-        _ => bail!("unknown preset {name:?} (expected tiny, small or 7b)"),
+        _ => bail!("unknown preset {name:?} (expected tiny, tiny-d64, small or 7b)"),
     })
 }
 
@@ -69,9 +173,9 @@ fn preset(name: &str) -> Result<(LlamaConfig, usize, usize, usize)> {
 fn sgemm<B: Backend>(backend: &B, n: usize, reps: usize) -> Result<()> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
     let host: Vec<f32> = (0..n * n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    let mut a = backend.alloc(n * n, zhllama::backend::Role::Activation)?;
-    let mut b = backend.alloc(n * n, zhllama::backend::Role::Weight)?;
-    let mut out = backend.alloc(n * n, zhllama::backend::Role::Activation)?;
+    let mut a = backend.alloc(n * n, Role::Activation)?;
+    let mut b = backend.alloc(n * n, Role::Weight)?;
+    let mut out = backend.alloc(n * n, Role::Activation)?;
     backend.upload(&mut a, &host)?;
     backend.upload(&mut b, &host)?;
     let mm = |out: &mut B::Buf| {
@@ -108,7 +212,27 @@ fn sgemm<B: Backend>(backend: &B, n: usize, reps: usize) -> Result<()> {
     Ok(())
 }
 
-fn run_on<B: Backend>(backend: Arc<B>, args: &Args) -> Result<()> {
+/// Weights of every matmul: each layer's seven projections and the lm_head (the `N` of 4N).
+fn matmul_params(cfg: &LlamaConfig) -> f64 {
+    let (c, f, kv) = (
+        cfg.hidden_size as f64,
+        cfg.intermediate_size as f64,
+        cfg.kv_dim() as f64,
+    );
+    cfg.num_hidden_layers as f64 * (2.0 * c * c + 2.0 * c * kv + 3.0 * c * f)
+        + cfg.vocab_size as f64 * c
+}
+
+/// The optimizer state of a stage step: fp32 master copy of the trainable parameters, AdamW moments.
+struct Optim<B: Backend> {
+    master: B::Buf,
+    m: B::Buf,
+    v: B::Buf,
+    cfg: TrainConfig,
+    updates: u64,
+}
+
+fn run_on<B: Backend + DeviceInfo>(backend: Arc<B>, args: &Args) -> Result<()> {
     if let Some(n) = args.sgemm {
         return sgemm(&*backend, n, args.steps.unwrap_or(10).max(1));
     }
@@ -120,56 +244,178 @@ fn run_on<B: Backend>(backend: Arc<B>, args: &Args) -> Result<()> {
     t = args.seq.unwrap_or(t);
     let steps = args.steps.unwrap_or(steps).max(1);
     let name = backend.name();
-    let model = Llama::random(backend.clone(), cfg.clone(), TrainSpec::full(), 0)?;
+    let stage_cfg = args.stage.recipe().map(TrainConfig::preset);
+    let spec = match &stage_cfg {
+        Some(c) => zhllama::train::setup::train_spec(c)?,
+        None => TrainSpec::full(),
+    };
+    let t0 = Instant::now();
+    let mut model = if args.random_init {
+        Llama::random_on_device(backend.clone(), cfg.clone(), spec, args.seed)?
+    } else {
+        Llama::random(backend.clone(), cfg.clone(), spec, args.seed)?
+    };
+    let init_s = t0.elapsed().as_secs_f64();
+    let (n_train, n_all) = (model.layout().num_trainable(), model.layout().num_params());
+    eprintln!(
+        "{} {:?} on {name}: {n_train} trainable of {n_all} parameters, init {init_s:.1} s{}",
+        args.preset,
+        args.stage,
+        if args.random_init { " (on device)" } else { "" }
+    );
     let mut acts = Activations::new(&model, b, t)?;
     let mut grads = model.alloc_grads()?;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let mut optim = match stage_cfg {
+        Some(c) => {
+            let n = n_train;
+            let mut master = backend.alloc(n, Role::Fp32)?;
+            backend.copy(
+                backend.view_mut(&mut master, 0..n),
+                backend.view(model.trainable(), 0..n),
+            );
+            Some(Optim::<B> {
+                master,
+                m: backend.alloc(n, Role::Fp32)?,
+                v: backend.alloc(n, Role::Fp32)?,
+                cfg: c,
+                updates: 0,
+            })
+        }
+        None => None,
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed.wrapping_add(1));
     let ids: Vec<i32> = (0..b * t)
         .map(|_| rng.random_range(0..cfg.vocab_size as i32))
         .collect();
-    let mut step = |grads: &mut B::Buf| -> Result<f32> {
+    let mut step = |model: &mut Llama<B>, grads: &mut B::Buf| -> Result<f32> {
         let n = backend.buf_len(grads);
         backend.zero(backend.view_mut(grads, 0..n));
         let loss = model.forward(&mut acts, &ids, &ids)?;
         model.backward(&mut acts, grads, 1.0)?;
+        if let Some(o) = optim.as_mut() {
+            // As the trainer: global norm, clip, AdamW on the fp32 master, copy to the weights.
+            let norm = backend.sum_squares(backend.view(grads, 0..n))?.sqrt() as f32;
+            let max = o.cfg.max_grad_norm as f32;
+            if max > 0.0 && norm > max {
+                backend.scale(backend.view_mut(grads, 0..n), max / (norm + 1e-6));
+            }
+            o.updates += 1;
+            let hp = AdamW {
+                lr: o.cfg.learning_rate as f32,
+                beta1: o.cfg.adam_beta1 as f32,
+                beta2: o.cfg.adam_beta2 as f32,
+                eps: o.cfg.adam_epsilon as f32,
+                weight_decay: o.cfg.weight_decay as f32,
+                step: o.updates,
+            };
+            backend.adamw_step(
+                backend.view_mut(&mut o.master, 0..n),
+                backend.view_mut(&mut o.m, 0..n),
+                backend.view_mut(&mut o.v, 0..n),
+                backend.view(grads, 0..n),
+                hp,
+            );
+            backend.copy(
+                backend.view_mut(model.trainable_mut(), 0..n),
+                backend.view(&o.master, 0..n),
+            );
+        }
         backend.synchronize()?;
         Ok(loss)
     };
-    for _ in 0..args.warmup {
-        step(&mut grads)?;
+    let mut losses = Vec::new();
+    for i in 0..args.warmup {
+        let l = step(&mut model, &mut grads)?;
+        eprintln!("step {i} loss {l:.6} (warm-up)");
+        losses.push(l);
     }
     let start = Instant::now();
     let cpu0 = cpu_seconds();
-    let mut loss = 0.0;
-    for _ in 0..steps {
-        loss = step(&mut grads)?;
+    for i in 0..steps {
+        let l = step(&mut model, &mut grads)?;
+        eprintln!("step {} loss {l:.6}", args.warmup + i);
+        losses.push(l);
     }
     let secs = start.elapsed().as_secs_f64() / steps as f64;
     let cpu_s = cpu0.zip(cpu_seconds()).map(|(a, b)| (b - a) / steps as f64);
-    let flops = cfg.train_step_flops(b, t);
-    let tok_s = (b * t) as f64 / secs;
-    let gflops = flops / secs / 1e9;
+    let tokens = (b * t) as f64;
+    let n_mm = matmul_params(&cfg);
+    let flops = match args.stage {
+        BenchStage::Full => cfg.train_step_flops(b, t),
+        _ => 4.0 * n_mm * tokens,
+    };
+    let tok_s = tokens / secs;
+    let tflops = flops / secs / 1e12;
+    let mfu = args.gemm_tflops.filter(|&g| g > 0.0).map(|g| tflops / g);
+    let mem = backend.mem_used()?;
     eprintln!(
-        "{} on {name}: {b}×{t} tokens, {:.1} ms/step ({:.2} CPU-s/step), {tok_s:.0} tokens/s, {gflops:.1} GFLOP/s (loss {loss:.4})",
+        "{} {:?} on {name}: {b}×{t} tokens, {:.1} ms/step ({:.2} CPU-s/step), {tok_s:.0} tokens/s, {:.3} TFLOP/s{}{} (loss {:.4})",
         args.preset,
+        args.stage,
         secs * 1e3,
-        cpu_s.unwrap_or(f64::NAN)
+        cpu_s.unwrap_or(f64::NAN),
+        tflops,
+        mfu.map(|m| format!(", MFU {:.1}%", 100.0 * m))
+            .unwrap_or_default(),
+        mem.map(|m| format!(", {:.2} GiB in use", m as f64 / (1u64 << 30) as f64))
+            .unwrap_or_default(),
+        losses.last().copied().unwrap_or(f32::NAN)
     );
+    let mut profile = serde_json::Value::Null;
+    let mut profile_tflops = None;
+    if args.profile {
+        if backend.profile_start() {
+            let p0 = Instant::now();
+            let l = step(&mut model, &mut grads)?;
+            let ps = p0.elapsed().as_secs_f64();
+            let rows = backend.profile_stop()?;
+            let total: f64 = rows.iter().map(|r| r.2).sum();
+            eprintln!(
+                "profile: one step {:.1} ms wall ({:.3} TFLOP/s under the profiler), {:.1} ms in kernels (loss {l:.4})",
+                ps * 1e3,
+                flops / ps / 1e12,
+                total
+            );
+            eprintln!("{:<44} {:>6} {:>10} {:>6}", "kernel", "calls", "ms", "%");
+            for (k, c, ms) in &rows {
+                eprintln!(
+                    "{k:<44} {c:>6} {ms:>10.3} {:>5.1}%",
+                    100.0 * ms / total.max(1e-9)
+                );
+            }
+            profile_tflops = Some(flops / ps / 1e12);
+            profile = serde_json::json!({
+                "step_ms": ps * 1e3, "kernel_ms": total, "tflops": flops / ps / 1e12,
+                "kernels": rows.iter().map(|(k, c, ms)| serde_json::json!({"name": k, "calls": c, "ms": ms})).collect::<Vec<_>>(),
+            });
+        } else {
+            eprintln!(
+                "note: --profile is CUDA-only (per-kernel CUDA events); nothing profiled on {name}"
+            );
+        }
+    }
     println!(
         "{}",
         serde_json::json!({
-            "impl": "zhllama", "backend": name, "preset": args.preset, "batch": b, "seq": t,
-            "layers": cfg.num_hidden_layers, "steps": steps, "step_ms": secs * 1e3,
-            "tokens_per_s": tok_s, "gflop_per_step": flops / 1e9, "gflops": gflops, "loss": loss,
-            "cpu_s_per_step": cpu_s,
+            "impl": "zhllama", "backend": name, "preset": args.preset,
+            "stage": format!("{:?}", args.stage).to_lowercase(), "batch": b, "seq": t,
+            "layers": cfg.num_hidden_layers, "steps": steps, "warmup": args.warmup,
+            "seed": args.seed, "random_init": args.random_init,
+            "trainable_params": n_train, "total_params": n_all, "matmul_params": n_mm,
+            "step_ms": secs * 1e3, "tokens_per_s": tok_s, "gflop_per_step": flops / 1e9,
+            "gflops": flops / secs / 1e9, "tflops": tflops, "mfu": mfu,
+            "flops_rule": if args.stage == BenchStage::Full { "6N+attention" } else { "4N" },
+            "loss": losses.last(), "losses": losses, "cpu_s_per_step": cpu_s,
+            "mem_used_bytes": mem, "init_s": init_s, "profile": profile,
+            "profile_tflops": profile_tflops,
         })
     );
     Ok(())
 }
 
 pub fn run(args: Args) -> Result<()> {
-    match args.backend.as_str() {
-        "cpu" => run_on(Arc::new(CpuBackend::new()), &args),
-        other => bail!("unknown or unavailable backend {other:?} (this build has: cpu)"),
+    match args.backend {
+        BackendKind::Cpu => run_on(Arc::new(CpuBackend::new()), &args),
+        BackendKind::Cuda => run_on(Arc::new(open_cuda(local_rank()?, false, false)?), &args),
     }
 }

@@ -5,8 +5,11 @@
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use zhllama::backend::Backend;
 use zhllama::backend::cpu::CpuBackend;
 use zhllama::model::{Llama, TrainSpec, eval_loss};
+
+use super::backend::{BackendKind, local_rank, open_cuda};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -16,6 +19,9 @@ pub struct Args {
     /// JSON file: a list of token-id lists.
     #[arg(long)]
     tokens: PathBuf,
+    /// Backend that runs the model.
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendKind,
 }
 
 /// Parse FILE into sequences; every id must be an integer in `0..vocab`.
@@ -48,7 +54,13 @@ fn read_tokens(path: &Path, vocab: usize) -> Result<Vec<Vec<i32>>> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let backend = Arc::new(CpuBackend::new());
+    match args.backend {
+        BackendKind::Cpu => run_on(Arc::new(CpuBackend::new()), &args),
+        BackendKind::Cuda => run_on(Arc::new(open_cuda(local_rank()?, false, false)?), &args),
+    }
+}
+
+fn run_on<B: Backend>(backend: Arc<B>, args: &Args) -> Result<()> {
     let model = Llama::from_dir(backend, &args.model, TrainSpec::frozen())
         .with_context(|| format!("cannot load model {}", args.model.display()))?;
     let seqs = read_tokens(&args.tokens, model.config().vocab_size)?;

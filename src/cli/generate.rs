@@ -9,12 +9,16 @@
 use anyhow::{Context, Result};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
+use zhllama::backend::Backend;
 use zhllama::backend::cpu::CpuBackend;
 use zhllama::data::{HfText, TokenizerEncoder};
 use zhllama::model::Llama;
 use zhllama::model::generate::{
-    ExpectVocab, SamplingConfig, StreamDecoder, Template, encode_prompt, generate, load_merged_cpu,
+    ExpectVocab, SamplingConfig, StreamDecoder, Template, encode_prompt, generate, load_merged,
 };
+
+use super::backend::{BackendKind, local_rank, open_cuda};
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum TemplateArg {
@@ -62,16 +66,19 @@ pub struct Args {
     /// Seed of the sampler.
     #[arg(long, default_value_t = SamplingConfig::default().seed)]
     seed: u64,
+    /// Backend that runs the model.
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendKind,
 }
 
-struct Session<'a> {
-    model: Llama<CpuBackend>,
+struct Session<'a, B: Backend> {
+    model: Llama<B>,
     enc: &'a TokenizerEncoder,
     cfg: SamplingConfig,
     template: Template,
 }
 
-impl Session<'_> {
+impl<B: Backend> Session<'_, B> {
     /// Generate for `prompt`, writing the text to `out` as it comes (newlines escaped when
     /// `one_line`), then a newline.
     fn answer(&self, prompt: &str, out: &mut impl Write, one_line: bool) -> Result<()> {
@@ -110,6 +117,13 @@ impl Session<'_> {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    match args.backend {
+        BackendKind::Cpu => run_on(Arc::new(CpuBackend::new()), &args),
+        BackendKind::Cuda => run_on(Arc::new(open_cuda(local_rank()?, false, false)?), &args),
+    }
+}
+
+fn run_on<B: Backend>(backend: Arc<B>, args: &Args) -> Result<()> {
     let cfg = SamplingConfig {
         temperature: args.temperature,
         top_k: args.top_k,
@@ -121,7 +135,7 @@ pub fn run(args: Args) -> Result<()> {
     cfg.validate()?;
     let enc = TokenizerEncoder::load(&args.tokenizer)?;
     let expect = ExpectVocab::of_tokenizer(&enc.tokenizer, &args.tokenizer);
-    let model = load_merged_cpu(&args.model, &args.adapter, Some(&expect))?;
+    let model = load_merged(backend, &args.model, &args.adapter, Some(&expect))?;
     let session = Session {
         model,
         enc: &enc,

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use zhllama::train::config::{Stage, TrainConfig};
 use zhllama::train::dryrun;
 
+use super::backend::{BackendKind, local_rank, open_cuda};
+
 #[derive(clap::Args)]
 #[command(
     after_help = "Any config key can be overridden with `--key value` (dashes or \
@@ -57,6 +59,9 @@ pub struct Args {
     /// Storage precision for the --dry-run memory plan: f32 (CPU backend) or bf16 (CUDA, fp32 master).
     #[arg(long, default_value = "f32")]
     pub precision: String,
+    /// Backend that runs the model (`cuda`: one GPU per process, chosen by the local rank).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub backend: BackendKind,
     /// `--key value` config overrides.
     #[arg(allow_hyphen_values = true, trailing_var_arg = true, num_args = 0.., hide = true)]
     pub overrides: Vec<String>,
@@ -125,6 +130,7 @@ fn take_named_options(args: &mut Args) -> Result<()> {
                 | "--vocab-size"
                 | "--precision"
                 | "--resume-from"
+                | "--backend"
         );
         if is_flag {
             match name.as_str() {
@@ -151,6 +157,10 @@ fn take_named_options(args: &mut Args) -> Result<()> {
             "--config" => args.config = Some(value.clone().into()),
             "--resume-from" => args.resume_from = Some(value.clone().into()),
             "--precision" => args.precision = value.clone(),
+            "--backend" => {
+                args.backend = <BackendKind as clap::ValueEnum>::from_str(&value, false)
+                    .map_err(|e| anyhow::anyhow!("--backend: {e}"))?
+            }
             "--max-steps" => args.max_steps = Some(value.parse().with_context(bad)?),
             "--save-steps" => args.save_steps = Some(value.parse().with_context(bad)?),
             "--seed" => args.seed = Some(value.parse().with_context(bad)?),
@@ -187,7 +197,20 @@ pub fn run(mut args: Args) -> Result<()> {
         println!("{line}");
         return Ok(());
     }
-    train(args, cfg, &model_dir)
+    match args.backend {
+        BackendKind::Cpu => train(
+            std::sync::Arc::new(zhllama::backend::cpu::CpuBackend::new()),
+            args,
+            cfg,
+            &model_dir,
+        ),
+        BackendKind::Cuda => train(
+            std::sync::Arc::new(open_cuda(local_rank()?, false, false)?),
+            args,
+            cfg,
+            &model_dir,
+        ),
+    }
 }
 
 /// Number of pieces in a SentencePiece model file.
@@ -195,8 +218,12 @@ fn tokenizer_size(path: &std::path::Path) -> Result<usize> {
     Ok(zhllama::vocab::encode::Tokenizer::load(path)?.vocab_size())
 }
 
-fn train(args: Args, cfg: TrainConfig, model_dir: &std::path::Path) -> Result<()> {
-    use zhllama::backend::cpu::CpuBackend;
+fn train<B: zhllama::backend::Backend>(
+    backend: std::sync::Arc<B>,
+    args: Args,
+    cfg: TrainConfig,
+    model_dir: &std::path::Path,
+) -> Result<()> {
     use zhllama::train::{checkpoint, data::Data, setup, trainer};
     cfg.validate()?;
     let data_dir = args.data.as_ref().context("--data DIR is required")?;
@@ -256,7 +283,6 @@ fn train(args: Args, cfg: TrainConfig, model_dir: &std::path::Path) -> Result<()
             }
         },
     };
-    let backend = std::sync::Arc::new(CpuBackend::new());
     let resize_toks = tokenizer.as_ref().map(|new| setup::ResizeTokenizers {
         new,
         old: base_tokenizer.as_ref(),

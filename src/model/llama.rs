@@ -215,6 +215,41 @@ impl<B: Backend> Llama<B> {
         })
     }
 
+    /// A randomly initialised model generated on the device by [`Backend::fill_uniform`] (no host
+    /// copy: a 7B model's 27 GB of f32 never exist). Same scales as [`Llama::random`], not the same
+    /// values: uniform `±initializer_range·√3` (HF's standard deviation) for linear and embedding
+    /// weights, ones for norms, LoRA A uniform in PEFT's kaiming bound `±1/√fan_in`, LoRA B zero.
+    pub fn random_on_device(
+        backend: Arc<B>,
+        config: LlamaConfig,
+        spec: TrainSpec,
+        seed: u64,
+    ) -> Result<Self> {
+        let layout = ParamLayout::new(&config, &spec)?;
+        let mut frozen = backend.alloc(layout.frozen_len(), Role::Weight)?;
+        let mut trainable = backend.alloc(layout.trainable_len(), Role::Weight)?;
+        let a = config.initializer_range * 3f32.sqrt();
+        for (index, e) in layout.entries().iter().enumerate() {
+            let (lo, hi) = match e.kind {
+                Kind::Norm { .. } | Kind::FinalNorm => (1.0, 1.0),
+                Kind::LoraB { .. } => continue, // `alloc` zero-fills
+                Kind::LoraA { .. } => {
+                    let b = 1.0 / (e.shape[1] as f32).sqrt();
+                    (-b, b)
+                }
+                _ => (-a, a),
+            };
+            let buf = match e.group {
+                Group::Frozen => &mut frozen,
+                Group::Trainable => &mut trainable,
+            };
+            let s = seed ^ super::lora::mix64(index as u64);
+            backend.fill_uniform(backend.view_mut(buf, e.range.clone()), s, lo, hi);
+        }
+        backend.synchronize()?;
+        Self::assemble(backend, config, spec, layout, frozen, trainable)
+    }
+
     /// Load `dir/config.json` and its safetensors weights (any of f32/f16/bf16, single or
     /// sharded). Every expected tensor must be present with the right shape, and no unknown tensor
     /// may be present (besides `rotary_emb.inv_freq` buffers, and `lm_head.weight` of a tied model).

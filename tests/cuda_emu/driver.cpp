@@ -20,6 +20,7 @@
 #include "../../kernels/cross_entropy.cu"
 #include "../../kernels/dropout.cu"
 #include "../../kernels/embedding.cu"
+#include "../../kernels/init.cu"
 #include "../../kernels/lora.cu"
 #include "../../kernels/rmsnorm.cu"
 #include "../../kernels/rope_attention.cu"
@@ -90,6 +91,7 @@ static std::map<std::string, Launcher> table = {
     REG(attention_backward_dkdv_v1_d64_f16), REG(attention_backward_dq_v1_d64_f16),
     REG(cross_entropy_forward_v1_f16), REG(cross_entropy_backward_v1_f16), REG(adamw_step_v1_f32_f16_cf16),
     REG(adamw_step_v1_f32_f32_cf16), REG(dropout_v1_f16), REG(copy_v1_f16_f32), REG(embedding_backward_v1_f16),
+    REG(fill_uniform_v1_f32), REG(fill_uniform_v1_bf16),
 };
 
 static std::vector<unsigned char> read_file(const std::string& p) {

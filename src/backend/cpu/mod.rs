@@ -87,6 +87,9 @@ impl Backend for CpuBackend {
     fn scale(&self, out: &mut [f32], alpha: f32) {
         ops::scale(out, alpha)
     }
+    fn fill_uniform(&self, out: &mut [f32], seed: u64, lo: f32, hi: f32) {
+        ops::fill_uniform(out, seed, lo, hi)
+    }
     fn sum_squares(&self, x: &[f32]) -> Result<f64> {
         Ok(ops::sum_squares(x))
     }

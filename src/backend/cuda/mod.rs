@@ -1693,6 +1693,32 @@ impl Backend for CudaBackend {
         })();
         self.record(r);
     }
+    fn fill_uniform(&self, out: DViewMut<'_>, seed: u64, lo: f32, hi: f32) {
+        let r = (|| {
+            if out.len == 0 {
+                return Ok(());
+            }
+            let (g, t) = Self::elementwise_threads(out.len);
+            let key = crate::ops::fill::uniform_key(seed);
+            let args = |p: u64| {
+                [
+                    KArg::P(p),
+                    KArg::Q(key),
+                    KArg::F(lo),
+                    KArg::F(hi),
+                    KArg::L(out.len as i64),
+                ]
+            };
+            self.launch(
+                &format!("fill_uniform_v1_{}", suffix(out.dtype)),
+                (g, 1, 1),
+                t,
+                0,
+                &args(out.ptr),
+            )
+        })();
+        self.record(r);
+    }
     fn sum_squares(&self, x: DView<'_>) -> Result<f64> {
         self.take_error()?;
         if x.len == 0 {

@@ -1,0 +1,65 @@
+//! `--backend cpu|cuda` for every subcommand that runs a model, and the one place a binary turns the
+//! environment into [`CudaOptions`] (also used by `tools/cuda_bench.rs` through `#[path]`).
+//!
+//! Each subcommand keeps its work in one generic `run_on<B: Backend>(Arc<B>, ...)` and dispatches
+//! with [`BackendKind`]; built without the `cuda` feature, [`open_cuda`] returns the stub's clear
+//! error, so no `cfg` is needed here.
+
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+use zhllama::backend::cuda::{CudaBackend, CudaOptions, Half};
+
+/// Which backend runs the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// The CPU reference backend (f32, rayon threads).
+    Cpu,
+    /// The CUDA backend (bf16 weights and activations, fp32 master/statistics; needs `--features cuda`).
+    Cuda,
+}
+
+/// The kernel cache directory: `ZHLLAMA_KERNEL_CACHE`, else `$XDG_CACHE_HOME/zhllama/kernels`, else
+/// `$HOME/.cache/zhllama/kernels`; none when neither is set (compile at every start).
+fn kernel_cache_dir(env: &impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    let nonempty = |k: &str| env(k).filter(|v| !v.is_empty());
+    if let Some(d) = nonempty("ZHLLAMA_KERNEL_CACHE") {
+        return Some(d.into());
+    }
+    if let Some(d) = nonempty("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(d).join("zhllama/kernels"));
+    }
+    nonempty("HOME").map(|h| PathBuf::from(h).join(".cache/zhllama/kernels"))
+}
+
+/// [`CudaOptions`] from the environment: CUDA headers by [`zhllama::kernels::cuda_include_dirs`]
+/// (`ZHLLAMA_CUDA_INCLUDE`, `CUDA_HOME`/`CUDA_PATH`, the NVRTC wheel on `LD_LIBRARY_PATH`), the
+/// kernel cache by [`kernel_cache_dir`].
+pub fn cuda_options(device: usize, profile: bool) -> CudaOptions {
+    let env = |k: &str| std::env::var(k).ok();
+    CudaOptions {
+        device,
+        include_dirs: zhllama::kernels::cuda_include_dirs(env),
+        cache_dir: kernel_cache_dir(&env),
+        profile,
+        ..CudaOptions::default()
+    }
+}
+
+/// The local rank of this process (0 without a launcher), which picks its GPU.
+pub fn local_rank() -> Result<usize> {
+    let vars: std::collections::HashMap<String, String> = std::env::vars().collect();
+    Ok(zhllama::distributed::launch_info(&vars)?.map_or(0, |l| l.local_rank))
+}
+
+/// Start the CUDA backend on device `local_rank` (see [`cuda_options`]); `profile` times every
+/// launch from the start; `fp16` stores weights and activations as f16 (the recipe's fp16 mode,
+/// trained with loss scaling) instead of bf16. Without the `cuda` feature: the stub's "built
+/// without" error.
+pub fn open_cuda(local_rank: usize, profile: bool, fp16: bool) -> Result<CudaBackend> {
+    let mut opts = cuda_options(local_rank, profile);
+    if fp16 {
+        opts.half = Half::F16;
+    }
+    CudaBackend::with_options(opts)
+        .with_context(|| format!("cannot start the CUDA backend on device {local_rank}"))
+}
