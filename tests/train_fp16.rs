@@ -9,10 +9,11 @@ mod train_common;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 use zhllama::backend::Backend;
 use zhllama::backend::cpu::CpuBackend;
 use zhllama::distributed::zero::DeviceAccumulator;
-use zhllama::distributed::{GradAccumulator, LocalComm};
+use zhllama::distributed::{Comm, GradAccumulator, LocalComm, ThreadComm};
 use zhllama::train::checkpoint::{self, TrainerState};
 use zhllama::train::config::{Stage, TrainConfig};
 use zhllama::train::data::Data;
@@ -500,4 +501,47 @@ fn fp16_resume_mid_run_is_exact_and_old_states_load() {
     let old: TrainerState = serde_json::from_value(v).unwrap();
     assert_eq!(old.loss_scaler, None);
     assert!(!old.config.fp16);
+}
+
+/// (weights, losses, scaler) of an fp16 run whose gradient overflows at steps 1, 2 and 4 on the
+/// last rank only.
+fn run_world(comm: &dyn Comm, e: &Env, out: &str) -> (Vec<f32>, Vec<f64>, DynamicLossScaler) {
+    let mut c = cfg(true);
+    c.max_steps = 7;
+    c.loss_scale_window = 2;
+    c.micro_batch_size = 1;
+    c.world_size = comm.world_size();
+    let m = setup::load_model(
+        Arc::new(CpuBackend::new()),
+        &e.model,
+        &c,
+        Stage::Pt2,
+        64,
+        None,
+    )
+    .unwrap();
+    let mut t = Trainer::new(m, &e.data, c, Stage::Pt2, comm, &e.root.join(out), None).unwrap();
+    if comm.rank() + 1 == comm.world_size() {
+        t.inject_overflow_steps(vec![1, 2, 4]);
+    }
+    let s = t.run(&RunOptions::default()).unwrap();
+    assert_eq!(s.skipped_steps, 3, "rank {}", comm.rank());
+    let scaler = t.state().loss_scaler.clone().unwrap();
+    (t.params().to_vec(), s.losses, scaler)
+}
+
+#[test]
+fn an_overflow_on_one_rank_skips_everywhere_and_worlds_agree() {
+    let e = env();
+    let (w1, l1, s1) = run_world(&LocalComm, &e, "w1");
+    let res = ThreadComm::run(2, Duration::from_secs(60), |comm| {
+        Ok(run_world(&comm, &e, "w2"))
+    });
+    for (rank, r) in res.into_iter().enumerate() {
+        let (w, l, s) = r.unwrap();
+        assert!(w == w1, "rank {rank}: weights differ from world 1");
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&l), bits(&l1), "rank {rank}: losses differ");
+        assert_eq!(s, s1, "rank {rank}: loss scaler out of step");
+    }
 }
