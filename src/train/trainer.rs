@@ -530,7 +530,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                      gradient{} (skipped, weights untouched); last good checkpoint: {last}",
                     self.state.consecutive_skips,
                     if self.cfg.fp16 {
-                        " at the minimum loss scale"
+                        " (fp16: a non-finite loss, or an overflow at the minimum loss scale)"
                     } else {
                         ""
                     }
