@@ -5,7 +5,7 @@
 use super::Comm;
 use super::collective::tree_split;
 use super::shard::ShardLayout;
-use crate::backend::AdamW;
+use crate::backend::{AdamW, Backend, Role};
 use anyhow::{Context, Result, bail, ensure};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -115,6 +115,112 @@ impl GradAccumulator {
         match acc {
             Some(v) => {
                 out.copy_from_slice(&v);
+                self.spare.push(v);
+            }
+            None => out.fill(0.0),
+        }
+        self.count = 0;
+        Ok(())
+    }
+}
+
+/// [`GradAccumulator`] in backend buffers ([`Role::Fp32`]): the same pairwise tree, each `+=`
+/// done by [`Backend::axpy`] with `alpha = 1` (`1·x = x` exactly, so every addition is the same
+/// IEEE sum as the host's), and one download per step at [`DeviceAccumulator::finish`]. The
+/// sum is therefore bit-identical to the host accumulator's on any backend whose fp32 `axpy` is
+/// `out + alpha·x` rounded once (fused or not: with `alpha = 1` both round `out + x`).
+///
+/// The backward writes straight into a buffer lent by [`DeviceAccumulator::take`] that then
+/// moves into the tree, so no copy per micro-batch. Device memory: up to `⌊log2 A⌋ + 1`
+/// buffers of `n` floats for `A` pushes (the host accumulator's count, now on the device).
+pub struct DeviceAccumulator<B: Backend> {
+    n: usize,
+    /// `levels[k]` holds the sum of a complete block of `2^k` micro-batches, if any.
+    levels: Vec<Option<B::Buf>>,
+    spare: Vec<B::Buf>,
+    count: usize,
+}
+
+impl<B: Backend> DeviceAccumulator<B> {
+    pub fn new(n: usize) -> Self {
+        DeviceAccumulator {
+            n,
+            levels: Vec::new(),
+            spare: Vec::new(),
+            count: 0,
+        }
+    }
+
+    /// Micro-batches pushed since the last `finish`.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// A zeroed buffer of `n` floats to run the next micro-batch's backward (`+=`) into.
+    pub fn take(&mut self, be: &B) -> Result<B::Buf> {
+        match self.spare.pop() {
+            Some(mut buf) => {
+                be.zero(be.view_mut(&mut buf, 0..self.n));
+                Ok(buf)
+            }
+            None => be.alloc(self.n, Role::Fp32),
+        }
+    }
+
+    /// Add one micro-batch's gradient (the next in global order); the buffer moves in.
+    pub fn push(&mut self, be: &B, grad: B::Buf) -> Result<()> {
+        let n = self.n;
+        ensure!(
+            be.buf_len(&grad) == n,
+            "gradient accumulator holds {n} elements, got a gradient of {}",
+            be.buf_len(&grad)
+        );
+        let mut carry = grad;
+        let mut k = 0;
+        loop {
+            if k == self.levels.len() {
+                self.levels.push(None);
+            }
+            match self.levels[k].take() {
+                None => {
+                    self.levels[k] = Some(carry);
+                    break;
+                }
+                Some(mut left) => {
+                    // older (left) + newer (right)
+                    be.axpy(be.view_mut(&mut left, 0..n), 1.0, be.view(&carry, 0..n));
+                    self.spare.push(carry);
+                    carry = left;
+                    k += 1;
+                }
+            }
+        }
+        self.count += 1;
+        Ok(())
+    }
+
+    /// `out =` the sum of every pushed gradient (zeros if none), downloaded once; resets the
+    /// accumulator. Partial subtrees combine as in [`GradAccumulator::finish`].
+    pub fn finish(&mut self, be: &B, out: &mut [f32]) -> Result<()> {
+        let n = self.n;
+        ensure!(
+            out.len() == n,
+            "gradient accumulator holds {n} elements, output has {}",
+            out.len()
+        );
+        let mut acc: Option<B::Buf> = None;
+        for level in self.levels.iter_mut() {
+            if let Some(mut left) = level.take() {
+                if let Some(right) = acc.take() {
+                    be.axpy(be.view_mut(&mut left, 0..n), 1.0, be.view(&right, 0..n));
+                    self.spare.push(right);
+                }
+                acc = Some(left);
+            }
+        }
+        match acc {
+            Some(v) => {
+                be.download(&v, out)?;
                 self.spare.push(v);
             }
             None => out.fill(0.0),

@@ -11,6 +11,7 @@
 //! name, then deleted, so a crash while pruning never leaves a half-deleted `checkpoint-*`.
 
 use super::config::TrainConfig;
+use super::loss_scale::DynamicLossScaler;
 use crate::distributed::{Comm, Zero2};
 use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
@@ -46,6 +47,10 @@ pub struct TrainerState {
     pub trainable_len: usize,
     pub vocab_size: usize,
     pub config: TrainConfig,
+    /// fp16 mode: the dynamic loss scaler (absent in fp32 runs and in checkpoints written
+    /// before the fp16 mode existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<DynamicLossScaler>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

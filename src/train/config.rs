@@ -96,6 +96,20 @@ pub struct TrainConfig {
     /// Stop the run after this many consecutive skipped (non-finite) steps.
     pub max_consecutive_skips: u64,
     pub seed: u64,
+    /// fp16 mode with DeepSpeed's dynamic loss scaling (see `train::loss_scale`): the backward
+    /// pass is seeded with the loss scale, a gradient with a NaN/Inf skips the step and lowers
+    /// the scale. Off by default: the CPU backend computes in fp32 and the CUDA backend's mixed
+    /// precision is bf16, whose fp32-sized exponent range needs no loss scaling (DeepSpeed's
+    /// bf16 mode has none either); turn it on to reproduce the recipe's fp16 run dynamics.
+    pub fp16: bool,
+    /// Initial loss scale `2^initial_scale_power` (DeepSpeed `fp16.initial_scale_power`).
+    pub initial_scale_power: i32,
+    /// Clean steps between two doublings of the loss scale (DeepSpeed `loss_scale_window`).
+    pub loss_scale_window: u64,
+    /// Overflows tolerated before the scale is halved (DeepSpeed `hysteresis`).
+    pub hysteresis: u32,
+    /// The loss scale never drops below this (DeepSpeed `min_loss_scale`).
+    pub min_loss_scale: f64,
     /// Ranks the run is planned for (dry-run memory plan; the real world size comes from the Comm).
     pub world_size: usize,
 }
@@ -130,6 +144,12 @@ impl Default for TrainConfig {
             eval_batches: 0,
             max_consecutive_skips: 10,
             seed: 42,
+            fp16: false,
+            // DeepSpeed's fp16 defaults.
+            initial_scale_power: 16,
+            loss_scale_window: 1000,
+            hysteresis: 2,
+            min_loss_scale: 1.0,
             world_size: 1,
         }
     }
@@ -149,6 +169,11 @@ impl TrainConfig {
             lora_alpha: 32.0,
             lora_dropout: 0.05,
             save_steps: 500,
+            // The recipe's ds_zero2_no_offload.json fp16 section (used when `fp16` is on).
+            initial_scale_power: 16,
+            loss_scale_window: 100,
+            hysteresis: 2,
+            min_loss_scale: 1e-10,
             ..TrainConfig::default()
         };
         match stage {
@@ -338,6 +363,9 @@ impl TrainConfig {
         }
         if self.lora_targets.is_empty() && self.modules_to_save.is_empty() {
             bail!("nothing to train: lora_targets and modules_to_save are both empty");
+        }
+        if self.fp16 {
+            super::loss_scale::DynamicLossScaler::from_config(self)?;
         }
         self.accumulation_steps(self.world_size)?;
         Ok(())

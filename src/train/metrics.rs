@@ -24,6 +24,9 @@ pub struct Record {
     pub grad_norm: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub skipped: Option<bool>,
+    /// fp16 mode: the loss scale this step's backward was seeded with (before its update).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub loss_scale: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub skipped_steps: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]

@@ -10,15 +10,28 @@
 //! non-ignored targets; the step's gradient is the mean over the micro-batches of all ranks
 //! (`grad_scale = 1 / (accumulation × world)`); the logged loss is the mean of the micro-batch
 //! losses.
+//!
+//! Micro-batch gradients are summed on the device ([`DeviceAccumulator`], the canonical pairwise
+//! order) and downloaded once per step for ZeRO-2.
+//!
+//! fp16 mode (`fp16 = true`, see [`super::loss_scale`]): each backward is seeded with the loss
+//! scale `S` and ZeRO-2 unscales with `grad_scale = 1 / (accumulation × world × S)` before the
+//! norm and clipping. As DeepSpeed's ZeRO-2 fp16 optimizer: a gradient with a NaN/Inf (an
+//! overflow) skips the step on every rank (weights, Adam state and the AdamW step count
+//! untouched), the scaler is updated after every step, and the LR scheduler advances only on
+//! applied steps (DeepSpeed's engine does not step it on an overflow), so the LR follows the
+//! number of applied updates rather than the step counter.
 
 use super::checkpoint::{self, TrainerState};
 use super::config::{Stage, TrainConfig};
 use super::data::{Batch, Data};
+use super::loss_scale::{DynamicLossScaler, ScaleUpdate};
 use super::metrics::{MetricsWriter, Progress, Record};
 use super::schedule::CosineSchedule;
 use crate::backend::{AdamW, Backend};
 use crate::distributed::shard::BatchSchedule;
-use crate::distributed::{Comm, GradAccumulator, Zero2};
+use crate::distributed::zero::DeviceAccumulator;
+use crate::distributed::{Comm, Zero2};
 use crate::model::Llama;
 use crate::model::llama::Activations;
 use crate::model::lora::mix64;
@@ -94,10 +107,11 @@ pub struct Trainer<'a, B: Backend> {
     /// Host copy of the trainable flat buffer (replicated; ZeRO-2 all-gathers into it).
     params: Vec<f32>,
     grads_host: Vec<f32>,
-    grads: B::Buf,
-    acc: GradAccumulator,
+    acc: DeviceAccumulator<B>,
     acts: ActCache<B>,
     state: TrainerState,
+    /// Fault injection for tests, see [`Trainer::inject_overflow_steps`].
+    overflow_steps: Vec<u64>,
 }
 
 impl<'a, B: Backend> Trainer<'a, B> {
@@ -132,7 +146,6 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let p = model.layout().trainable_len();
         let mut params = vec![0.0f32; p];
         be.download(model.trainable(), &mut params)?;
-        let grads = model.alloc_grads()?;
         let sched = CosineSchedule {
             base_lr: cfg.learning_rate,
             warmup_steps: cfg.warmup(),
@@ -160,6 +173,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
             trainable_len: p,
             vocab_size: vocab,
             config: cfg.clone(),
+            loss_scaler: if cfg.fp16 {
+                Some(DynamicLossScaler::from_config(&cfg)?)
+            } else {
+                None
+            },
         };
         let mut zero = Zero2::new(comm.rank(), world, p, BUCKET_ELEMS);
         let mut model = model;
@@ -193,6 +211,17 @@ impl<'a, B: Backend> Trainer<'a, B> {
             zero = Zero2::load(dir, comm.rank(), world, p, BUCKET_ELEMS)?;
             zero.gather_params(comm, &mut params)?;
             be.upload(model.trainable_mut(), &params)?;
+            ensure!(
+                saved.loss_scaler.is_some() == cfg.fp16,
+                "{}: checkpoint {} a loss scaler, this run has fp16 = {}",
+                dir.display(),
+                if saved.loss_scaler.is_some() {
+                    "has"
+                } else {
+                    "has no"
+                },
+                cfg.fp16
+            );
             state = TrainerState {
                 world_size: world,
                 config: cfg.clone(),
@@ -200,7 +229,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             };
         }
         Ok(Trainer {
-            acc: GradAccumulator::new(p),
+            acc: DeviceAccumulator::new(p),
             grads_host: vec![0.0; p],
             acts: ActCache {
                 map: HashMap::new(),
@@ -216,9 +245,16 @@ impl<'a, B: Backend> Trainer<'a, B> {
             batches,
             accum,
             params,
-            grads,
             state,
+            overflow_steps: Vec::new(),
         })
+    }
+
+    /// Fault injection for tests: in [`Trainer::run`], make the gradient of these (0-based)
+    /// steps overflow (an Inf in the summed gradient of every rank; the loss stays finite), as
+    /// an fp16 overflow does. (Kept out of [`RunOptions`] so its literals elsewhere stay valid.)
+    pub fn inject_overflow_steps(&mut self, steps: Vec<u64>) {
+        self.overflow_steps = steps;
     }
 
     pub fn state(&self) -> &TrainerState {
@@ -235,40 +271,47 @@ impl<'a, B: Backend> Trainer<'a, B> {
     }
 
     /// One micro-batch: forward (training mode, dropout key of global micro-batch `k`) and
-    /// backward into a zeroed gradient buffer; returns the loss and the gradient on the host.
-    fn micro_step(&mut self, batch: &Batch, k: u64, poison: bool) -> Result<f32> {
+    /// backward, seeded with `seed` (1, or the fp16 loss scale), into a zeroed gradient buffer
+    /// pushed onto the device accumulator; returns the loss (NaN when `poison`).
+    fn micro_step(&mut self, batch: &Batch, k: u64, poison: bool, seed: f32) -> Result<f32> {
         let be = self.model.backend().clone();
         let acts = self.acts.get(&self.model, batch.b, batch.t)?;
         acts.training = true;
         acts.rng_key = dropout_key(self.cfg.seed, k);
-        let mut loss = self.model.forward(acts, &batch.ids, &batch.labels)?;
-        let n = be.buf_len(&self.grads);
-        be.zero(be.view_mut(&mut self.grads, 0..n));
-        self.model.backward(acts, &mut self.grads, 1.0)?;
-        be.download(&self.grads, &mut self.grads_host)?;
-        if poison {
-            loss = f32::NAN;
-        }
-        if !loss.is_finite() {
-            // A non-finite loss poisons the gradient so the step is skipped on every rank
-            // (ZeRO-2 sees a non-finite global norm).
-            self.grads_host[0] = f32::NAN;
-        }
-        Ok(loss)
+        let loss = self.model.forward(acts, &batch.ids, &batch.labels)?;
+        let mut grad = self.acc.take(&be)?;
+        self.model.backward(acts, &mut grad, seed)?;
+        self.acc.push(&be, grad)?;
+        Ok(if poison { f32::NAN } else { loss })
     }
 
     /// One optimizer step (all micro-batches of this rank, then the ZeRO-2 step). Returns the
     /// metrics record (loss = mean over every rank's micro-batches).
     pub fn step(&mut self, inject_nonfinite: bool) -> Result<Record> {
+        self.step_injected(inject_nonfinite, false)
+    }
+
+    /// [`Trainer::step`] with fault injection: `nonfinite` makes the loss NaN, `overflow` puts
+    /// an Inf into the summed gradient of every rank (the loss stays finite), on every rank.
+    pub fn step_injected(&mut self, nonfinite: bool, overflow: bool) -> Result<Record> {
         let rank = self.comm.rank();
         let micro = self.batches.rank_micro_batches(self.state.step, rank);
         let batches: Vec<Batch> = micro.iter().map(|idx| self.data.batch(idx)).collect();
-        self.step_with(&batches, inject_nonfinite)
+        self.step_impl(&batches, nonfinite, overflow)
     }
 
     /// [`Trainer::step`] on explicit micro-batches (this rank's `accumulation` of them, in
     /// global order): parity tests feed a reference implementation's batches through here.
     pub fn step_with(&mut self, batches: &[Batch], inject_nonfinite: bool) -> Result<Record> {
+        self.step_impl(batches, inject_nonfinite, false)
+    }
+
+    fn step_impl(
+        &mut self,
+        batches: &[Batch],
+        inject_nonfinite: bool,
+        inject_overflow: bool,
+    ) -> Result<Record> {
         let t0 = Instant::now();
         let (rank, world) = (self.comm.rank(), self.comm.world_size());
         let step = self.state.step;
@@ -278,20 +321,42 @@ impl<'a, B: Backend> Trainer<'a, B> {
             batches.len(),
             self.accum
         );
+        // fp16: the loss scale S seeds the backward; exact for a power-of-two S (see
+        // `loss_scale`), and the unscale below divides it back out.
+        let loss_scale = self
+            .state
+            .loss_scaler
+            .as_ref()
+            .map(DynamicLossScaler::scale);
+        let seed = loss_scale.map_or(1.0, |s| s as f32);
         let mut local = [0.0f64; 3]; // loss sum, tokens, non-finite micro-batches
         for (a, batch) in batches.iter().enumerate() {
             let k = (step * world as u64 + rank as u64) * self.accum as u64 + a as u64;
-            let loss = self.micro_step(batch, k, inject_nonfinite)?;
+            let loss = self.micro_step(batch, k, inject_nonfinite, seed)?;
             if loss.is_finite() {
                 local[0] += loss as f64;
             } else {
                 local[2] += 1.0;
             }
             local[1] += batch.tokens as f64;
-            self.acc.push(&self.grads_host)?;
         }
-        self.acc.finish(&mut self.grads_host)?;
-        let lr = self.sched.lr(step);
+        let be = self.model.backend().clone();
+        self.acc.finish(&be, &mut self.grads_host)?;
+        if local[2] > 0.0 {
+            // A non-finite loss poisons the gradient so the step is skipped on every rank
+            // (ZeRO-2 sees a non-finite global norm).
+            self.grads_host[0] = f32::NAN;
+        }
+        if inject_overflow {
+            self.grads_host[0] = f32::INFINITY;
+        }
+        // DeepSpeed steps the LR scheduler only on applied steps in fp16 mode.
+        let lr_pos = if loss_scale.is_some() {
+            self.zero.updates()
+        } else {
+            step
+        };
+        let lr = self.sched.lr(lr_pos);
         let hp = AdamW {
             lr: lr as f32,
             beta1: self.cfg.adam_beta1 as f32,
@@ -301,16 +366,20 @@ impl<'a, B: Backend> Trainer<'a, B> {
             step: self.zero.updates() + 1,
         };
         let max_norm = (self.cfg.max_grad_norm > 0.0).then_some(self.cfg.max_grad_norm as f32);
+        // Unscale before the norm and clipping (ZeRO-2 applies `grad_scale` first).
+        let mut grad_scale = 1.0 / (self.accum * world) as f32;
+        if let Some(s) = loss_scale {
+            grad_scale /= s as f32;
+        }
         let report = self.zero.step(
             self.comm,
             &mut self.params,
             &mut self.grads_host,
-            1.0 / (self.accum * world) as f32,
+            grad_scale,
             max_norm,
             hp,
         )?;
         if !report.skipped {
-            let be = self.model.backend().clone();
             be.upload(self.model.trainable_mut(), &self.params)?;
         }
         self.comm.all_reduce_sum_f64(&mut local)?;
@@ -324,9 +393,16 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.state.next_example = self.state.step * self.state.global_batch as u64;
         self.state.next_micro_batch = self.state.step * n_micro as u64;
         self.state.tokens += local[1] as u64;
+        let update = self
+            .state
+            .loss_scaler
+            .as_mut()
+            .map(|s| s.update(report.skipped));
         if report.skipped {
             self.state.skipped_steps += 1;
-            self.state.consecutive_skips += 1;
+            if counts_toward_abort(local[2] > 0.0, update) {
+                self.state.consecutive_skips += 1;
+            }
         } else {
             self.state.consecutive_skips = 0;
         }
@@ -337,6 +413,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             lr: Some(lr),
             grad_norm: Some(report.grad_norm),
             skipped: Some(report.skipped),
+            loss_scale,
             skipped_steps: Some(self.state.skipped_steps),
             tokens: Some(self.state.tokens),
             tokens_per_s: Some(local[1] / secs.max(1e-9)),
@@ -424,7 +501,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 break;
             }
             let inject = opts.inject_nonfinite_steps.contains(&self.state.step);
-            let mut rec = self.step(inject)?;
+            let overflow = self.overflow_steps.contains(&self.state.step);
+            let mut rec = self.step_injected(inject, overflow)?;
             done_here += 1;
             let step = self.state.step;
             summary.losses.push(rec.loss.unwrap_or(f64::NAN));
@@ -450,8 +528,13 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     .unwrap_or_else(|| "none yet".into());
                 bail!(
                     "stopping at step {step}: {} consecutive steps had a non-finite loss or \
-                     gradient (skipped, weights untouched); last good checkpoint: {last}",
-                    self.state.consecutive_skips
+                     gradient{} (skipped, weights untouched); last good checkpoint: {last}",
+                    self.state.consecutive_skips,
+                    if self.cfg.fp16 {
+                        " (fp16: a non-finite loss, or an overflow at the minimum loss scale)"
+                    } else {
+                        ""
+                    }
                 );
             }
             let eval_now = self.cfg.eval_steps > 0 && step.is_multiple_of(self.cfg.eval_steps);
@@ -478,5 +561,23 @@ impl<'a, B: Backend> Trainer<'a, B> {
         summary.step = self.state.step;
         summary.skipped_steps = self.state.skipped_steps;
         Ok(summary)
+    }
+}
+
+/// Whether a skipped step counts toward the `max_consecutive_skips` abort.
+///
+/// Outside fp16 mode every skip counts. In fp16 mode a gradient overflow with a finite loss is
+/// the loss scaler's normal working (DeepSpeed skips such steps silently, often several at the
+/// start of a run while the scale comes down from 2^16), so it does not count — unless the scale
+/// is already at `min_loss_scale` with no hysteresis left ([`ScaleUpdate::AtMinimum`]), where
+/// lowering it can no longer help: DeepSpeed raises on the first such overflow; here those
+/// overflows count like NaN losses, so a run stops after `max_consecutive_skips` of them in a
+/// row (set it to 1 for DeepSpeed's behaviour). A non-finite loss always counts: it comes from
+/// the forward pass, which the loss scale does not touch (the scaler still sees it as an
+/// overflow, as DeepSpeed's would).
+fn counts_toward_abort(nonfinite_loss: bool, update: Option<ScaleUpdate>) -> bool {
+    match update {
+        None => true,
+        Some(u) => nonfinite_loss || u == ScaleUpdate::AtMinimum,
     }
 }
