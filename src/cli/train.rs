@@ -204,8 +204,9 @@ pub fn run(mut args: Args) -> Result<()> {
             cfg,
             &model_dir,
         ),
+        // fp16 mode: f16 storage on the device (the loss scaler keeps its gradients in range).
         BackendKind::Cuda => train(
-            std::sync::Arc::new(open_cuda(local_rank()?, false, false)?),
+            std::sync::Arc::new(open_cuda(local_rank()?, false, cfg.fp16)?),
             args,
             cfg,
             &model_dir,

@@ -141,6 +141,13 @@ pub struct DeviceAccumulator<B: Backend> {
     count: usize,
 }
 
+/// Buffers a [`DeviceAccumulator`] holds at its peak for `a` micro-batches per step: the
+/// completed tree levels before the last push (at most `⌊log2 (a−1)⌋ + 1` of them) plus the buffer
+/// the last backward writes into, i.e. `⌊log2 a⌋ + 1` (`0` for `a = 0`).
+pub fn accumulator_buffers(a: usize) -> usize {
+    if a == 0 { 0 } else { a.ilog2() as usize + 1 }
+}
+
 impl<B: Backend> DeviceAccumulator<B> {
     pub fn new(n: usize) -> Self {
         DeviceAccumulator {
@@ -896,4 +903,29 @@ pub fn global_sum_squares(
         eval(lo, lo + h, v) + eval(lo + h, hi, v)
     }
     Ok(eval(0, p, &values))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+
+    /// The dry-run's device-memory count of the accumulator equals the buffers a real step
+    /// allocates (all of them are back in `spare` after `finish`, and reused by the next step).
+    #[test]
+    fn accumulator_buffers_matches_what_a_step_allocates() {
+        let be = CpuBackend::new();
+        for a in 0..40usize {
+            let mut acc = DeviceAccumulator::<CpuBackend>::new(3);
+            let mut out = [0.0f32; 3];
+            for _step in 0..2 {
+                for _ in 0..a {
+                    let g = acc.take(&be).unwrap();
+                    acc.push(&be, g).unwrap();
+                }
+                acc.finish(&be, &mut out).unwrap();
+                assert_eq!(acc.spare.len(), accumulator_buffers(a), "a = {a}");
+            }
+        }
+    }
 }

@@ -284,7 +284,8 @@ pub fn prune(output: &Path, keep: usize) -> Result<()> {
 }
 
 /// The keys a resumed run may change (they do not affect the numbers).
-const RESUME_MUTABLE: [&str; 5] = [
+const RESUME_MUTABLE: [&str; 6] = [
+    "gradient_checkpointing",
     "save_steps",
     "save_total_limit",
     "logging_steps",

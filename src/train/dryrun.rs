@@ -210,7 +210,10 @@ pub fn plan(
     // and v of its shard, and the averaged fp32 gradient shard).
     let mp = crate::distributed::memory_plan(p as usize, world);
     let weights = counts.total * wb;
+    // The trainer sums micro-batch gradients in fp32 device buffers, a pairwise tree of them.
     let gradients = p * 4;
+    let accumulation = gradients
+        * crate::distributed::zero::accumulator_buffers(cfg.accumulation_steps(world)?) as u64;
     let optimizer = p * 12;
     let act_mem = |ckpt| {
         activation_bytes(
@@ -252,7 +255,7 @@ pub fn plan(
         "activation_bytes_per_micro_batch_with_checkpointing": acts_ckpt,
         "optimizer_bytes_per_rank": opt_rank,
         "gradient_bytes_per_rank": grad_rank,
-        "gradient_accumulation_bytes_per_rank": gradients,
-        "total_bytes_per_rank": weights + gradients + opt_rank + acts,
+        "gradient_accumulation_bytes_per_rank": accumulation,
+        "total_bytes_per_rank": weights + accumulation + opt_rank + acts,
     }))
 }
