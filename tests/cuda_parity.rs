@@ -250,6 +250,7 @@ fn gpu_or_skip() -> Option<CudaBackend> {
         include_dirs: include,
         cache_dir: std::env::var("ZHLLAMA_KERNEL_CACHE").ok().map(Into::into),
         profile: false,
+        nvtx: false,
     };
     match CudaBackend::with_options(opts) {
         Ok(g) => Some(g),

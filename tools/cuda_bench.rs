@@ -548,6 +548,7 @@ fn main() -> Result<()> {
         include_dirs: kernels::cuda_include_dirs(|k| std::env::var(k).ok()),
         cache_dir: std::env::var("ZHLLAMA_KERNEL_CACHE").ok().map(Into::into),
         profile: false,
+        nvtx: false,
     };
     let g = CudaBackend::with_options(opts)?;
     println!(

@@ -20,6 +20,7 @@
 //! Profiling: [`CudaBackend::set_profiling`] + [`CudaBackend::profile_report`] (CUDA events per launch).
 
 pub mod nvrtc;
+pub mod nvtx;
 
 use super::{AdamW, Backend, Role};
 use crate::kernels;
@@ -52,6 +53,10 @@ pub struct CudaOptions {
     pub cache_dir: Option<PathBuf>,
     /// Time every launch with CUDA events from the start.
     pub profile: bool,
+    /// An NVTX range around every kernel launch and cuBLAS call, named after the kernel (for Nsight;
+    /// see [`nvtx`]). Off: no NVTX call per launch. Layer ranges ([`Backend::range_push`]) are on
+    /// regardless (one indirect call each without a profiler).
+    pub nvtx: bool,
 }
 
 /// A device buffer: `len` elements stored as `dtype`.
@@ -147,6 +152,8 @@ pub struct CudaBackend {
     scratch: Mutex<HashMap<String, CudaSlice<u8>>>,
     error: Mutex<Option<anyhow::Error>>,
     profiler: Mutex<Profiler>,
+    /// [`CudaOptions::nvtx`].
+    nvtx_ops: bool,
 }
 
 // SAFETY: the cuBLAS handle is used only on this backend's stream, and every use goes through `&self`
@@ -201,6 +208,7 @@ impl CudaBackend {
             include_dirs: kernels::cuda_include_dirs(|_| None),
             cache_dir: None,
             profile: false,
+            nvtx: false,
         })
     }
 
@@ -282,6 +290,7 @@ impl CudaBackend {
                 enabled: opts.profile,
                 records: Vec::new(),
             }),
+            nvtx_ops: opts.nvtx,
         })
     }
 
@@ -432,6 +441,7 @@ impl CudaBackend {
                 KArg::F(v) => b.arg(v),
             };
         }
+        let _range = nvtx::Range::new(self.nvtx_ops, name);
         let start = self.prof_start();
         let cfg = LaunchConfig {
             grid_dim: grid,
@@ -1255,6 +1265,7 @@ impl CudaBackend {
         };
         let name = format!("cublas_gemm_{}_{}", suffix(ab), suffix(od));
         self.bind()?;
+        let _range = nvtx::Range::new(self.nvtx_ops, &name);
         let start = self.prof_start();
         // SAFETY: pointers are live device buffers of the checked sizes; alpha/beta are host f32
         // (compute type 32F, host pointer mode).
@@ -1542,6 +1553,13 @@ impl Backend for CudaBackend {
             _p: PhantomData,
         }
     }
+    fn range_push(&self, name: &str) {
+        nvtx::range_push(name);
+    }
+    fn range_pop(&self) {
+        nvtx::range_pop();
+    }
+
     fn synchronize(&self) -> Result<()> {
         self.stream
             .synchronize()
