@@ -173,6 +173,27 @@ impl Drop for CudaBackend {
     }
 }
 
+// ---- raw access for other device code (the NCCL transport in `crate::distributed::nccl`) ----------
+impl DView<'_> {
+    /// `(device address, elements, dtype)`; valid while the view's buffer lives.
+    pub fn raw(&self) -> (u64, usize, DType) {
+        (self.ptr, self.len, self.dtype)
+    }
+}
+impl DViewMut<'_> {
+    /// `(device address, elements, dtype)`; valid while the view's buffer lives.
+    pub fn raw(&self) -> (u64, usize, DType) {
+        (self.ptr, self.len, self.dtype)
+    }
+}
+impl CudaBackend {
+    /// The stream every op is queued on (its context is the device's primary context). Work on
+    /// another stream that reads or writes this backend's buffers must be ordered with events.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
 fn dt(role: Role) -> DType {
     match role {
         Role::Weight | Role::Activation => DType::BF16,
