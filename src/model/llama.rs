@@ -389,6 +389,7 @@ impl<B: Backend> Llama<B> {
             c,
         );
         for (li, ll) in self.layers.iter().enumerate() {
+            be.range_push(&format!("layer.{li}.forward"));
             let (cur, rest) = acts.layers.split_at_mut(li + 1);
             let la = &mut cur[li];
             let next = match rest.first_mut() {
@@ -536,6 +537,7 @@ impl<B: Backend> Llama<B> {
                 &ctx,
                 host,
             )?;
+            be.range_pop();
         }
         be.rmsnorm_forward(
             vm(be, &mut acts.normf),
@@ -793,6 +795,7 @@ impl<B: Backend> Llama<B> {
         let key = acts.rng_key;
         let dropout = acts.dropout_active;
         for (li, ll) in self.layers.iter().enumerate().rev() {
+            be.range_push(&format!("layer.{li}.backward"));
             let la = &mut acts.layers[li];
             let ctx = LinCtx {
                 n,
@@ -914,6 +917,7 @@ impl<B: Backend> Llama<B> {
                 &mut bw.scratch,
             )?;
             self.norm_backward(bw, grads, &la.resid_in, &la.rstd1, ll.ln1, n);
+            be.range_pop();
             self.ready_where(grads, on_ready, |k| match k {
                 Kind::Norm { layer, .. }
                 | Kind::Proj { layer, .. }
