@@ -48,8 +48,9 @@ pub const NCCL_ENABLED: bool = cfg!(feature = "cuda");
 /// Collective communication between the ranks of one job.
 ///
 /// Every rank calls the same collectives in the same order with the same lengths. Sums are
-/// computed in the canonical pairwise order over ranks (see the module docs) by every
-/// implementation, so the result is the same on every rank and independent of the transport.
+/// computed in the canonical pairwise order over ranks (see the module docs) by every CPU
+/// transport, so the result is the same on every rank and independent of the transport; NCCL
+/// (`nccl::NcclComm`) sums in its own order (equal at world 1, within rounding beyond).
 /// `bytes_sent` counts the bytes this rank handed to the transport for other ranks (copies to
 /// itself excluded), under the direct algorithm each collective is built from: reduce-scatter of
 /// `n·N` elements sends `n·(N−1)` of them, all-gather of `n` per rank sends `n·(N−1)`.
