@@ -262,6 +262,7 @@ fn gpu_or_skip(half: Half) -> Option<CudaBackend> {
         cache_dir: std::env::var("ZHLLAMA_KERNEL_CACHE").ok().map(Into::into),
         profile: false,
         half,
+        nvtx: false,
     };
     match CudaBackend::with_options(opts) {
         Ok(g) => Some(g),

@@ -25,10 +25,10 @@ if [ "${1:-}" = "--prepare" ]; then
     set -e
     export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}"
     cargo build --release --features cuda --bins
-    cargo test --release --features cuda --no-run --test cuda_parity --test cuda_nvrtc_compile 2>&1 | tee /tmp/gpu-check-build.txt
+    cargo test --release --features cuda --no-run --test cuda_parity --test cuda_nvrtc_compile --test cuda_nccl 2>&1 | tee /tmp/gpu-check-build.txt
     mkdir -p "$BIN"
     cp "$CARGO_TARGET_DIR/release/zhllama" "$CARGO_TARGET_DIR/release/cuda-bench" "$BIN/"
-    for t in cuda_parity cuda_nvrtc_compile; do
+    for t in cuda_parity cuda_nvrtc_compile cuda_nccl; do
         exe="$(grep -o "[^ (]*/deps/$t-[0-9a-f]*" /tmp/gpu-check-build.txt | tail -1)"
         [ -n "$exe" ] || exe="$(ls -t "$CARGO_TARGET_DIR"/release/deps/$t-* | grep -v '\.d$' | head -1)"
         cp "$exe" "$BIN/$t"
@@ -109,6 +109,8 @@ step bench 150 "$BIN/cuda-bench" all --reps 5
 step parity 110 "$BIN/cuda_parity" --nocapture --test-threads=1
 # NVRTC check with the image's own NVRTC (registers/spills as compiled for this card's toolkit).
 step nvrtc 60 "$BIN/cuda_nvrtc_compile" --nocapture every_kernel
+# NCCL at world 1: collectives and a ZeRO-2 step bit-identical to LocalComm (issue 10).
+step nccl 45 "$BIN/cuda_nccl" --nocapture --test-threads=1
 
 COPY="$(awk '/ceiling  d2d_copy/ {print $3}' "$OUT/bench.txt" 2>/dev/null)"
 GEMM="$(awk '/ceiling  gemm_bf16/ {print $3}' "$OUT/bench.txt" 2>/dev/null)"

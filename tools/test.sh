@@ -33,7 +33,7 @@ cuda_ci() {
     export LD_LIBRARY_PATH="$cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     export ZHLLAMA_CUDA_INCLUDE="$cu13/include"
     cargo build --release --features cuda --bins
-    cargo test --release --features cuda --test cuda_nvrtc_compile --test cuda_parity -- --nocapture
+    cargo test --release --features cuda --test cuda_nvrtc_compile --test cuda_parity --test cuda_nvtx --test cuda_nccl -- --nocapture
     # The GPU check script must parse, and fail clearly on a machine without a GPU.
     bash -n tools/gpu-check.sh
     local out rc=0

@@ -31,6 +31,8 @@ pub struct CudaOptions {
     pub profile: bool,
     /// Storage of weights and activations: bf16 or f16 (the fp16 mode).
     pub half: Half,
+    /// An NVTX range around every kernel launch.
+    pub nvtx: bool,
 }
 
 /// Mirror of the `cuda` build's 16-bit storage choice.

@@ -62,6 +62,11 @@ pub struct Args {
     /// Backend that runs the model (`cuda`: one GPU per process, chosen by the local rank).
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: BackendKind,
+    /// Multi-process runs: a collective that waits longer than this many seconds (a barrier: ten
+    /// times this, e.g. while rank 0 writes a large checkpoint) ends the job with a clear error
+    /// instead of hanging; 0 disables the watchdog.
+    #[arg(long, default_value_t = 60)]
+    pub comm_timeout: u64,
     /// `--key value` config overrides.
     #[arg(allow_hyphen_values = true, trailing_var_arg = true, num_args = 0.., hide = true)]
     pub overrides: Vec<String>,
@@ -131,6 +136,7 @@ fn take_named_options(args: &mut Args) -> Result<()> {
                 | "--precision"
                 | "--resume-from"
                 | "--backend"
+                | "--comm-timeout"
         );
         if is_flag {
             match name.as_str() {
@@ -165,6 +171,7 @@ fn take_named_options(args: &mut Args) -> Result<()> {
             "--save-steps" => args.save_steps = Some(value.parse().with_context(bad)?),
             "--seed" => args.seed = Some(value.parse().with_context(bad)?),
             "--world-size" => args.world_size = Some(value.parse().with_context(bad)?),
+            "--comm-timeout" => args.comm_timeout = value.parse().with_context(bad)?,
             _ => args.vocab_size = Some(value.parse().with_context(bad)?),
         }
     }
@@ -231,8 +238,20 @@ fn train<B: zhllama::backend::Backend>(
     let output = args.output.as_ref().context("--output DIR is required")?;
     let vars: std::collections::HashMap<String, String> = std::env::vars().collect();
     let launch = zhllama::distributed::launch_info(&vars)?;
-    let comm =
-        zhllama::distributed::init(launch.as_ref(), Some(std::time::Duration::from_secs(60)))?;
+    let watchdog =
+        (args.comm_timeout > 0).then(|| std::time::Duration::from_secs(args.comm_timeout));
+    let comm = zhllama::distributed::init(launch.as_ref(), watchdog)?;
+    // GPUs at world > 1: the gradients travel over NCCL (bootstrapped over the MPI communicator);
+    // `ZHLLAMA_NCCL_LIB` names a libnccl to try before `libnccl.so.2`.
+    let comm = if args.backend == BackendKind::Cuda && comm.world_size() > 1 {
+        let paths: Vec<PathBuf> = std::env::var_os("ZHLLAMA_NCCL_LIB")
+            .map(|p| vec![PathBuf::from(p)])
+            .unwrap_or_default();
+        let device = launch.as_ref().map_or(0, |l| l.local_rank);
+        zhllama::distributed::init_nccl(comm, device, &paths)?
+    } else {
+        comm
+    };
     let comm: &dyn zhllama::distributed::Comm = &*comm;
     let data = Data::open(data_dir)?;
     if (args.stage == Stage::Sft) != data.is_sft() {

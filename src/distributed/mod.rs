@@ -8,7 +8,8 @@
 //! how the ZeRO-2 logic is tested by plain `cargo test`), and `MpiComm` (feature `mpi`, the system
 //! OpenMPI through the `mpi` crate). All of them move bytes only; the sums are done here, in
 //! [`collective`], in one fixed order (see "Reduction order"), so every transport gives the same
-//! bits.
+//! bits. The exception is `NcclComm` (feature `cuda`, [`init_nccl`]): GPUs sum in NCCL's own order,
+//! bit-identical to the others at world 1 only (see its module docs for the tolerance).
 //!
 //! # Reduction order
 //! A sum over ranks `0..n` is the *canonical pairwise tree*: split at `h` = the largest power of
@@ -24,6 +25,8 @@ pub mod env;
 pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod shard;
 pub mod thread;
 pub mod toy;
@@ -39,12 +42,15 @@ use anyhow::Result;
 
 /// Whether this build can run several processes (`--features mpi`).
 pub const MPI_ENABLED: bool = cfg!(feature = "mpi");
+/// Whether this build has the NCCL transport (`--features cuda`).
+pub const NCCL_ENABLED: bool = cfg!(feature = "cuda");
 
 /// Collective communication between the ranks of one job.
 ///
 /// Every rank calls the same collectives in the same order with the same lengths. Sums are
-/// computed in the canonical pairwise order over ranks (see the module docs) by every
-/// implementation, so the result is the same on every rank and independent of the transport.
+/// computed in the canonical pairwise order over ranks (see the module docs) by every CPU
+/// transport, so the result is the same on every rank and independent of the transport; NCCL
+/// (`nccl::NcclComm`) sums in its own order (equal at world 1, within rounding beyond).
 /// `bytes_sent` counts the bytes this rank handed to the transport for other ranks (copies to
 /// itself excluded), under the direct algorithm each collective is built from: reduce-scatter of
 /// `n·N` elements sends `n·(N−1)` of them, all-gather of `n` per rank sends `n·(N−1)`.
@@ -119,5 +125,38 @@ fn init_launched(
         info.rank,
         info.world_size,
         info.launcher
+    )
+}
+
+/// The NCCL communicator over `base`'s ranks (from [`init`]), on CUDA device `device` (the local
+/// rank): what the binary uses with the CUDA backend at world > 1. Collective over `base`.
+/// `nccl_lib_paths`: NCCL library files to try before `libnccl.so.2` / `libnccl.so`. Sums are in
+/// NCCL's order, not the canonical tree (see `nccl`'s module docs). Fails with a clear error
+/// without NCCL, a GPU, or in a build without `cuda`.
+pub fn init_nccl(
+    base: Box<dyn Comm>,
+    device: usize,
+    nccl_lib_paths: &[std::path::PathBuf],
+) -> Result<Box<dyn Comm>> {
+    init_nccl_impl(base, device, nccl_lib_paths)
+}
+
+#[cfg(feature = "cuda")]
+fn init_nccl_impl(
+    base: Box<dyn Comm>,
+    device: usize,
+    nccl_lib_paths: &[std::path::PathBuf],
+) -> Result<Box<dyn Comm>> {
+    Ok(Box::new(nccl::NcclComm::new(base, device, nccl_lib_paths)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn init_nccl_impl(
+    _base: Box<dyn Comm>,
+    _device: usize,
+    _nccl_lib_paths: &[std::path::PathBuf],
+) -> Result<Box<dyn Comm>> {
+    anyhow::bail!(
+        "NCCL needs the CUDA backend: rebuild with `cargo build --release --features cuda`"
     )
 }

@@ -253,6 +253,10 @@ pub struct Zero2 {
     has_master: bool,
     /// Optimizer updates applied so far (skipped steps excluded).
     updates: u64,
+    /// Overlap: chunks already reduce-scattered this step ([`Zero2::grads_ready`]).
+    chunk_done: Vec<bool>,
+    /// Overlap: flat ranges marked final this step, sorted and merged.
+    ready: Vec<Range<usize>>,
 }
 
 /// Shard file layout (little endian): magic, version u32, rank u32, world u32, reserved u32,
@@ -314,6 +318,8 @@ impl Zero2 {
             scratch: vec![0.0; chunk * world],
             has_master: false,
             updates: 0,
+            chunk_done: vec![false; s.div_ceil(chunk)],
+            ready: Vec::new(),
         }
     }
 
@@ -329,6 +335,11 @@ impl Zero2 {
 
     pub fn layout(&self) -> ShardLayout {
         self.layout
+    }
+
+    /// Collective calls per reduce-scatter (or all-gather) of the whole gradient: `⌈⌈P/N⌉ / chunk⌉`.
+    pub fn chunks(&self) -> usize {
+        self.chunk_done.len()
     }
 
     /// The lengths of the buffers actually allocated: `(master, m, v, reduced gradient)`.
@@ -378,7 +389,14 @@ impl Zero2 {
             self.has_master = true;
         }
 
-        self.reduce_scatter(comm, grads)?;
+        // Chunks not already reduced by `grads_ready` (all of them without overlap).
+        for k in 0..self.chunk_done.len() {
+            if !self.chunk_done[k] {
+                self.reduce_chunk(comm, grads, k)?;
+            }
+        }
+        self.chunk_done.fill(false);
+        self.ready.clear();
         for g in &mut self.grad[..valid] {
             *g *= grad_scale;
         }
@@ -442,28 +460,92 @@ impl Zero2 {
         Ok(())
     }
 
-    /// `self.grad =` this rank's shard of `Σ_ranks grads`, one bucket at a time.
-    fn reduce_scatter(&mut self, comm: &dyn Comm, grads: &[f32]) -> Result<()> {
+    /// `self.grad[chunk k] =` this rank's part of chunk `k` of `Σ_ranks grads`. Chunk `k` is
+    /// offsets `[k·chunk, (k+1)·chunk)` of every rank's shard (one collective call).
+    fn reduce_chunk(&mut self, comm: &dyn Comm, grads: &[f32], k: usize) -> Result<()> {
         let (s, w, p) = (
             self.layout.shard_elems,
             self.layout.world,
             self.layout.n_params,
         );
-        let mut off = 0;
-        while off < s {
+        let off = k * self.chunk;
+        let len = self.chunk.min(s - off);
+        let send = &mut self.scratch[..len * w];
+        for r in 0..w {
+            let dst = &mut send[r * len..(r + 1) * len];
+            let lo = (r * s + off).min(p);
+            let hi = (r * s + off + len).min(p);
+            dst[..hi - lo].copy_from_slice(&grads[lo..hi]);
+            dst[hi - lo..].fill(0.0);
+        }
+        comm.reduce_scatter_sum(send, &mut self.grad[off..off + len])?;
+        self.chunk_done[k] = true;
+        Ok(())
+    }
+
+    /// Overlap of the gradient reduce-scatter with the backward pass: mark `range` of the flat
+    /// gradient final for this step (the backward will not change it again), and reduce-scatter
+    /// now every chunk whose elements are all final. The next [`Zero2::step`] reduces only the
+    /// chunks still pending, so the step is bit-identical to one without overlap (each chunk's
+    /// reduction is independent of when it runs). Call it on the last micro-batch of a step, with
+    /// `grads` holding this rank's final sums on every range marked so far. Every rank must mark the
+    /// same ranges in the same order (the collectives must match); returns the chunks reduced.
+    ///
+    /// Chunk `k` holds offset `k·chunk` of *every* rank's shard, so with the contiguous shard layout
+    /// it is final only once the backward reaches that offset in rank 0's shard (the first `1/N` of
+    /// the flat buffer): chunks start flowing in the last `~1/N` of a backward that runs from the
+    /// last layer to the first. Overlapping the whole backward needs per-layer sharding (each
+    /// layer's range split over the ranks), which changes the checkpoint format; see ARCHITECTURE.md.
+    pub fn grads_ready(
+        &mut self,
+        comm: &dyn Comm,
+        grads: &[f32],
+        range: Range<usize>,
+    ) -> Result<usize> {
+        let p = self.layout.n_params;
+        ensure!(
+            grads.len() == p && range.start <= range.end && range.end <= p,
+            "ZeRO-2 over {p} parameters: ready range {range:?}, grads of {}",
+            grads.len()
+        );
+        self.check_comm(comm)?;
+        if !range.is_empty() {
+            self.ready.push(range);
+            self.ready.sort_by_key(|r| r.start);
+            let mut merged: Vec<Range<usize>> = Vec::with_capacity(self.ready.len());
+            for r in self.ready.drain(..) {
+                match merged.last_mut() {
+                    Some(m) if r.start <= m.end => m.end = m.end.max(r.end),
+                    _ => merged.push(r),
+                }
+            }
+            self.ready = merged;
+        }
+        let (s, w) = (self.layout.shard_elems, self.layout.world);
+        let mut fired = 0;
+        for k in 0..self.chunk_done.len() {
+            if self.chunk_done[k] {
+                continue;
+            }
+            let off = k * self.chunk;
             let len = self.chunk.min(s - off);
-            let send = &mut self.scratch[..len * w];
-            for r in 0..w {
-                let dst = &mut send[r * len..(r + 1) * len];
+            let all_final = (0..w).all(|r| {
                 let lo = (r * s + off).min(p);
                 let hi = (r * s + off + len).min(p);
-                dst[..hi - lo].copy_from_slice(&grads[lo..hi]);
-                dst[hi - lo..].fill(0.0);
+                lo == hi || self.is_ready(lo..hi)
+            });
+            if all_final {
+                self.reduce_chunk(comm, grads, k)?;
+                fired += 1;
             }
-            comm.reduce_scatter_sum(send, &mut self.grad[off..off + len])?;
-            off += len;
         }
-        Ok(())
+        Ok(fired)
+    }
+
+    /// Whether `r` (non-empty) lies inside one merged ready range.
+    fn is_ready(&self, r: Range<usize>) -> bool {
+        let i = self.ready.partition_point(|x| x.start <= r.start);
+        i > 0 && self.ready[i - 1].end >= r.end
     }
 
     /// `params =` the concatenation of every rank's master shard, one bucket at a time.

@@ -21,6 +21,7 @@ use anyhow::{Context, Result, bail, ensure};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::borrow::Cow;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -797,6 +798,21 @@ impl<B: Backend> Llama<B> {
         grads: &mut B::Buf,
         scale: f32,
     ) -> Result<()> {
+        self.backward_with(acts, grads, scale, &mut |_, _| {})
+    }
+
+    /// [`Llama::backward`], calling `on_ready(grads, range)` for each trainable tensor's range of
+    /// `grads` as soon as the backward will add nothing more to it: the final norm and lm_head
+    /// first, then each layer's tensors (last layer first), the embedding (and a tied lm_head)
+    /// last. For overlapping the gradient reduce-scatter with the backward (`Zero2::grads_ready`).
+    /// A batch without targets reports nothing (its gradient is zero).
+    pub fn backward_with(
+        &self,
+        acts: &mut Activations<B>,
+        grads: &mut B::Buf,
+        scale: f32,
+        on_ready: &mut dyn FnMut(&B::Buf, Range<usize>),
+    ) -> Result<()> {
         let be = &*self.backend;
         ensure!(
             acts.has_targets,
@@ -873,6 +889,9 @@ impl<B: Backend> Llama<B> {
             n,
         );
         drop(r);
+        self.ready_where(grads, on_ready, |k| {
+            matches!(k, Kind::FinalNorm | Kind::LmHead)
+        });
         let key = acts.rng_key;
         let dropout = acts.dropout_active;
         for (li, ll) in self.layers.iter().enumerate().rev() {
@@ -1015,6 +1034,13 @@ impl<B: Backend> Llama<B> {
                 &mut bw.scratch,
             )?;
             self.norm_backward(bw, grads, &acts.resid[li], &la.rstd1, ll.ln1, n);
+            self.ready_where(grads, on_ready, |k| match k {
+                Kind::Norm { layer, .. }
+                | Kind::Proj { layer, .. }
+                | Kind::LoraA { layer, .. }
+                | Kind::LoraB { layer, .. } => layer == li,
+                _ => false,
+            });
         }
         if self.embed.trainable() {
             let _r = self.range("embedding bwd");
@@ -1026,7 +1052,22 @@ impl<B: Backend> Llama<B> {
                 c,
             );
         }
+        self.ready_where(grads, on_ready, |k| k == Kind::Embedding);
         Ok(())
+    }
+
+    /// `on_ready(grads, range)` for every trainable entry whose kind satisfies `pick`.
+    fn ready_where(
+        &self,
+        grads: &B::Buf,
+        on_ready: &mut dyn FnMut(&B::Buf, Range<usize>),
+        pick: impl Fn(Kind) -> bool,
+    ) {
+        for e in self.layout.entries() {
+            if e.group == Group::Trainable && pick(e.kind) {
+                on_ready(grads, e.range.clone());
+            }
+        }
     }
 
     /// `bw.dres += ∂/∂x` of `rmsnorm(x, w)` given `bw.dln`; `grads[w] +=` when `w` trains.

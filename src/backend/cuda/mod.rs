@@ -21,6 +21,7 @@
 //! Profiling: [`CudaBackend::set_profiling`] + [`CudaBackend::profile_report`] (CUDA events per launch).
 
 pub mod nvrtc;
+pub mod nvtx;
 
 use super::{AdamW, Backend, Role};
 use crate::kernels;
@@ -56,6 +57,10 @@ pub struct CudaOptions {
     /// Storage of `Role::Weight` / `Role::Activation` buffers: bf16 (the default) or f16 (the
     /// recipe's fp16 mode; pair it with loss scaling: f16's range ends at 65504).
     pub half: Half,
+    /// An NVTX range around every kernel launch and cuBLAS call, named after the kernel (for Nsight;
+    /// see [`nvtx`]). Off: no NVTX call per launch. Layer ranges ([`Backend::range_push`]) are on
+    /// regardless (one indirect call each without a profiler).
+    pub nvtx: bool,
 }
 
 /// The 16-bit storage type of weights and activations.
@@ -171,6 +176,8 @@ pub struct CudaBackend {
     scratch: Mutex<HashMap<String, CudaSlice<u8>>>,
     error: Mutex<Option<anyhow::Error>>,
     profiler: Mutex<Profiler>,
+    /// [`CudaOptions::nvtx`].
+    nvtx_ops: bool,
 }
 
 // SAFETY: the cuBLAS handle is used only on this backend's stream, and every use goes through `&self`
@@ -187,6 +194,27 @@ impl Drop for CudaBackend {
         unsafe {
             let _ = blas_result::destroy_handle(self.blas);
         }
+    }
+}
+
+// ---- raw access for other device code (the NCCL transport in `crate::distributed::nccl`) ----------
+impl DView<'_> {
+    /// `(device address, elements, dtype)`; valid while the view's buffer lives.
+    pub fn raw(&self) -> (u64, usize, DType) {
+        (self.ptr, self.len, self.dtype)
+    }
+}
+impl DViewMut<'_> {
+    /// `(device address, elements, dtype)`; valid while the view's buffer lives.
+    pub fn raw(&self) -> (u64, usize, DType) {
+        (self.ptr, self.len, self.dtype)
+    }
+}
+impl CudaBackend {
+    /// The stream every op is queued on (its context is the device's primary context). Work on
+    /// another stream that reads or writes this backend's buffers must be ordered with events.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
     }
 }
 
@@ -233,6 +261,7 @@ impl CudaBackend {
             cache_dir: None,
             profile: false,
             half: Half::Bf16,
+            nvtx: false,
         })
     }
 
@@ -315,6 +344,7 @@ impl CudaBackend {
                 enabled: opts.profile,
                 records: Vec::new(),
             }),
+            nvtx_ops: opts.nvtx,
         })
     }
 
@@ -469,6 +499,7 @@ impl CudaBackend {
                 KArg::F(v) => b.arg(v),
             };
         }
+        let _range = nvtx::Range::new(self.nvtx_ops, name);
         let start = self.prof_start();
         let cfg = LaunchConfig {
             grid_dim: grid,
@@ -1311,6 +1342,7 @@ impl CudaBackend {
         };
         let name = format!("cublas_gemm_{}_{}", suffix(ab), suffix(od));
         self.bind()?;
+        let _range = nvtx::Range::new(self.nvtx_ops, &name);
         let start = self.prof_start();
         // SAFETY: pointers are live device buffers of the checked sizes; alpha/beta are host f32
         // (compute type 32F, host pointer mode).
@@ -1612,6 +1644,13 @@ impl Backend for CudaBackend {
             _p: PhantomData,
         }
     }
+    fn range_push(&self, name: &str) {
+        nvtx::range_push(name);
+    }
+    fn range_pop(&self) {
+        nvtx::range_pop();
+    }
+
     fn synchronize(&self) -> Result<()> {
         self.stream
             .synchronize()
