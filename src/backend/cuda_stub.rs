@@ -18,30 +18,7 @@ pub const ENABLED: bool = false;
 #[derive(Clone, Copy, Debug)]
 pub enum Never {}
 
-/// Mirror of the `cuda` build's options, so binaries fill them the same way in every build.
-#[derive(Clone, Debug, Default)]
-pub struct CudaOptions {
-    /// Device ordinal (the local rank).
-    pub device: usize,
-    /// Directories with the CUDA headers (`cuda_bf16.h`).
-    pub include_dirs: Vec<PathBuf>,
-    /// Where compiled cubins are cached (none: compile every start).
-    pub cache_dir: Option<PathBuf>,
-    /// Time every launch with CUDA events from the start.
-    pub profile: bool,
-    /// Storage of weights and activations: bf16 or f16 (the fp16 mode).
-    pub half: Half,
-    /// An NVTX range around every kernel launch.
-    pub nvtx: bool,
-}
-
-/// Mirror of the `cuda` build's 16-bit storage choice.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Half {
-    #[default]
-    Bf16,
-    F16,
-}
+pub use super::cuda_options::{CudaOptions, Half};
 
 /// Mirror of the `cuda` build's per-kernel profile row.
 #[derive(Clone, Debug)]

@@ -23,6 +23,7 @@ pub mod cuda;
 #[cfg(not(feature = "cuda"))]
 #[path = "cuda_stub.rs"]
 pub mod cuda;
+pub mod cuda_options;
 
 use anyhow::Result;
 use std::ops::Range;

@@ -1,0 +1,43 @@
+//! How a binary starts the CUDA backend: the same types in every build (the stub built without
+//! `cuda` takes them too and returns its error), so binaries fill them without a `cfg`.
+
+use crate::tensor::DType;
+use std::path::PathBuf;
+
+/// How to start the backend. The binary fills it (it alone reads the environment).
+#[derive(Clone, Debug, Default)]
+pub struct CudaOptions {
+    /// Device ordinal (the local rank).
+    pub device: usize,
+    /// Directories with the CUDA headers (`cuda_bf16.h`); see [`crate::kernels::cuda_include_dirs`].
+    pub include_dirs: Vec<PathBuf>,
+    /// Where compiled cubins are cached (none: compile every start).
+    pub cache_dir: Option<PathBuf>,
+    /// Time every launch with CUDA events from the start.
+    pub profile: bool,
+    /// Storage of `Role::Weight` / `Role::Activation` buffers: bf16 (the default) or f16 (the
+    /// recipe's fp16 mode; pair it with loss scaling: f16's range ends at 65504).
+    pub half: Half,
+    /// An NVTX range around every kernel launch and cuBLAS call, named after the kernel (for Nsight;
+    /// see `backend::cuda::nvtx`). Off: no NVTX call per launch. Layer ranges ([`super::Backend::range_push`]) are on
+    /// regardless (one indirect call each without a profiler).
+    pub nvtx: bool,
+}
+
+/// The 16-bit storage type of weights and activations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Half {
+    #[default]
+    Bf16,
+    F16,
+}
+
+impl Half {
+    /// The element type of buffers stored in this format.
+    pub fn dtype(self) -> DType {
+        match self {
+            Half::Bf16 => DType::BF16,
+            Half::F16 => DType::F16,
+        }
+    }
+}
