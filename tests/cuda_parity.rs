@@ -1027,3 +1027,226 @@ fn fill_uniform(c: &mut Ctx, mode: Mode) {
         }
     }
 }
+
+/// The trait-level fused ops the model calls (`Backend::lm_head_cross_entropy_*` and
+/// `Backend::attention_rope_*`): CUDA's overrides against the CPU backend's composite defaults,
+/// each side with the buffers its own `lm_head_cross_entropy_buffers` asks for and with q/k as its
+/// own forward left them (the default rotates in place, the fused kernel does not). Beyond the
+/// kernel entries above this covers the adapters: the `[n, 8192]` chunking at V > 8192 (two
+/// chunks, the last ragged), `dx =` over stale content, `dw +=` and a frozen lm_head (`dw` none),
+/// and a RoPE position offset. Tolerances as `Mode::tol` (`f32`: every buffer fp32, the order of
+/// the sums only; `mixed`: bf16 storage of the inputs, the logits chunk and the outputs).
+#[test]
+fn fused_trait_ops_match_the_composite_defaults() {
+    let Some(gpu) = gpu_or_skip(Half::Bf16) else {
+        return;
+    };
+    let mut c = Ctx {
+        gpu,
+        cpu: CpuBackend::new(),
+        rng: ChaCha8Rng::seed_from_u64(7),
+        failures: Vec::new(),
+        half16: false,
+    };
+    for mode in [Mode::F32, Mode::Mixed] {
+        trait_lm_head_ce(&mut c, mode);
+        trait_attention_rope(&mut c, mode);
+    }
+    c.gpu.synchronize().expect("no CUDA error queued");
+    assert!(
+        c.failures.is_empty(),
+        "{} parity failures:\n{}",
+        c.failures.len(),
+        c.failures.join("\n")
+    );
+}
+
+fn trait_lm_head_ce(c: &mut Ctx, mode: Mode) {
+    let r = mode.data();
+    for (n, ch, v) in [(37usize, 64usize, 9000usize), (5, 64, 7)] {
+        let x = c.rand(n * ch, 1.0, r);
+        let w = c.rand(v * ch, 1.0, r);
+        let t = targets(c, n, v);
+        let scale = 0.37;
+        let dx0 = c.rand(n * ch, 1.0, r);
+        let dw0 = c.rand(v * ch, 1.0, Role::Fp32);
+        // CPU: the composite default.
+        let cb = c.cpu.lm_head_cross_entropy_buffers(n, v, true);
+        let (mut clog, mut clse, mut cscr) = (
+            vec![0.0; cb.logits],
+            vec![0.0; cb.lse],
+            vec![0.0; cb.scratch],
+        );
+        let mut losses = vec![0.0; n];
+        Backend::lm_head_cross_entropy_forward(
+            &c.cpu,
+            &mut losses,
+            &mut clse,
+            &mut clog,
+            &mut cscr,
+            &x,
+            &w,
+            &t,
+            n,
+            ch,
+            v,
+        );
+        // GPU: the fused override.
+        let gb = c.gpu.lm_head_cross_entropy_buffers(n, v, true);
+        let mut glog = c.gpu.alloc(gb.logits, r).unwrap();
+        let mut glse = c.gpu.alloc(gb.lse, Role::Fp32).unwrap();
+        let mut gscr = c.gpu.alloc(gb.scratch, r).unwrap();
+        let mut gloss = c.gpu.alloc(n, Role::Fp32).unwrap();
+        let (gx, gw, gt) = (c.up(&x, r), c.up(&w, r), c.ids(&t));
+        Backend::lm_head_cross_entropy_forward(
+            &c.gpu,
+            gm!(c, gloss),
+            &mut glse,
+            &mut glog,
+            &mut gscr,
+            gv!(c, gx),
+            gv!(c, gw),
+            &gt,
+            n,
+            ch,
+            v,
+        );
+        let shape = format!("n{n} c{ch} v{v}");
+        let got = c.down(&gloss);
+        c.check(
+            "trait lm_head_ce_forward losses",
+            &shape,
+            mode,
+            &got,
+            &losses,
+        );
+        for frozen in [false, true] {
+            let (mut dx, mut dw) = (dx0.clone(), dw0.clone());
+            Backend::lm_head_cross_entropy_backward(
+                &c.cpu,
+                &mut dx,
+                (!frozen).then_some(&mut dw[..]),
+                &mut cscr,
+                &x,
+                &w,
+                &clog,
+                &clse,
+                &t,
+                n,
+                ch,
+                v,
+                scale,
+            );
+            let (mut gdx, mut gdw) = (c.up(&dx0, r), c.up(&dw0, Role::Fp32));
+            let gdw_view = if frozen { None } else { Some(gm!(c, gdw)) };
+            Backend::lm_head_cross_entropy_backward(
+                &c.gpu,
+                gm!(c, gdx),
+                gdw_view,
+                &mut gscr,
+                gv!(c, gx),
+                gv!(c, gw),
+                &glog,
+                &glse,
+                &gt,
+                n,
+                ch,
+                v,
+                scale,
+            );
+            let tag = if frozen { " frozen" } else { "" };
+            let got = c.down(&gdx);
+            c.check(
+                &format!("trait lm_head_ce dx (=){tag}"),
+                &shape,
+                mode,
+                &got,
+                &dx,
+            );
+            let got = c.down(&gdw);
+            c.check(
+                &format!("trait lm_head_ce dw (+=){tag}"),
+                &shape,
+                mode,
+                &got,
+                &dw,
+            );
+        }
+    }
+}
+
+fn trait_attention_rope(c: &mut Ctx, mode: Mode) {
+    let r = mode.data();
+    for (b, t, h, hkv, d, off) in [(2, 37, 4, 2, 64, 3), (1, 70, 2, 1, 128, 0)] {
+        let theta = 10000.0f32;
+        let shape = format!("b{b} t{t} h{h}/{hkv} d{d} +{off}");
+        let q = c.rand(b * t * h * d, 1.0, r);
+        let k = c.rand(b * t * hkv * d, 1.0, r);
+        let v = c.rand(b * t * hkv * d, 1.0, r);
+        let dout = c.rand(b * t * h * d, 1.0, r);
+        let (mut cq, mut ck) = (q.clone(), k.clone());
+        let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; b * h * t]);
+        Backend::attention_rope_forward(
+            &c.cpu, &mut out, &mut lse, &mut cq, &mut ck, &v, b, t, h, hkv, d, theta, off,
+        );
+        let (mut gq, mut gk, gvv, gd) = (c.up(&q, r), c.up(&k, r), c.up(&v, r), c.up(&dout, r));
+        let mut gout = c.gpu.alloc(q.len(), r).unwrap();
+        let mut glse = c.gpu.alloc(b * h * t, Role::Fp32).unwrap();
+        Backend::attention_rope_forward(
+            &c.gpu,
+            gm!(c, gout),
+            gm!(c, glse),
+            &mut gq,
+            &mut gk,
+            gv!(c, gvv),
+            b,
+            t,
+            h,
+            hkv,
+            d,
+            theta,
+            off,
+        );
+        let got = c.down(&gout);
+        c.check("trait attention_rope out", &shape, mode, &got, &out);
+        let got = c.down(&glse);
+        c.check("trait attention_rope lse", &shape, mode, &got, &lse);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        Backend::attention_rope_backward(
+            &c.cpu, &mut dq, &mut dk, &mut dv, &dout, &cq, &ck, &v, &out, &lse, b, t, h, hkv, d,
+            theta, off,
+        );
+        let mut gdq = c.gpu.alloc(q.len(), r).unwrap();
+        let mut gdk = c.gpu.alloc(k.len(), r).unwrap();
+        let mut gdv = c.gpu.alloc(v.len(), r).unwrap();
+        Backend::attention_rope_backward(
+            &c.gpu,
+            &mut gdq,
+            &mut gdk,
+            gm!(c, gdv),
+            gv!(c, gd),
+            gv!(c, gq),
+            gv!(c, gk),
+            gv!(c, gvv),
+            gv!(c, gout),
+            gv!(c, glse),
+            b,
+            t,
+            h,
+            hkv,
+            d,
+            theta,
+            off,
+        );
+        for (name, g, w) in [("dq", &gdq, &dq), ("dk", &gdk, &dk), ("dv", &gdv, &dv)] {
+            let got = c.down(g);
+            c.check(
+                &format!("trait attention_rope {name}"),
+                &shape,
+                mode,
+                &got,
+                w,
+            );
+        }
+    }
+}

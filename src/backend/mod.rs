@@ -51,6 +51,21 @@ pub struct AdamW {
     pub step: u64,
 }
 
+/// Element counts of the buffers [`Backend::lm_head_cross_entropy_forward`] and its backward take
+/// for `n` rows and vocabulary `v` ([`Backend::lm_head_cross_entropy_buffers`]); a count may be 0
+/// (pass an empty view).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LmHeadCeBuffers {
+    /// `logits` (`Role::Activation`): the `[n, v]` logits the composite default writes and its
+    /// backward reads; 0 on a backend that never holds them.
+    pub logits: usize,
+    /// `lse` (`Role::Fp32`): per-row statistics a fused forward saves for its backward.
+    pub lse: usize,
+    /// `scratch` (`Role::Activation`): the default backward's `[n, v]` d-logits, or a fused
+    /// backend's vocabulary chunk.
+    pub scratch: usize,
+}
+
 pub trait Backend: Send + Sync {
     /// An owning float buffer in the backend's memory.
     type Buf: Send;
@@ -280,6 +295,203 @@ pub trait Backend: Send + Sync {
         v: usize,
         scale: f32,
     );
+
+    // ---- fused ops with composite defaults ----------------------------------------------------------
+    // Each default is the sequence of primitive ops above that the fused op replaces, so a backend
+    // without a fused kernel computes exactly what the model computed before; a backend with one
+    // (CUDA) overrides it. Buffers the two paths need differently come from the backend.
+
+    /// What [`Backend::lm_head_cross_entropy_forward`] / `_backward` need for `n` rows, vocabulary
+    /// `v`; `backward = false` for a forward-only caller (eval). Default: the full logits, plus the
+    /// full d-logits for the backward.
+    fn lm_head_cross_entropy_buffers(&self, n: usize, v: usize, backward: bool) -> LmHeadCeBuffers {
+        LmHeadCeBuffers {
+            logits: n * v,
+            lse: 0,
+            scratch: if backward { n * v } else { 0 },
+        }
+    }
+    /// lm_head + cross-entropy: `losses[n] =` per-row `logsumexp(x·wᵀ) - (x·wᵀ)[target]` (`0` where
+    /// the target is `-100`), from `x[n,c]`, `w[v,c]`. `logits`, `lse`, `scratch` are whole buffers
+    /// holding at least the counts of [`Backend::lm_head_cross_entropy_buffers`]; `logits` and
+    /// `lse` must reach the backward unchanged. Default: `logits[n,v] = x·wᵀ`
+    /// ([`Backend::matmul`]), then [`Backend::cross_entropy_forward`]; `lse`, `scratch` untouched.
+    #[allow(clippy::too_many_arguments)]
+    fn lm_head_cross_entropy_forward(
+        &self,
+        losses: Self::ViewMut<'_>,
+        lse: &mut Self::Buf,
+        logits: &mut Self::Buf,
+        scratch: &mut Self::Buf,
+        x: Self::View<'_>,
+        w: Self::View<'_>,
+        targets: &Self::Ids,
+        n: usize,
+        c: usize,
+        v: usize,
+    ) {
+        let _ = (lse, scratch);
+        let nv = 0..n * v;
+        self.matmul(
+            self.view_mut(logits, nv.clone()),
+            x,
+            w,
+            n,
+            v,
+            c,
+            false,
+            true,
+            1.0,
+            0.0,
+        );
+        self.cross_entropy_forward(losses, self.view(logits, nv), targets, n, v);
+    }
+    /// Backward of [`Backend::lm_head_cross_entropy_forward`] with loss weight `scale` per token
+    /// (`1/count` for HF's mean): `dx[n,c] =`, `dw[v,c] +=` (`None`: a frozen lm_head). `logits`
+    /// and `lse` as the forward left them. Default: `scratch[n,v] = dlogits`
+    /// ([`Backend::cross_entropy_backward`]), `dw += dlogitsᵀ·x`, then `dx = dlogits·w`.
+    #[allow(clippy::too_many_arguments)]
+    fn lm_head_cross_entropy_backward(
+        &self,
+        dx: Self::ViewMut<'_>,
+        dw: Option<Self::ViewMut<'_>>,
+        scratch: &mut Self::Buf,
+        x: Self::View<'_>,
+        w: Self::View<'_>,
+        logits: &Self::Buf,
+        lse: &Self::Buf,
+        targets: &Self::Ids,
+        n: usize,
+        c: usize,
+        v: usize,
+        scale: f32,
+    ) {
+        let _ = lse;
+        let nv = 0..n * v;
+        self.cross_entropy_backward(
+            self.view_mut(scratch, nv.clone()),
+            self.view(logits, nv.clone()),
+            targets,
+            n,
+            v,
+            scale,
+        );
+        if let Some(dw) = dw {
+            self.matmul(
+                dw,
+                self.view(scratch, nv.clone()),
+                x,
+                v,
+                c,
+                n,
+                true,
+                false,
+                1.0,
+                1.0,
+            );
+        }
+        self.matmul(
+            dx,
+            self.view(scratch, nv),
+            w,
+            n,
+            c,
+            v,
+            false,
+            false,
+            1.0,
+            0.0,
+        );
+    }
+
+    /// Causal GQA attention of RoPE'd q and k (as [`Backend::rope_forward`] with base `theta`,
+    /// positions `pos_offset + ti`, then [`Backend::attention_forward`]): `out[b,t,h,d] =`,
+    /// `lse[b,h,t] =`. `q[b,t,h,d]`, `k[b,t,hkv,d]` are whole buffers, un-rotated on entry; the
+    /// op may rotate them in place (the default does, a fused kernel rotates on load and leaves
+    /// them) and the backward must get them as the forward left them.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_rope_forward(
+        &self,
+        out: Self::ViewMut<'_>,
+        lse: Self::ViewMut<'_>,
+        q: &mut Self::Buf,
+        k: &mut Self::Buf,
+        v: Self::View<'_>,
+        b: usize,
+        t: usize,
+        h: usize,
+        hkv: usize,
+        d: usize,
+        theta: f32,
+        pos_offset: usize,
+    ) {
+        let (qr, kr) = (0..b * t * h * d, 0..b * t * hkv * d);
+        self.rope_forward(self.view_mut(q, qr.clone()), b, t, h, d, theta, pos_offset);
+        self.rope_forward(
+            self.view_mut(k, kr.clone()),
+            b,
+            t,
+            hkv,
+            d,
+            theta,
+            pos_offset,
+        );
+        self.attention_forward(
+            out,
+            lse,
+            self.view(q, qr),
+            self.view(k, kr),
+            v,
+            b,
+            t,
+            h,
+            hkv,
+            d,
+        );
+    }
+    /// Backward of [`Backend::attention_rope_forward`]: `dq =`, `dk =` (whole buffers, shaped as
+    /// q and k) with respect to the un-rotated q and k, `dv =`; `q`, `k` as the forward left them.
+    /// Default: [`Backend::attention_backward`], then [`Backend::rope_backward`] on dq and dk.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_rope_backward(
+        &self,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        q: Self::View<'_>,
+        k: Self::View<'_>,
+        v: Self::View<'_>,
+        out: Self::View<'_>,
+        lse: Self::View<'_>,
+        b: usize,
+        t: usize,
+        h: usize,
+        hkv: usize,
+        d: usize,
+        theta: f32,
+        pos_offset: usize,
+    ) {
+        let (qr, kr) = (0..b * t * h * d, 0..b * t * hkv * d);
+        self.attention_backward(
+            self.view_mut(dq, qr.clone()),
+            self.view_mut(dk, kr.clone()),
+            dv,
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            b,
+            t,
+            h,
+            hkv,
+            d,
+        );
+        self.rope_backward(self.view_mut(dq, qr), b, t, h, d, theta, pos_offset);
+        self.rope_backward(self.view_mut(dk, kr), b, t, hkv, d, theta, pos_offset);
+    }
 
     // ---- optimizer ----------------------------------------------------------------------------------
     /// One AdamW step over a flat range: `param`, `m`, `v` updated in place from `grad`

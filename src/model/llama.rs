@@ -388,6 +388,44 @@ impl<B: Backend> Llama<B> {
         ids: &[i32],
         mut cache: Option<&mut KvCache<B>>,
     ) -> Result<()> {
+        let (n, vsz) = (acts.b * acts.t, self.config.vocab_size);
+        ensure!(
+            self.backend.buf_len(&acts.logits) >= n * vsz,
+            "these activations hold no logits (training activations on a backend whose fused \
+             lm_head + cross-entropy never materialises them): use Activations::new_inference"
+        );
+        self.forward_hidden(acts, ids, cache.as_deref_mut(), false)?;
+        let be = &*self.backend;
+        let _r = self.range("lm_head");
+        be.matmul(
+            be.view_mut(&mut acts.logits, 0..n * vsz),
+            v(be, &acts.normf),
+            self.p(self.lm_head),
+            n,
+            vsz,
+            self.config.hidden_size,
+            false,
+            true,
+            1.0,
+            0.0,
+        );
+        if let Some(kc) = cache {
+            kc.len += acts.t;
+        }
+        Ok(())
+    }
+
+    /// `acts.normf[B·T, C] =` the final-normed hidden states for `ids` (everything of the forward
+    /// before the lm_head), continuing `cache` as [`Self::forward_logits_cached`] describes (which
+    /// advances `cache.len()`, not this). `train`: the training forward (attention through the
+    /// backend's fused [`Backend::attention_rope_forward`]; no cache).
+    fn forward_hidden(
+        &self,
+        acts: &mut Activations<B>,
+        ids: &[i32],
+        mut cache: Option<&mut KvCache<B>>,
+        train: bool,
+    ) -> Result<()> {
         let be = &*self.backend;
         let (b, t) = (acts.b, acts.t);
         let n = b * t;
@@ -449,6 +487,7 @@ impl<B: Backend> Llama<B> {
                 li,
                 key,
                 dropout,
+                train,
             };
             let la = &mut acts.layers[if acts.checkpointed { 0 } else { li }];
             self.layer_forward(
@@ -474,22 +513,6 @@ impl<B: Backend> Llama<B> {
             cfg.rms_norm_eps,
         );
         drop(r);
-        let _r = self.range("lm_head");
-        be.matmul(
-            vm(be, &mut acts.logits),
-            v(be, &acts.normf),
-            self.p(self.lm_head),
-            n,
-            cfg.vocab_size,
-            c,
-            false,
-            true,
-            1.0,
-            0.0,
-        );
-        if let Some(kc) = cache {
-            kc.len += t;
-        }
         Ok(())
     }
 
@@ -504,7 +527,7 @@ impl<B: Backend> Llama<B> {
         mut next: Option<&mut B::Buf>,
         ctx: &LinCtx,
         (b, t, past): (usize, usize, usize),
-        mut cache: Option<&mut KvCache<B>>,
+        cache: Option<&mut KvCache<B>>,
         host: &mut Vec<f32>,
     ) -> Result<()> {
         let be = &*self.backend;
@@ -517,7 +540,6 @@ impl<B: Backend> Llama<B> {
             cfg.num_key_value_heads,
             cfg.head_dim(),
         );
-        let kvd = hkv * d;
         be.rmsnorm_forward(
             vm(be, &mut la.ln1),
             vm(be, &mut la.rstd1),
@@ -558,47 +580,25 @@ impl<B: Backend> Llama<B> {
             ctx,
             host,
         )?;
-        be.rope_forward(vm(be, &mut la.q), b, t, h, d, cfg.rope_theta, past);
-        be.rope_forward(vm(be, &mut la.k), b, t, hkv, d, cfg.rope_theta, past);
-        if let Some(kc) = cache.as_deref_mut() {
-            // Rows past..past+t of each sequence's cache = the new keys/values.
-            let tmax = kc.tmax;
-            for bi in 0..b {
-                let src = bi * t * kvd..(bi + 1) * t * kvd;
-                let dst = (bi * tmax + past) * kvd..(bi * tmax + past + t) * kvd;
-                be.copy(
-                    be.view_mut(&mut kc.k[li], dst.clone()),
-                    be.view(&la.k, src.clone()),
-                );
-                be.copy(be.view_mut(&mut kc.v[li], dst), be.view(&la.v, src));
-            }
-        }
-        match cache.as_deref() {
-            Some(kc) if past > 0 => be.attention_cached_forward(
-                vm(be, &mut la.att),
-                v(be, &la.q),
-                v(be, &kc.k[li]),
-                v(be, &kc.v[li]),
-                b,
-                t,
-                past,
-                kc.tmax,
-                h,
-                hkv,
-                d,
-            ),
-            _ => be.attention_forward(
+        if ctx.train {
+            ensure!(cache.is_none(), "a training forward takes no KV cache");
+            be.attention_rope_forward(
                 vm(be, &mut la.att),
                 vm(be, &mut la.lse),
-                v(be, &la.q),
-                v(be, &la.k),
+                &mut la.q,
+                &mut la.k,
                 v(be, &la.v),
                 b,
                 t,
                 h,
                 hkv,
                 d,
-            ),
+                cfg.rope_theta,
+                past,
+            );
+        } else {
+            let qkv = (&mut la.q, &mut la.k, &la.v);
+            self.attention_inference(qkv, &mut la.att, &mut la.lse, (b, t, past), li, cache);
         }
         be.copy(vm(be, &mut la.resid_mid), v(be, x));
         self.linear_forward(
@@ -659,6 +659,70 @@ impl<B: Backend> Llama<B> {
         Ok(())
     }
 
+    /// Inference attention of one layer (`forward_logits`, generation): RoPE on `la.q`/`la.k` in
+    /// place, the new keys/values appended to the cache (when given), then causal attention over
+    /// this step's keys, or over the cache when it already holds `past > 0` positions.
+    fn attention_inference(
+        &self,
+        (q, k, vb): (&mut B::Buf, &mut B::Buf, &B::Buf),
+        att: &mut B::Buf,
+        lse: &mut B::Buf,
+        (b, t, past): (usize, usize, usize),
+        li: usize,
+        mut cache: Option<&mut KvCache<B>>,
+    ) {
+        let be = &*self.backend;
+        let cfg = &self.config;
+        let (h, hkv, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim(),
+        );
+        let kvd = hkv * d;
+        be.rope_forward(vm(be, q), b, t, h, d, cfg.rope_theta, past);
+        be.rope_forward(vm(be, k), b, t, hkv, d, cfg.rope_theta, past);
+        if let Some(kc) = cache.as_deref_mut() {
+            // Rows past..past+t of each sequence's cache = the new keys/values.
+            let tmax = kc.tmax;
+            for bi in 0..b {
+                let src = bi * t * kvd..(bi + 1) * t * kvd;
+                let dst = (bi * tmax + past) * kvd..(bi * tmax + past + t) * kvd;
+                be.copy(
+                    be.view_mut(&mut kc.k[li], dst.clone()),
+                    be.view(k, src.clone()),
+                );
+                be.copy(be.view_mut(&mut kc.v[li], dst), be.view(vb, src));
+            }
+        }
+        match cache.as_deref() {
+            Some(kc) if past > 0 => be.attention_cached_forward(
+                vm(be, att),
+                v(be, q),
+                v(be, &kc.k[li]),
+                v(be, &kc.v[li]),
+                b,
+                t,
+                past,
+                kc.tmax,
+                h,
+                hkv,
+                d,
+            ),
+            _ => be.attention_forward(
+                vm(be, att),
+                vm(be, lse),
+                v(be, q),
+                v(be, k),
+                v(be, vb),
+                b,
+                t,
+                h,
+                hkv,
+                d,
+            ),
+        }
+    }
+
     /// The mean cross-entropy of `ids` against `labels` (both `[B, T]`; HF semantics: position
     /// `t` predicts `labels[t+1]`, `-100` ignored, mean over the non-ignored targets). Leaves the
     /// logits and everything the backward needs in `acts`. With no target at all the loss is 0
@@ -692,17 +756,22 @@ impl<B: Backend> Llama<B> {
                 acts.targets_host[bi * t + ti] = tgt;
             }
         }
-        self.forward_logits(acts, ids)?;
+        self.forward_hidden(acts, ids, None, true)?;
         let be = &*self.backend;
         be.upload_ids(&mut acts.targets, &acts.targets_host)?;
         acts.count = count;
         acts.has_targets = true;
-        let _r = self.range("cross-entropy");
-        be.cross_entropy_forward(
+        let _r = self.range("lm_head+CE");
+        be.lm_head_cross_entropy_forward(
             vm(be, &mut acts.losses),
-            v(be, &acts.logits),
+            &mut acts.ce_lse,
+            &mut acts.logits,
+            &mut acts.ce_scratch,
+            v(be, &acts.normf),
+            self.p(self.lm_head),
             &acts.targets,
             n,
+            self.config.hidden_size,
             vsz,
         );
         let mut losses = vec![0.0f32; n];
@@ -843,40 +912,21 @@ impl<B: Backend> Llama<B> {
             return Ok(());
         }
         let r = self.range("lm_head+CE bwd");
-        be.cross_entropy_backward(
-            vm(be, &mut bw.dlogits),
-            v(be, &acts.logits),
-            &acts.targets,
-            n,
-            vsz,
-            scale / acts.count as f32,
-        );
-        // logits = normf · lm_headᵀ
-        if self.lm_head.trainable() {
-            be.matmul(
-                be.view_mut(grads, self.lm_head.range()),
-                v(be, &bw.dlogits),
-                v(be, &acts.normf),
-                vsz,
-                c,
-                n,
-                true,
-                false,
-                1.0,
-                1.0,
-            );
-        }
-        be.matmul(
+        // logits = normf · lm_headᵀ; dln =, the lm_head's gradient += (when trainable).
+        let lm = self.lm_head;
+        be.lm_head_cross_entropy_backward(
             vm(be, &mut bw.dln),
-            v(be, &bw.dlogits),
-            self.p(self.lm_head),
+            lm.trainable().then(|| be.view_mut(grads, lm.range())),
+            &mut acts.ce_scratch,
+            v(be, &acts.normf),
+            self.p(lm),
+            &acts.logits,
+            &acts.ce_lse,
+            &acts.targets,
             n,
             c,
             vsz,
-            false,
-            false,
-            1.0,
-            0.0,
+            scale / acts.count as f32,
         );
         drop(r);
         let r = self.range("final norm bwd");
@@ -900,6 +950,7 @@ impl<B: Backend> Llama<B> {
                 li,
                 key,
                 dropout,
+                train: true,
             };
             if acts.checkpointed && acts.resident != Some(li) {
                 // Gradient checkpointing: rerun this layer's forward from its saved input into the
@@ -979,9 +1030,9 @@ impl<B: Backend> Llama<B> {
                 grads,
                 &mut bw.scratch,
             )?;
-            be.attention_backward(
-                vm(be, &mut bw.dq),
-                vm(be, &mut bw.dk),
+            be.attention_rope_backward(
+                &mut bw.dq,
+                &mut bw.dk,
                 vm(be, &mut bw.dv),
                 v(be, &bw.datt),
                 v(be, &la.q),
@@ -994,9 +1045,9 @@ impl<B: Backend> Llama<B> {
                 h,
                 hkv,
                 d,
+                cfg.rope_theta,
+                0,
             );
-            be.rope_backward(vm(be, &mut bw.dq), b, t, h, d, cfg.rope_theta, 0);
-            be.rope_backward(vm(be, &mut bw.dk), b, t, hkv, d, cfg.rope_theta, 0);
             self.linear_backward(
                 &mut bw.dln,
                 0.0,
@@ -1252,6 +1303,9 @@ struct LinCtx {
     li: usize,
     key: u64,
     dropout: bool,
+    /// A training forward (or its recompute): attention via the fused
+    /// [`Backend::attention_rope_forward`], whose saved q/k its backward reads.
+    train: bool,
 }
 
 struct LoraActs<B: Backend> {
@@ -1266,9 +1320,10 @@ struct LoraActs<B: Backend> {
 struct LayerActs<B: Backend> {
     ln1: B::Buf,
     rstd1: B::Buf,
-    /// After RoPE.
+    /// After RoPE for inference; in training as [`Backend::attention_rope_forward`] left it
+    /// (rotated by the composite default, un-rotated by a fused kernel).
     q: B::Buf,
-    /// After RoPE.
+    /// As `q`.
     k: B::Buf,
     v: B::Buf,
     att: B::Buf,
@@ -1289,7 +1344,6 @@ struct LoraScratch<B: Backend> {
 }
 
 struct BackwardBufs<B: Backend> {
-    dlogits: B::Buf,
     /// The gradient of the residual stream, `[N, C]`; after backward, of the input embeddings.
     dres: B::Buf,
     dln: B::Buf,
@@ -1343,7 +1397,12 @@ pub struct Activations<B: Backend> {
     resid_out: B::Buf,
     normf: B::Buf,
     normf_rstd: B::Buf,
+    /// `[N, V]` logits: always for inference; for training only when the backend's lm_head +
+    /// cross-entropy keeps them ([`crate::backend::LmHeadCeBuffers::logits`]), else empty.
     logits: B::Buf,
+    /// The lm_head + cross-entropy's saved statistics and scratch (backend-sized, may be empty).
+    ce_lse: B::Buf,
+    ce_scratch: B::Buf,
     losses: B::Buf,
     bw: Option<BackwardBufs<B>>,
 }
@@ -1439,7 +1498,6 @@ impl<B: Backend> Activations<B> {
                 }
             }
             Some(BackwardBufs {
-                dlogits: act(n * vsz)?,
                 dres: act(n * c)?,
                 dln: act(n * c)?,
                 dq: act(n * c)?,
@@ -1459,7 +1517,12 @@ impl<B: Backend> Activations<B> {
             None
         };
         let (resid_out, normf, normf_rstd) = (act(n * c)?, act(n * c)?, stat(n)?);
-        let (logits, losses) = (act(n * vsz)?, stat(n)?);
+        // The lm_head + cross-entropy's buffers, as the backend's fused op (or its composite
+        // default) wants them; inference activations always hold the logits (`forward_logits`).
+        let ce = be.lm_head_cross_entropy_buffers(n, vsz, backward);
+        let logits = act(if backward { ce.logits } else { n * vsz })?;
+        let (ce_lse, losses) = (stat(ce.lse)?, stat(n)?);
+        let ce_scratch = act(ce.scratch)?;
         Ok(Activations {
             b,
             t,
@@ -1482,6 +1545,8 @@ impl<B: Backend> Activations<B> {
             normf,
             normf_rstd,
             logits,
+            ce_lse,
+            ce_scratch,
             losses,
             bw,
         })
@@ -1510,7 +1575,10 @@ impl<B: Backend> Activations<B> {
     pub fn loss_sum(&self) -> f64 {
         self.loss_sum
     }
-    /// `[B·T, V]` logits of the last forward.
+    /// `[B·T, V]` logits of the last forward: always after a `forward_logits`; after a
+    /// [`Llama::forward`] only on a backend whose lm_head + cross-entropy keeps them (the CPU
+    /// backend's composite default does; CUDA's fused op never holds them, and training
+    /// activations then hold an empty buffer here).
     pub fn logits(&self) -> &B::Buf {
         &self.logits
     }

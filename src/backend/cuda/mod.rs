@@ -23,7 +23,7 @@
 pub mod nvrtc;
 pub mod nvtx;
 
-use super::{AdamW, Backend, Role};
+use super::{AdamW, Backend, LmHeadCeBuffers, Role};
 use crate::kernels;
 use crate::tensor::DType;
 use anyhow::{Context, Result, anyhow, bail, ensure};
@@ -124,6 +124,11 @@ enum KArg {
 }
 
 const GRID_CAP: u32 = 65535;
+
+/// Vocabulary columns per chunk of the fused lm_head + cross-entropy in training (the chunk is
+/// `[n, 8192]` at bf16: 32 MiB at n = 2048 instead of 195 MiB of logits at V = 49954; the size
+/// `tools/cuda_bench.rs` measures).
+const LM_HEAD_CE_CHUNK_COLS: usize = 8192;
 
 /// The CUDA backend. See the module docs.
 pub struct CudaBackend {
@@ -866,10 +871,32 @@ impl CudaBackend {
         v: usize,
         scale: f32,
     ) {
+        self.lm_head_ce_backward(dx, Some(dw), chunk, x, w, lse, targets, n, c, v, scale);
+    }
+
+    /// [`Self::lm_head_cross_entropy_backward`] with `dw` optional (`None`: a frozen lm_head, the
+    /// per-chunk dW GEMM skipped).
+    #[allow(clippy::too_many_arguments)]
+    fn lm_head_ce_backward(
+        &self,
+        dx: DViewMut<'_>,
+        dw: Option<DViewMut<'_>>,
+        chunk: DViewMut<'_>,
+        x: DView<'_>,
+        w: DView<'_>,
+        lse: DView<'_>,
+        targets: &CudaIds,
+        n: usize,
+        c: usize,
+        v: usize,
+        scale: f32,
+    ) {
         let r = (|| {
             ensure!(lse.dtype == DType::F32, "lm_head CE: lse must be fp32");
             Self::check_view("lm_head CE dx", dx.len, n * c)?;
-            Self::check_view("lm_head CE dw", dw.len, v * c)?;
+            if let Some(dw) = &dw {
+                Self::check_view("lm_head CE dw", dw.len, v * c)?;
+            }
             Self::check_view("lm_head CE x", x.len, n * c)?;
             Self::check_view("lm_head CE w", w.len, v * c)?;
             Self::check_view("lm_head CE lse", lse.len, n)?;
@@ -925,13 +952,15 @@ impl CudaBackend {
                 };
                 self.matmul_impl(dxv, g, wv, n, c, vc, false, false, 1.0, 1.0)?;
                 // dw_chunk[vc,c] += gᵀ[vc,n] · x[n,c]
-                let dwv = DViewMut {
-                    ptr: dw.ptr + (v0 * c * dw.dtype.size()) as u64,
-                    len: vc * c,
-                    dtype: dw.dtype,
-                    _p: PhantomData,
-                };
-                self.matmul_impl(dwv, g, x, vc, c, n, true, false, 1.0, 1.0)?;
+                if let Some(dw) = &dw {
+                    let dwv = DViewMut {
+                        ptr: dw.ptr + (v0 * c * dw.dtype.size()) as u64,
+                        len: vc * c,
+                        dtype: dw.dtype,
+                        _p: PhantomData,
+                    };
+                    self.matmul_impl(dwv, g, x, vc, c, n, true, false, 1.0, 1.0)?;
+                }
                 v0 += vc;
             }
             Ok(())
@@ -2337,6 +2366,156 @@ impl Backend for CudaBackend {
             }
         })();
         self.record(r);
+    }
+
+    /// Fused: RoPE applied as q and k are loaded; the buffers stay un-rotated.
+    fn attention_rope_forward(
+        &self,
+        out: DViewMut<'_>,
+        lse: DViewMut<'_>,
+        q: &mut CudaBuf,
+        k: &mut CudaBuf,
+        v: DView<'_>,
+        b: usize,
+        t: usize,
+        h: usize,
+        hkv: usize,
+        d: usize,
+        theta: f32,
+        pos_offset: usize,
+    ) {
+        CudaBackend::attention_rope_forward(
+            self,
+            out,
+            lse,
+            self.view(q, 0..b * t * h * d),
+            self.view(k, 0..b * t * hkv * d),
+            v,
+            b,
+            t,
+            h,
+            hkv,
+            d,
+            theta,
+            pos_offset,
+        );
+    }
+    fn attention_rope_backward(
+        &self,
+        dq: &mut CudaBuf,
+        dk: &mut CudaBuf,
+        dv: DViewMut<'_>,
+        dout: DView<'_>,
+        q: DView<'_>,
+        k: DView<'_>,
+        v: DView<'_>,
+        out: DView<'_>,
+        lse: DView<'_>,
+        b: usize,
+        t: usize,
+        h: usize,
+        hkv: usize,
+        d: usize,
+        theta: f32,
+        pos_offset: usize,
+    ) {
+        CudaBackend::attention_rope_backward(
+            self,
+            self.view_mut(dq, 0..b * t * h * d),
+            self.view_mut(dk, 0..b * t * hkv * d),
+            dv,
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            b,
+            t,
+            h,
+            hkv,
+            d,
+            theta,
+            pos_offset,
+        );
+    }
+    /// Fused: one `[n, LM_HEAD_CE_CHUNK_COLS]` vocabulary chunk and the per-row lse, never the
+    /// logits.
+    fn lm_head_cross_entropy_buffers(
+        &self,
+        n: usize,
+        v: usize,
+        _backward: bool,
+    ) -> LmHeadCeBuffers {
+        LmHeadCeBuffers {
+            logits: 0,
+            lse: n,
+            scratch: n * v.clamp(1, LM_HEAD_CE_CHUNK_COLS),
+        }
+    }
+    fn lm_head_cross_entropy_forward(
+        &self,
+        losses: DViewMut<'_>,
+        lse: &mut CudaBuf,
+        _logits: &mut CudaBuf,
+        scratch: &mut CudaBuf,
+        x: DView<'_>,
+        w: DView<'_>,
+        targets: &CudaIds,
+        n: usize,
+        c: usize,
+        v: usize,
+    ) {
+        let (ll, sl) = (lse.len, scratch.len);
+        CudaBackend::lm_head_cross_entropy_forward(
+            self,
+            losses,
+            self.view_mut(lse, 0..ll.min(n)),
+            self.view_mut(scratch, 0..sl),
+            x,
+            w,
+            targets,
+            n,
+            c,
+            v,
+        );
+    }
+    fn lm_head_cross_entropy_backward(
+        &self,
+        dx: DViewMut<'_>,
+        dw: Option<DViewMut<'_>>,
+        scratch: &mut CudaBuf,
+        x: DView<'_>,
+        w: DView<'_>,
+        _logits: &CudaBuf,
+        lse: &CudaBuf,
+        targets: &CudaIds,
+        n: usize,
+        c: usize,
+        v: usize,
+        scale: f32,
+    ) {
+        // The fused kernel accumulates into dx; the trait's dx is `=`.
+        self.zero(DViewMut {
+            ptr: dx.ptr,
+            len: dx.len,
+            dtype: dx.dtype,
+            _p: PhantomData,
+        });
+        let sl = scratch.len;
+        self.lm_head_ce_backward(
+            dx,
+            dw,
+            self.view_mut(scratch, 0..sl),
+            x,
+            w,
+            self.view(lse, 0..lse.len.min(n)),
+            targets,
+            n,
+            c,
+            v,
+            scale,
+        );
     }
 
     fn adamw_step(
