@@ -163,7 +163,7 @@ fn bytes_match_the_dry_run_formula() {
         let (b, t) = (3, 7);
         let full = Activations::new(&model, b, t).unwrap().bytes() as u64;
         let ckpt = Activations::new_checkpointed(&model, b, t).unwrap().bytes() as u64;
-        let want = |on| dryrun::activation_bytes(&dims, &tc, b, t, vocab, 4, on);
+        let want = |on| dryrun::activation_bytes(&dims, &tc, b, t, vocab, 4, on, None);
         assert_eq!(full, want(false), "{stage}: without checkpointing");
         assert_eq!(ckpt, want(true), "{stage}: with checkpointing");
         assert!(ckpt < full, "{stage}: {ckpt} !< {full}");
@@ -243,7 +243,12 @@ fn dry_run_reports_both_sizes() {
         micro_batch_size: 4,
         ..TrainConfig::preset(Stage::Sft)
     };
-    let want = |on| dryrun::activation_bytes(&dims, &tc, 4, 512, 49954, 2, on);
+    let chunk = dryrun::lm_head_ce_chunk("bf16");
+    assert!(
+        chunk.is_some(),
+        "bf16 is the CUDA layout: fused lm_head + CE"
+    );
+    let want = |on| dryrun::activation_bytes(&dims, &tc, 4, 512, 49954, 2, on, chunk);
     for on in [false, true] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_zhllama"))
             .args(["train", "--stage", "sft", "--dry-run", "--model"])

@@ -41,3 +41,8 @@ impl Half {
         }
     }
 }
+
+/// Vocabulary columns per chunk of the CUDA backend's fused lm_head + cross-entropy in training (the
+/// chunk is `[n, 8192]` at bf16: 32 MiB at n = 2048 instead of 195 MiB of logits at V = 49954; the
+/// size `tools/cuda_bench.rs` measures). Here so the dry-run's memory plan can use it in every build.
+pub const LM_HEAD_CE_CHUNK_COLS: usize = 8192;

@@ -154,7 +154,11 @@ fn precision_bytes(precision: &str) -> Result<(u64, u64)> {
 ///   dropout's `dx` per input width, W = C + F, or C when F = C; the norm-weight scratch).
 ///
 /// Total = R + E + G + L·S without checkpointing, R + E + G + S with it (one layer set shared
-/// by all layers; each layer's forward is recomputed before its backward).
+/// by all layers; each layer's forward is recomputed before its backward). With `ce_chunk =
+/// Some(k)` (the CUDA backend's fused lm_head + cross-entropy,
+/// `Backend::lm_head_cross_entropy_buffers`) the logits and d-logits (2·a·N·V) are replaced by one
+/// `[N, min(V, k)]` chunk and an fp32 log-sum-exp per token: a·N·min(V, k) + 4·N.
+#[allow(clippy::too_many_arguments)]
 #[allow(clippy::too_many_arguments)]
 pub fn activation_bytes(
     dims: &Dims,
@@ -164,6 +168,7 @@ pub fn activation_bytes(
     vocab: usize,
     act_bytes: u64,
     checkpointing: bool,
+    ce_chunk: Option<usize>,
 ) -> u64 {
     let (a, n) = (act_bytes, (b * t) as u64);
     let c = dims.hidden_size as u64;
@@ -188,7 +193,18 @@ pub fn activation_bytes(
     let w = if f == c { c } else { c + f };
     let grad = a * n * (v + 4 * c + 2 * k + 3 * f + r.max(1) + delta * w) + 4 * c;
     let sets = if checkpointing { 1 } else { l };
-    resid + head + grad + sets * set
+    let full = resid + head + grad + sets * set;
+    match ce_chunk {
+        None => full,
+        // The fused op's buffers replace the logits and d-logits.
+        Some(cols) => full - 2 * a * n * v + a * n * v.min(cols as u64) + 4 * n,
+    }
+}
+
+/// The vocabulary chunk of the fused lm_head + cross-entropy at `precision`: the CUDA backend's
+/// (every precision but `f32`, which is the CPU backend's layout: whole logits).
+pub fn lm_head_ce_chunk(precision: &str) -> Option<usize> {
+    (precision != "f32").then_some(crate::backend::cuda_options::LM_HEAD_CE_CHUNK_COLS)
 }
 
 /// The dry-run JSON line.
@@ -224,6 +240,7 @@ pub fn plan(
             vocab,
             ab,
             ckpt,
+            lm_head_ce_chunk(precision),
         )
     };
     let (acts_full, acts_ckpt) = (act_mem(false), act_mem(true));

@@ -125,10 +125,7 @@ enum KArg {
 
 const GRID_CAP: u32 = 65535;
 
-/// Vocabulary columns per chunk of the fused lm_head + cross-entropy in training (the chunk is
-/// `[n, 8192]` at bf16: 32 MiB at n = 2048 instead of 195 MiB of logits at V = 49954; the size
-/// `tools/cuda_bench.rs` measures).
-const LM_HEAD_CE_CHUNK_COLS: usize = 8192;
+use super::cuda_options::LM_HEAD_CE_CHUNK_COLS;
 
 /// The CUDA backend. See the module docs.
 pub struct CudaBackend {
@@ -2495,27 +2492,44 @@ impl Backend for CudaBackend {
         v: usize,
         scale: f32,
     ) {
-        // The fused kernel accumulates into dx; the trait's dx is `=`.
-        self.zero(DViewMut {
-            ptr: dx.ptr,
-            len: dx.len,
-            dtype: dx.dtype,
-            _p: PhantomData,
-        });
-        let sl = scratch.len;
-        self.lm_head_ce_backward(
-            dx,
-            dw,
-            self.view_mut(scratch, 0..sl),
-            x,
-            w,
-            self.view(lse, 0..lse.len.min(n)),
-            targets,
-            n,
-            c,
-            v,
-            scale,
-        );
+        // The fused kernel adds each vocabulary chunk's `dlogits·w_chunk` into dx (cuBLAS, beta = 1,
+        // ~V/8192 times). A 16-bit dx would be rounded after every chunk, so the sum is kept in
+        // fp32 scratch (bf16 inputs with an fp32 output are native to cuBLAS) and rounded once at
+        // the end, as the composite default rounds once. The trait's dx is `=`: zeroed first.
+        let r = (|| {
+            let len = dx.len;
+            let acc = if dx.dtype == DType::F32 {
+                dx.ptr
+            } else {
+                self.scratch("lm_head_ce_dx", len * 4)?
+            };
+            let acc_view = || DViewMut {
+                ptr: acc,
+                len,
+                dtype: DType::F32,
+                _p: PhantomData,
+            };
+            self.zero(acc_view());
+            let sl = scratch.len;
+            self.lm_head_ce_backward(
+                acc_view(),
+                dw,
+                self.view_mut(scratch, 0..sl),
+                x,
+                w,
+                self.view(lse, 0..lse.len.min(n)),
+                targets,
+                n,
+                c,
+                v,
+                scale,
+            );
+            if acc != dx.ptr {
+                self.cast(dx.ptr, dx.dtype, acc, DType::F32, len)?;
+            }
+            Ok(())
+        })();
+        self.record(r);
     }
 
     fn adamw_step(
