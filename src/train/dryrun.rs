@@ -159,7 +159,6 @@ fn precision_bytes(precision: &str) -> Result<(u64, u64)> {
 /// `Backend::lm_head_cross_entropy_buffers`) the logits and d-logits (2·a·N·V) are replaced by one
 /// `[N, min(V, k)]` chunk and an fp32 log-sum-exp per token: a·N·min(V, k) + 4·N.
 #[allow(clippy::too_many_arguments)]
-#[allow(clippy::too_many_arguments)]
 pub fn activation_bytes(
     dims: &Dims,
     cfg: &TrainConfig,
