@@ -392,8 +392,12 @@ fn abort_counts_overflows_only_at_the_minimum_scale() {
     c.max_consecutive_skips = 2;
     c.save_steps = 0;
     let mut t = trainer(&e, &c, "x", None);
-    t.inject_overflow_steps((0..6).collect());
-    let s = t.run(&RunOptions::default()).unwrap();
+    let s = t
+        .run(&RunOptions {
+            inject_overflow_steps: (0..6).collect(),
+            ..RunOptions::default()
+        })
+        .unwrap();
     assert_eq!((s.step, s.skipped_steps), (8, 6));
     // NaN losses still count in fp16 mode.
     let mut t = trainer(&e, &c, "y", None);
@@ -411,8 +415,11 @@ fn abort_counts_overflows_only_at_the_minimum_scale() {
     c.min_loss_scale = 1.0;
     c.hysteresis = 1;
     let mut t = trainer(&e, &c, "z", None);
-    t.inject_overflow_steps((0..8).collect());
-    let err = format!("{:#}", t.run(&RunOptions::default()).unwrap_err());
+    let overflow_all = RunOptions {
+        inject_overflow_steps: (0..8).collect(),
+        ..RunOptions::default()
+    };
+    let err = format!("{:#}", t.run(&overflow_all).unwrap_err());
     assert!(
         err.contains("2 consecutive") && err.contains("minimum loss scale"),
         "{err}"
@@ -435,14 +442,18 @@ fn fp16_resume_mid_run_is_exact_and_old_states_load() {
     scaler_cfg(&mut c, pattern);
     // uninterrupted
     let mut full = trainer(&e, &c, "full", None);
-    full.inject_overflow_steps(inject.clone());
-    let sf = full.run(&RunOptions::default()).unwrap();
+    let sf = full
+        .run(&RunOptions {
+            inject_overflow_steps: inject.clone(),
+            ..RunOptions::default()
+        })
+        .unwrap();
     // stopped after 5 steps (checkpoint-5, scaler mid-hysteresis), then resumed
     let mut first = trainer(&e, &c, "split", None);
-    first.inject_overflow_steps(inject.clone());
     first
         .run(&RunOptions {
             stop_after: Some(5),
+            inject_overflow_steps: inject.clone(),
             ..RunOptions::default()
         })
         .unwrap();
@@ -454,10 +465,10 @@ fn fp16_resume_mid_run_is_exact_and_old_states_load() {
     );
     drop(first);
     let mut second = trainer(&e, &c, "split", Some(&cp));
-    second.inject_overflow_steps(inject);
     let s2 = second
         .run(&RunOptions {
             resume_from: Some(cp.clone()),
+            inject_overflow_steps: inject,
             ..RunOptions::default()
         })
         .unwrap();
@@ -521,10 +532,14 @@ fn run_world(comm: &dyn Comm, e: &Env, out: &str) -> (Vec<f32>, Vec<f64>, Dynami
     )
     .unwrap();
     let mut t = Trainer::new(m, &e.data, c, Stage::Pt2, comm, &e.root.join(out), None).unwrap();
-    if comm.rank() + 1 == comm.world_size() {
-        t.inject_overflow_steps(vec![1, 2, 4]);
-    }
-    let s = t.run(&RunOptions::default()).unwrap();
+    // Only the last rank overflows; the step must be skipped everywhere.
+    let last_rank = comm.rank() + 1 == comm.world_size();
+    let s = t
+        .run(&RunOptions {
+            inject_overflow_steps: if last_rank { vec![1, 2, 4] } else { Vec::new() },
+            ..RunOptions::default()
+        })
+        .unwrap();
     assert_eq!(s.skipped_steps, 3, "rank {}", comm.rank());
     let scaler = t.state().loss_scaler.clone().unwrap();
     (t.params().to_vec(), s.losses, scaler)

@@ -1,4 +1,4 @@
-//! How a binary starts the CUDA backend: the same types in every build (the stub built without
+//! How a binary starts and reads the CUDA backend: the same types in every build (the stub built without
 //! `cuda` takes them too and returns its error), so binaries fill them without a `cfg`.
 
 use crate::tensor::DType;
@@ -46,3 +46,11 @@ impl Half {
 /// chunk is `[n, 8192]` at bf16: 32 MiB at n = 2048 instead of 195 MiB of logits at V = 49954; the
 /// size `tools/cuda_bench.rs` measures). Here so the dry-run's memory plan can use it in every build.
 pub const LM_HEAD_CE_CHUNK_COLS: usize = 8192;
+
+/// Time of one kernel (or cuBLAS call) name over the profiled launches.
+#[derive(Clone, Debug)]
+pub struct KernelTime {
+    pub name: String,
+    pub calls: usize,
+    pub total_ms: f64,
+}

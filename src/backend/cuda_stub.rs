@@ -18,15 +18,7 @@ pub const ENABLED: bool = false;
 #[derive(Clone, Copy, Debug)]
 pub enum Never {}
 
-pub use super::cuda_options::{CudaOptions, Half};
-
-/// Mirror of the `cuda` build's per-kernel profile row.
-#[derive(Clone, Debug)]
-pub struct KernelTime {
-    pub name: String,
-    pub calls: usize,
-    pub total_ms: f64,
-}
+pub use super::cuda_options::{CudaOptions, Half, KernelTime};
 
 /// Placeholder for the CUDA backend in builds without the `cuda` feature (never constructed).
 pub struct CudaBackend {

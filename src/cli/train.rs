@@ -333,8 +333,7 @@ fn train<B: zhllama::backend::Backend>(
     let opts = trainer::RunOptions {
         resume_from: resume.clone(),
         progress: true,
-        stop_after: None,
-        inject_nonfinite_steps: Vec::new(),
+        ..Default::default()
     };
     let summary = t.run(&opts)?;
     if comm.rank() == 0 {

@@ -497,7 +497,6 @@ impl<B: Backend> Llama<B> {
                 &ctx,
                 (b, t, past),
                 cache.as_deref_mut(),
-                &mut acts.host,
             )?;
         }
         // The shared set (checkpointing) now holds the last layer's activations.
@@ -528,7 +527,6 @@ impl<B: Backend> Llama<B> {
         ctx: &LinCtx,
         (b, t, past): (usize, usize, usize),
         cache: Option<&mut KvCache<B>>,
-        host: &mut Vec<f32>,
     ) -> Result<()> {
         let be = &*self.backend;
         let cfg = &self.config;
@@ -558,7 +556,6 @@ impl<B: Backend> Llama<B> {
             &ll.proj[0],
             Proj::Q,
             ctx,
-            host,
         )?;
         self.linear_forward(
             Some(&mut la.k),
@@ -568,7 +565,6 @@ impl<B: Backend> Llama<B> {
             &ll.proj[1],
             Proj::K,
             ctx,
-            host,
         )?;
         self.linear_forward(
             Some(&mut la.v),
@@ -578,7 +574,6 @@ impl<B: Backend> Llama<B> {
             &ll.proj[2],
             Proj::V,
             ctx,
-            host,
         )?;
         if ctx.train {
             ensure!(cache.is_none(), "a training forward takes no KV cache");
@@ -609,7 +604,6 @@ impl<B: Backend> Llama<B> {
             &ll.proj[3],
             Proj::O,
             ctx,
-            host,
         )?;
         be.rmsnorm_forward(
             vm(be, &mut la.ln2),
@@ -628,7 +622,6 @@ impl<B: Backend> Llama<B> {
             &ll.proj[4],
             Proj::Gate,
             ctx,
-            host,
         )?;
         self.linear_forward(
             Some(&mut la.up),
@@ -638,7 +631,6 @@ impl<B: Backend> Llama<B> {
             &ll.proj[5],
             Proj::Up,
             ctx,
-            host,
         )?;
         be.swiglu_forward(vm(be, &mut la.hid), v(be, &la.gate), v(be, &la.up));
         // A recompute passes no `next`: the down projection's output (the next layer's input) is
@@ -654,7 +646,6 @@ impl<B: Backend> Llama<B> {
             &ll.proj[6],
             Proj::Down,
             ctx,
-            host,
         )?;
         Ok(())
     }
@@ -794,7 +785,6 @@ impl<B: Backend> Llama<B> {
         pl: &ProjLocs,
         proj: Proj,
         ctx: &LinCtx,
-        _host: &mut Vec<f32>,
     ) -> Result<()> {
         let be = &*self.backend;
         let n = ctx.n;
@@ -965,7 +955,6 @@ impl<B: Backend> Llama<B> {
                     &ctx,
                     (b, t, 0),
                     None,
-                    &mut acts.host,
                 )?;
                 acts.resident = Some(li);
             }
@@ -1389,7 +1378,6 @@ pub struct Activations<B: Backend> {
     ids: B::Ids,
     targets: B::Ids,
     targets_host: Vec<i32>,
-    host: Vec<f32>,
     /// `resid[l]` = the input of layer `l` (`[N, C]`; `resid[0]` = the embeddings).
     resid: Vec<B::Buf>,
     /// One per layer, or one shared set with checkpointing.
@@ -1538,7 +1526,6 @@ impl<B: Backend> Activations<B> {
             ids: be.alloc_ids(n)?,
             targets: be.alloc_ids(n)?,
             targets_host: vec![IGNORE_INDEX; n],
-            host: Vec::new(),
             resid,
             layers,
             resid_out,

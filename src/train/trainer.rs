@@ -56,6 +56,9 @@ pub struct RunOptions {
     pub stop_after: Option<u64>,
     /// Fault injection for tests: make the loss of these (0-based) steps NaN on every rank.
     pub inject_nonfinite_steps: Vec<u64>,
+    /// Fault injection for tests: make the summed gradient of these (0-based) steps overflow on
+    /// this rank (an Inf; the loss stays finite), as an fp16 overflow does.
+    pub inject_overflow_steps: Vec<u64>,
 }
 
 /// What a finished (or stopped) run reports.
@@ -110,8 +113,6 @@ pub struct Trainer<'a, B: Backend> {
     acc: DeviceAccumulator<B>,
     acts: ActCache<B>,
     state: TrainerState,
-    /// Fault injection for tests, see [`Trainer::inject_overflow_steps`].
-    overflow_steps: Vec<u64>,
 }
 
 impl<'a, B: Backend> Trainer<'a, B> {
@@ -246,15 +247,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             accum,
             params,
             state,
-            overflow_steps: Vec::new(),
         })
-    }
-
-    /// Fault injection for tests: in [`Trainer::run`], make the gradient of these (0-based)
-    /// steps overflow (an Inf in the summed gradient of every rank; the loss stays finite), as
-    /// an fp16 overflow does. (Kept out of [`RunOptions`] so its literals elsewhere stay valid.)
-    pub fn inject_overflow_steps(&mut self, steps: Vec<u64>) {
-        self.overflow_steps = steps;
     }
 
     pub fn state(&self) -> &TrainerState {
@@ -501,7 +494,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 break;
             }
             let inject = opts.inject_nonfinite_steps.contains(&self.state.step);
-            let overflow = self.overflow_steps.contains(&self.state.step);
+            let overflow = opts.inject_overflow_steps.contains(&self.state.step);
             let mut rec = self.step_injected(inject, overflow)?;
             done_here += 1;
             let step = self.state.step;

@@ -43,7 +43,7 @@ use std::sync::{Arc, Mutex};
 /// True in builds with the `cuda` feature.
 pub const ENABLED: bool = true;
 
-pub use super::cuda_options::{CudaOptions, Half};
+pub use super::cuda_options::{CudaOptions, Half, KernelTime};
 
 /// A device buffer: `len` elements stored as `dtype`.
 pub struct CudaBuf {
@@ -80,6 +80,18 @@ pub struct DViewMut<'a> {
     dtype: DType,
     _p: PhantomData<&'a mut ()>,
 }
+impl<'a> DView<'a> {
+    /// Elements `off..off + len` of this view.
+    fn sub(self, off: usize, len: usize) -> DView<'a> {
+        debug_assert!(off + len <= self.len, "sub-view out of range");
+        DView {
+            ptr: self.ptr + (off * self.dtype.size()) as u64,
+            len,
+            dtype: self.dtype,
+            _p: PhantomData,
+        }
+    }
+}
 impl DViewMut<'_> {
     fn ro(&self) -> DView<'_> {
         DView {
@@ -89,14 +101,20 @@ impl DViewMut<'_> {
             _p: PhantomData,
         }
     }
-}
-
-/// Time of one kernel (or cuBLAS call) name over the profiled launches.
-#[derive(Clone, Debug)]
-pub struct KernelTime {
-    pub name: String,
-    pub calls: usize,
-    pub total_ms: f64,
+    /// Elements `off..off + len` of this view, borrowed for one call.
+    fn sub_mut(&mut self, off: usize, len: usize) -> DViewMut<'_> {
+        debug_assert!(off + len <= self.len, "sub-view out of range");
+        DViewMut {
+            ptr: self.ptr + (off * self.dtype.size()) as u64,
+            len,
+            dtype: self.dtype,
+            _p: PhantomData,
+        }
+    }
+    /// The whole view, borrowed for one call (a view is consumed by the op it is passed to).
+    fn reborrow(&mut self) -> DViewMut<'_> {
+        self.sub_mut(0, self.len)
+    }
 }
 
 struct Profiler {
@@ -772,7 +790,7 @@ impl CudaBackend {
         &self,
         losses: DViewMut<'_>,
         lse: DViewMut<'_>,
-        chunk: DViewMut<'_>,
+        mut chunk: DViewMut<'_>,
         x: DView<'_>,
         w: DView<'_>,
         targets: &CudaIds,
@@ -801,19 +819,19 @@ impl CudaBackend {
             let mut v0 = 0;
             while v0 < v {
                 let vc = vc_max.min(v - v0);
-                let wv = DView {
-                    ptr: w.ptr + (v0 * c * w.dtype.size()) as u64,
-                    len: vc * c,
-                    dtype: w.dtype,
-                    _p: PhantomData,
-                };
-                let cv = DViewMut {
-                    ptr: chunk.ptr,
-                    len: n * vc,
-                    dtype: chunk.dtype,
-                    _p: PhantomData,
-                };
-                self.matmul_impl(cv, x, wv, n, vc, c, false, true, 1.0, 0.0)?;
+                let wv = w.sub(v0 * c, vc * c);
+                self.matmul_impl(
+                    chunk.sub_mut(0, n * vc),
+                    x,
+                    wv,
+                    n,
+                    vc,
+                    c,
+                    false,
+                    true,
+                    1.0,
+                    0.0,
+                )?;
                 self.launch(
                     &format!("lmhead_ce_chunk_forward_v1_{sfx}"),
                     (n as u32, 1, 1),
@@ -876,9 +894,9 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     fn lm_head_ce_backward(
         &self,
-        dx: DViewMut<'_>,
-        dw: Option<DViewMut<'_>>,
-        chunk: DViewMut<'_>,
+        mut dx: DViewMut<'_>,
+        mut dw: Option<DViewMut<'_>>,
+        mut chunk: DViewMut<'_>,
         x: DView<'_>,
         w: DView<'_>,
         lse: DView<'_>,
@@ -906,19 +924,19 @@ impl CudaBackend {
             let mut v0 = 0;
             while v0 < v {
                 let vc = vc_max.min(v - v0);
-                let wv = DView {
-                    ptr: w.ptr + (v0 * c * w.dtype.size()) as u64,
-                    len: vc * c,
-                    dtype: w.dtype,
-                    _p: PhantomData,
-                };
-                let cv = DViewMut {
-                    ptr: chunk.ptr,
-                    len: n * vc,
-                    dtype: chunk.dtype,
-                    _p: PhantomData,
-                };
-                self.matmul_impl(cv, x, wv, n, vc, c, false, true, 1.0, 0.0)?;
+                let wv = w.sub(v0 * c, vc * c);
+                self.matmul_impl(
+                    chunk.sub_mut(0, n * vc),
+                    x,
+                    wv,
+                    n,
+                    vc,
+                    c,
+                    false,
+                    true,
+                    1.0,
+                    0.0,
+                )?;
                 self.launch(
                     &format!("lmhead_ce_chunk_backward_v1_{sfx}"),
                     (n as u32, 1, 1),
@@ -934,28 +952,12 @@ impl CudaBackend {
                         KArg::F(scale),
                     ],
                 )?;
-                let g = DView {
-                    ptr: chunk.ptr,
-                    len: n * vc,
-                    dtype: chunk.dtype,
-                    _p: PhantomData,
-                };
+                let g = chunk.ro().sub(0, n * vc);
                 // dx[n,c] += g[n,vc] · w_chunk[vc,c]
-                let dxv = DViewMut {
-                    ptr: dx.ptr,
-                    len: dx.len,
-                    dtype: dx.dtype,
-                    _p: PhantomData,
-                };
-                self.matmul_impl(dxv, g, wv, n, c, vc, false, false, 1.0, 1.0)?;
+                self.matmul_impl(dx.reborrow(), g, wv, n, c, vc, false, false, 1.0, 1.0)?;
                 // dw_chunk[vc,c] += gᵀ[vc,n] · x[n,c]
-                if let Some(dw) = &dw {
-                    let dwv = DViewMut {
-                        ptr: dw.ptr + (v0 * c * dw.dtype.size()) as u64,
-                        len: vc * c,
-                        dtype: dw.dtype,
-                        _p: PhantomData,
-                    };
+                if let Some(dw) = dw.as_mut() {
+                    let dwv = dw.sub_mut(v0 * c, vc * c);
                     self.matmul_impl(dwv, g, x, vc, c, n, true, false, 1.0, 1.0)?;
                 }
                 v0 += vc;
@@ -1042,7 +1044,7 @@ impl CudaBackend {
         dx: DViewMut<'_>,
         da: DViewMut<'_>,
         db: DViewMut<'_>,
-        du: DViewMut<'_>,
+        mut du: DViewMut<'_>,
         dout: DView<'_>,
         x: DView<'_>,
         u: DView<'_>,
@@ -1068,13 +1070,7 @@ impl CudaBackend {
             Self::check_view("lora dout", dout.len, n * outf)?;
             // db[o,r] += s·doutᵀ[o,n]·u[n,r];  du[n,r] = s·dout[n,o]·b[o,r]
             self.matmul_impl(db, dout, u, outf, r, n, true, false, s, 1.0)?;
-            let duv = DViewMut {
-                ptr: du.ptr,
-                len: du.len,
-                dtype: du.dtype,
-                _p: PhantomData,
-            };
-            self.matmul_impl(duv, dout, bw, n, r, outf, false, false, s, 0.0)?;
+            self.matmul_impl(du.reborrow(), dout, bw, n, r, outf, false, false, s, 0.0)?;
             let thr = kernels::dropout_threshold(p);
             let inv_keep = 1.0 / (1.0 - p);
             let nsplit = n.clamp(1, 64);
@@ -1729,21 +1725,18 @@ impl Backend for CudaBackend {
             }
             let (g, t) = Self::elementwise_threads(out.len);
             let key = crate::ops::fill::uniform_key(seed);
-            let args = |p: u64| {
-                [
-                    KArg::P(p),
-                    KArg::Q(key),
-                    KArg::F(lo),
-                    KArg::F(hi),
-                    KArg::L(out.len as i64),
-                ]
-            };
             self.launch(
                 &format!("fill_uniform_v1_{}", suffix(out.dtype)),
                 (g, 1, 1),
                 t,
                 0,
-                &args(out.ptr),
+                &[
+                    KArg::P(out.ptr),
+                    KArg::Q(key),
+                    KArg::F(lo),
+                    KArg::F(hi),
+                    KArg::L(out.len as i64),
+                ],
             )
         })();
         self.record(r);
