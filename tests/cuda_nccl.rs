@@ -10,10 +10,13 @@ use rand_chacha::ChaCha8Rng;
 use std::path::PathBuf;
 use std::process::Command;
 use zhllama::backend::cuda::{CudaBackend, CudaOptions};
-use zhllama::backend::{AdamW, Backend, Role};
+use zhllama::backend::{Backend, Role};
 use zhllama::distributed::nccl::{NcclComm, NcclLib};
 use zhllama::distributed::{Comm, LocalComm, Zero2};
 use zhllama::kernels;
+
+mod zero_common;
+use zero_common::{bits, hp};
 
 fn require_gpu() -> bool {
     std::env::var("ZHLLAMA_REQUIRE_GPU").as_deref() == Ok("1")
@@ -139,21 +142,6 @@ fn gpu_and_nccl_or_skip() -> Option<(CudaBackend, NcclComm)> {
 
 fn random(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect()
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
-fn hp(step: u64) -> AdamW {
-    AdamW {
-        lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.01,
-        step,
-    }
 }
 
 /// One GPU (world 1): NCCL's collectives equal LocalComm's bit for bit, on host slices and on device

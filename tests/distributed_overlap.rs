@@ -12,25 +12,12 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::ops::Range;
 use std::time::Duration;
-use zhllama::backend::AdamW;
 use zhllama::distributed::{Comm, ThreadComm, Zero2};
 
+mod zero_common;
+use zero_common::{bits, hp};
+
 const TIMEOUT: Duration = Duration::from_secs(20);
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
-fn hp(step: u64) -> AdamW {
-    AdamW {
-        lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.01,
-        step,
-    }
-}
 
 /// Random "layer" boundaries over `[0, p)` (same on every rank: seeded by `p` only).
 fn layers(p: usize) -> Vec<Range<usize>> {

@@ -10,6 +10,9 @@ use zhllama::distributed::toy::{self, ToyProblem, ToyResult, ToyRun, checkpoint_
 use zhllama::distributed::zero::{MANIFEST_NAME, shard_file_name, tree_sum_squares};
 use zhllama::distributed::{Comm, LocalComm, ThreadComm, Zero2, memory_plan};
 
+mod zero_common;
+use zero_common::{bits, hp};
+
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// 1003 trainable parameters (prime: every world size pads), 5 frozen ones.
@@ -20,23 +23,12 @@ const PROBLEM: ToyProblem = ToyProblem {
     seed: 42,
 };
 
-fn hp() -> AdamW {
-    AdamW {
-        lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.01,
-        step: 0,
-    }
-}
-
 fn run_cfg(steps: u64, accum: usize) -> ToyRun {
     ToyRun {
         steps,
         micro: 2,
         accum,
-        hp: hp(),
+        hp: hp(0),
         max_norm: Some(1.0),
         bucket_elems: 256,
         pairwise: true,
@@ -61,10 +53,6 @@ fn full_loss(params: &[f32]) -> f64 {
     let all: Vec<usize> = (0..PROBLEM.n_examples).collect();
     let mut g = vec![0f32; PROBLEM.n_params];
     PROBLEM.accumulate_grad(&mut g, params, &PROBLEM.frozen(), &all) / all.len() as f64
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -120,7 +108,7 @@ fn bucket_size_does_not_change_the_bits() {
 #[test]
 fn other_accumulation_orders_agree_within_rounding() {
     let steps = 5;
-    let tol = 1e-4 * hp().lr * steps as f32;
+    let tol = 1e-4 * hp(0).lr * steps as f32;
     let one = run_world(1, &run_cfg(steps, 6)).remove(0);
     let two = run_world(2, &run_cfg(steps, 3));
     let d = max_abs_diff(&two[0].params, &one.params);
@@ -149,7 +137,7 @@ fn one_step_matches_the_formulas() {
     let mut params: Vec<f32> = PROBLEM.init_params();
     let mut grads: Vec<f32> = (0..p).map(|j| PROBLEM.feature(3, j) * 40.0).collect();
     let (scale, max_norm) = (0.25f32, 1.0f32);
-    let h = AdamW { step: 1, ..hp() };
+    let h = AdamW { step: 1, ..hp(0) };
     let p0 = params.clone();
     let g0 = grads.clone();
     let mut z = Zero2::new(0, 1, p, 100);
@@ -283,7 +271,7 @@ fn communication_per_step_is_reduce_scatter_plus_all_gather_of_the_trainable_buf
                 &mut grads,
                 1.0,
                 None,
-                AdamW { step: 1, ..hp() },
+                AdamW { step: 1, ..hp(0) },
             )?;
             Ok((rep, cc.rs_elems.get(), cc.ag_elems.get()))
         });
@@ -316,7 +304,7 @@ fn non_finite_gradient_skips_the_step_on_every_rank() {
         let mut params = PROBLEM.init_params();
         let mut z = Zero2::new(c.rank(), 3, p, 128);
         let mut grads: Vec<f32> = (0..p).map(|j| PROBLEM.feature(c.rank(), j)).collect();
-        let h = AdamW { step: 1, ..hp() };
+        let h = AdamW { step: 1, ..hp(0) };
         z.step(&c, &mut params, &mut grads.clone(), 1.0, Some(1.0), h)?;
         let before = params.clone();
         if c.rank() == 2 {
@@ -388,7 +376,7 @@ fn resume_same_world_is_bit_exact_and_reshards_to_other_worlds() {
         save_every: None,
         ..run_cfg(6, accum)
     };
-    let tol = 1e-4 * hp().lr * 6.0;
+    let tol = 1e-4 * hp(0).lr * 6.0;
     for (world, accum) in [(3, 2), (1, 6)] {
         let r = run_world(world, &cfg(accum));
         let d = max_abs_diff(&r[0].params, &full[0].params);
@@ -521,7 +509,7 @@ fn save_checkpoint_is_all_or_nothing_under_its_final_name() {
             &mut g,
             1.0,
             None,
-            AdamW { step: 1, ..hp() },
+            AdamW { step: 1, ..hp(0) },
         )?;
         if c.rank() == 2 {
             c.barrier()?;
@@ -549,7 +537,7 @@ fn save_checkpoint_is_all_or_nothing_under_its_final_name() {
             &mut g,
             1.0,
             None,
-            AdamW { step: 1, ..hp() },
+            AdamW { step: 1, ..hp(0) },
         )?;
         z.save_checkpoint(&c, &dir, |t| {
             std::fs::write(t.join("weights.bin"), b"loop files")?;

@@ -781,6 +781,20 @@ impl CudaBackend {
         self.record(r);
     }
 
+    /// `out[n, vc] =` x[n,c] · w_chunk[vc,c]ᵀ: one vocabulary chunk of the logits (the first step of
+    /// both passes of the fused lm_head + cross-entropy).
+    fn chunk_logits(
+        &self,
+        out: DViewMut<'_>,
+        x: DView<'_>,
+        w_chunk: DView<'_>,
+        n: usize,
+        vc: usize,
+        c: usize,
+    ) -> Result<()> {
+        self.matmul_impl(out, x, w_chunk, n, vc, c, false, true, 1.0, 0.0)
+    }
+
     /// Fused lm_head + cross-entropy, never holding the `[n, v]` logits: for each vocabulary chunk
     /// of `chunk_len = chunk.len / n` rows of `w[v, c]`, cuBLAS writes `x·w_chunkᵀ` into `chunk` and a
     /// kernel folds it into per-row running (max, Σexp) and the target's logit.
@@ -820,18 +834,7 @@ impl CudaBackend {
             while v0 < v {
                 let vc = vc_max.min(v - v0);
                 let wv = w.sub(v0 * c, vc * c);
-                self.matmul_impl(
-                    chunk.sub_mut(0, n * vc),
-                    x,
-                    wv,
-                    n,
-                    vc,
-                    c,
-                    false,
-                    true,
-                    1.0,
-                    0.0,
-                )?;
+                self.chunk_logits(chunk.sub_mut(0, n * vc), x, wv, n, vc, c)?;
                 self.launch(
                     &format!("lmhead_ce_chunk_forward_v1_{sfx}"),
                     (n as u32, 1, 1),
@@ -925,18 +928,7 @@ impl CudaBackend {
             while v0 < v {
                 let vc = vc_max.min(v - v0);
                 let wv = w.sub(v0 * c, vc * c);
-                self.matmul_impl(
-                    chunk.sub_mut(0, n * vc),
-                    x,
-                    wv,
-                    n,
-                    vc,
-                    c,
-                    false,
-                    true,
-                    1.0,
-                    0.0,
-                )?;
+                self.chunk_logits(chunk.sub_mut(0, n * vc), x, wv, n, vc, c)?;
                 self.launch(
                     &format!("lmhead_ce_chunk_backward_v1_{sfx}"),
                     (n as u32, 1, 1),
