@@ -30,8 +30,8 @@ if [ "$(cat "$OUT/stamp" 2>/dev/null)" != "$key" ]; then
     python3 "$SRC/gen_stubs.py" "$CUDARC/src/cublas/sys/mod.rs" cublas 15 "$B/stubs_cublas.cpp" >&2
     python3 "$SRC/gen_stubs.py" "$CUDARC/src/cublaslt/sys/mod.rs" cublasLt 15 "$B/stubs_cublaslt.cpp" >&2
     python3 "$SRC/gen_stubs.py" "$CUDARC/src/nccl/sys/mod.rs" nccl 5 "$B/stubs_nccl.cpp" >&2
-    KFLAGS=(-O1 -g)
-    if [ "$ASAN" = 1 ]; then KFLAGS=(-O1 -g -fsanitize=address -fno-omit-frame-pointer); fi
+    KFLAGS=(-O2 -g)
+    if [ "$ASAN" = 1 ]; then KFLAGS=(-O1 -g -fsanitize=address -fno-omit-frame-pointer -DFAKE_CUDA_UCONTEXT); fi
     CXX=(g++ -std=c++20 -fPIC -shared -pthread -I "$EMU" -I "$SRC" -I "$B")
     "${CXX[@]}" "${KFLAGS[@]}" "$B/kernels.cpp" -o "$B/lib/libfakecuda_kernels.so" &
     kpid=$!

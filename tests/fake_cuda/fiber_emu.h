@@ -7,6 +7,9 @@
 // divergent barrier: reported, and the process stops. `__shared__` variables are statics (blocks run
 // one after another, kernels one at a time); dynamic shared memory (`extern __shared__`, rewritten
 // by tools/fake-cuda.sh) is a per-launch buffer of exactly the launch's size.
+// Context switches are six saved registers and a stack swap (x86-64 System V; no signal-mask system
+// call as in swapcontext), which is what makes a training step affordable; the AddressSanitizer build
+// (FAKE_CUDA_UCONTEXT) uses ucontext, which the sanitizer knows.
 #pragma once
 #include "cuda_fp16.h"  // tests/cuda_emu: also brings cuda_bf16.h
 #include <cmath>
@@ -55,13 +58,44 @@ inline long long max(long long a, long long b) { return a > b ? a : b; }
 
 enum EmuState { EMU_READY, EMU_AT_BLOCK, EMU_AT_WARP, EMU_DONE };
 
+#ifndef FAKE_CUDA_UCONTEXT
+extern "C" void fk_switch(void** save_sp, void* to_sp);
+asm(R"(
+    .text
+    .globl fk_switch
+    .type fk_switch,@function
+fk_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size fk_switch,.-fk_switch
+)");
+#endif
+
 struct EmuFibers {
     unsigned n = 0;
+#ifdef FAKE_CUDA_UCONTEXT
     std::vector<ucontext_t> ctx;
+    ucontext_t sched;
+#else
+    std::vector<void*> ctx;  // saved stack pointers
+    void* sched = nullptr;
+#endif
     std::vector<int> state;
     std::vector<double> lanes;
     std::vector<char*> stacks;
-    ucontext_t sched;
     unsigned cur = 0;
     void (*body)(void*) = nullptr;
     void* arg = nullptr;
@@ -73,7 +107,11 @@ inline void emu_wait(int st) {
     EmuFibers* f = emu_f;
     const unsigned t = f->cur;
     f->state[t] = st;
+#ifdef FAKE_CUDA_UCONTEXT
     swapcontext(&f->ctx[t], &f->sched);
+#else
+    fk_switch(&f->ctx[t], f->sched);
+#endif
 }
 inline void __syncthreads() { emu_wait(EMU_AT_BLOCK); }
 
@@ -95,7 +133,12 @@ constexpr size_t EMU_STACK = 256 * 1024;
 inline void emu_trampoline() {
     EmuFibers* f = emu_f;
     f->body(f->arg);
-    emu_f->state[emu_f->cur] = EMU_DONE;  // returning resumes uc_link (the scheduler)
+    emu_f->state[emu_f->cur] = EMU_DONE;
+#ifndef FAKE_CUDA_UCONTEXT
+    void* dead;
+    fk_switch(&dead, emu_f->sched);  // never resumed
+    __builtin_unreachable();
+#endif  // ucontext: returning resumes uc_link (the scheduler)
 }
 
 // Run one block: `body(arg)` in every thread of `block` (linear id x-fastest; warps of 32).
@@ -118,11 +161,21 @@ inline void emu_run_block(EmuFibers& f, const char* kernel, dim3u block, void (*
         f.stacks.push_back((char*)p + 4096);
     }
     for (unsigned t = 0; t < n; t++) {
+#ifdef FAKE_CUDA_UCONTEXT
         getcontext(&f.ctx[t]);
         f.ctx[t].uc_stack.ss_sp = f.stacks[t];
         f.ctx[t].uc_stack.ss_size = EMU_STACK;
         f.ctx[t].uc_link = &f.sched;
         makecontext(&f.ctx[t], emu_trampoline, 0);
+#else
+        // A fresh stack that "returns" into emu_trampoline: six zeroed callee-saved registers, the
+        // entry address, and a null return address so the entry sees a call-aligned stack.
+        void** sp = (void**)(f.stacks[t] + EMU_STACK);
+        *--sp = nullptr;
+        *--sp = (void*)&emu_trampoline;
+        for (int r = 0; r < 6; r++) *--sp = nullptr;
+        f.ctx[t] = sp;
+#endif
     }
     emu_f = &f;
     blockDim = block;
@@ -131,7 +184,11 @@ inline void emu_run_block(EmuFibers& f, const char* kernel, dim3u block, void (*
             if (f.state[t] != EMU_READY) continue;
             f.cur = t;
             threadIdx = dim3u{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+#ifdef FAKE_CUDA_UCONTEXT
             swapcontext(&f.sched, &f.ctx[t]);
+#else
+            fk_switch(&f.sched, f.ctx[t]);
+#endif
         }
         unsigned live = 0, at_block = 0;
         for (unsigned t = 0; t < n; t++) {
