@@ -154,13 +154,7 @@ fn bench_losses_match_cpu() {
     }
     for stage in ["full", "pt1", "pt2", "sft"] {
         let args = [
-            "bench",
-            "--preset",
-            "tiny-d64",
-            "--stage",
-            stage,
-            "--steps",
-            "3",
+            "bench", "--preset", "tiny-d64", "--stage", stage, "--steps", "3",
         ];
         let mut a = args.to_vec();
         a.extend(["--backend", "cpu"]);
@@ -173,7 +167,10 @@ fn bench_losses_match_cpu() {
             // no optimizer: every step sees the same weights and data
             assert!(g.iter().all(|&x| x == g[0]), "full: losses change: {g:?}");
         } else {
-            assert!(g[g.len() - 1] < g[0], "{stage}: cuda loss does not decrease: {g:?}");
+            assert!(
+                g[g.len() - 1] < g[0],
+                "{stage}: cuda loss does not decrease: {g:?}"
+            );
         }
     }
 }
@@ -209,7 +206,11 @@ fn unsupported_entry_point_fails_cleanly() {
             &[("FAKE_CUDA_UNSUPPORTED", name)],
         );
         let err = String::from_utf8_lossy(&o.stderr);
-        println!("{name}: exit {:?}, last line: {}", o.status.code(), err.lines().last().unwrap_or(""));
+        println!(
+            "{name}: exit {:?}, last line: {}",
+            o.status.code(),
+            err.lines().last().unwrap_or("")
+        );
         assert!(!o.status.success(), "{name}: the run succeeded");
         assert_ne!(o.status.code(), Some(97), "{name}: a device fault:\n{err}");
         assert!(!err.contains("panicked"), "{name}: panicked:\n{err}");
@@ -218,7 +219,8 @@ fn unsupported_entry_point_fails_cleanly() {
             "{name}: not named:\n{err}"
         );
         assert!(
-            err.lines().any(|l| l.starts_with("Error") || l.starts_with("error")),
+            err.lines()
+                .any(|l| l.starts_with("Error") || l.starts_with("error")),
             "{name}: no error line:\n{err}"
         );
     }
@@ -320,7 +322,7 @@ fn train_matches_cpu() {
     let r = tmp.path();
     let model = cuda_model(&r.join("model"));
     let pt = train_common::pretrain_data(&r.join("pt"), 64, 64);
-    let sft = train_common::sft_data(&r.join("sft"), 64, 64);
+    let sft = train_common::sft_data(&r.join("sft"), 64, 200);
     for (stage, data) in [("pt2", &pt), ("sft", &sft)] {
         let oc = r.join(format!("{stage}-cpu"));
         let mut a = train_args(stage, &model, data, &oc);
@@ -358,22 +360,30 @@ fn train_matches_cpu() {
     }
 }
 
-/// Relative Frobenius distance of each adapter tensor, `‖cuda − cpu‖ / ‖cpu‖`. LoRA B starts at
-/// zero and moves by about `lr` per AdamW step, in the sign of its (small, noisy) gradient; where
-/// bf16 rounding flips that sign the two runs' entries differ by up to 2·lr per step, so B agrees
-/// only in the bulk: 0.5 rejects an adapter that did not train or trained on the wrong gradient
-/// (distance ≥ 1) and admits the sign noise (measured in the test output). LoRA A (a seeded
-/// kaiming init moved by ~lr relative 1e-3 per step) must agree far closer: 1e-2.
+/// Relative Frobenius distance of each adapter tensor, `‖cuda − cpu‖ / ‖cpu‖`; every tensor must
+/// have trained (non-zero; LoRA B starts at zero). LoRA B moves by about `lr` per AdamW step in the
+/// sign of its gradient; where bf16 rounding flips the sign of a small gradient the two runs'
+/// entries differ by up to 2·lr per step, so B agrees only in the bulk: 0.1 (measured ≤ 1.4e-2 over
+/// 4 steps) still rejects a B trained on a wrong or missing gradient (distance ~1). The other
+/// tensors (seeded init, bf16-stored on the device, moved by ~lr per step) within 1e-2 (measured
+/// ≤ 2.6e-3: bf16's 2⁻⁹ ≈ 2e-3 relative rounding of the stored weights).
 fn check_adapter(what: &str, cpu: &[(String, Vec<f32>)], gpu: &[(String, Vec<f32>)]) {
     assert_eq!(cpu.len(), gpu.len(), "{what}: adapter tensors");
     for ((n, c), (m, g)) in cpu.iter().zip(gpu) {
         assert_eq!(n, m);
         let num: f64 = c.iter().zip(g).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
         let den: f64 = c.iter().map(|a| (*a as f64).powi(2)).sum();
-        let rel = (num / den.max(1e-300)).sqrt();
-        let tol = if n.contains("lora_B") { 0.5 } else { 1e-2 };
+        assert!(
+            den > 0.0,
+            "{what}: {n} is all zeros on the CPU: nothing trained"
+        );
+        let rel = (num / den).sqrt();
+        let tol = if n.contains("lora_B") { 0.1 } else { 1e-2 };
         println!("{what:<40} {n:<60} rel {rel:.3e} (tol {tol:.0e})");
-        assert!(rel <= tol && g.iter().all(|x| x.is_finite()), "{what}: {n}: rel {rel}");
+        assert!(
+            rel <= tol && g.iter().all(|x| x.is_finite()),
+            "{what}: {n}: rel {rel}"
+        );
     }
 }
 
@@ -386,7 +396,7 @@ fn cuda_checkpoint_resumes_bit_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let r = tmp.path();
     let model = cuda_model(&r.join("model"));
-    let sft = train_common::sft_data(&r.join("sft"), 64, 64);
+    let sft = train_common::sft_data(&r.join("sft"), 64, 200);
     let full = r.join("full");
     let mut a = train_args("sft", &model, &sft, &full);
     a.extend(["--backend", "cuda"]);
@@ -414,4 +424,129 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
         }
     }
+}
+
+/// `mpirun -np 2` through the stand-in's NCCL (shared memory between the two processes) against
+/// world 1 with the same global batch: the same curve and adapter within the tolerances above
+/// (NCCL sums in its own order, one more rounding source).
+#[test]
+fn nccl_world2_matches_world1() {
+    if stand_in().is_none() {
+        return;
+    }
+    if !zhllama::distributed::MPI_ENABLED {
+        eprintln!("skipped: built without `mpi` (cargo test --features cuda,mpi)");
+        return;
+    }
+    if Command::new("mpirun").arg("--version").output().is_err() {
+        eprintln!("skipped: mpirun not found (tools/test.sh installs OpenMPI)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let r = tmp.path();
+    let model = cuda_model(&r.join("model"));
+    let pt = train_common::pretrain_data(&r.join("pt"), 64, 64);
+    let w1 = r.join("w1");
+    let mut a = train_args("pt2", &model, &pt, &w1);
+    a.extend(["--backend", "cuda"]);
+    ok("world 1", &fake(&a, &[]));
+    let w2 = r.join("w2");
+    let mut a = train_args("pt2", &model, &pt, &w2);
+    a.extend(["--backend", "cuda"]);
+    let o = Command::new("mpirun")
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .args([
+            "--oversubscribe",
+            "--mca",
+            "mpi_yield_when_idle",
+            "1",
+            "-np",
+            "2",
+            "bash",
+        ])
+        .arg(root().join("tools/fake-cuda.sh"))
+        .arg(BIN)
+        .args(&a)
+        .output()
+        .unwrap();
+    ok("mpirun -np 2", &o);
+    check_curve("pt2 world 2 vs world 1", &losses(&w1), &losses(&w2));
+    check_adapter("pt2 world 2 vs world 1", &adapter(&w1), &adapter(&w2));
+}
+
+/// Greedy generation on the device (first step: the regular attention; then the KV-cache kernel)
+/// gives the CPU's text for 32 tokens. Initializer range 0.1 on a fixed seed: wide enough for
+/// varied text, while larger ranges (0.35 and up: hidden states of O(10), logits of O(100)) put the
+/// top two logits within what bf16 activations move them, and the texts then part at a near-tie.
+#[test]
+fn generate_greedy_matches_cpu() {
+    if stand_in().is_none() {
+        return;
+    }
+    use zhllama::vocab::proto::ModelType;
+    use zhllama::vocab::{Tokenizer, TrainOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let r = tmp.path();
+    let corpus = [
+        "the quick brown fox jumps over the lazy dog",
+        "a small model writes a short answer",
+        "我们今天学习中文和英文",
+        "模型生成的文本应该完整输出",
+        "hello world, 你好世界",
+        "numbers like 12 and 345 appear too",
+    ];
+    let (proto, _) = zhllama::vocab::train(
+        &corpus,
+        &TrainOptions {
+            vocab_size: 320,
+            model_type: ModelType::Bpe,
+            character_coverage: 1.0,
+            byte_fallback: true,
+            ..TrainOptions::default()
+        },
+    )
+    .unwrap();
+    let tok = r.join("tok.model");
+    std::fs::write(&tok, proto.to_bytes()).unwrap();
+    let vocab = Tokenizer::load(&tok).unwrap().vocab_size();
+    let mut cfg = LlamaConfig::new(vocab, 64, 96, 2, 1, 1);
+    cfg.initializer_range = 0.1;
+    let dir = r.join("model");
+    Llama::random(Arc::new(CpuBackend::new()), cfg, TrainSpec::frozen(), 3)
+        .unwrap()
+        .save_hf(
+            &dir,
+            SaveOptions {
+                dtype: DType::F32,
+                max_shard_bytes: None,
+            },
+        )
+        .unwrap();
+    let args = [
+        "generate",
+        "--model",
+        s(&dir),
+        "--tokenizer",
+        s(&tok),
+        "--temperature",
+        "0",
+        "--repetition-penalty",
+        "1",
+        "--max-new-tokens",
+        "32",
+        "--template",
+        "raw",
+        "--prompt",
+        "hello world",
+    ];
+    let mut a = args.to_vec();
+    a.extend(["--backend", "cpu"]);
+    let c = ok("cpu generate", &cpu(&a));
+    let mut a = args.to_vec();
+    a.extend(["--backend", "cuda"]);
+    let g = ok("cuda generate", &fake(&a, &[]));
+    println!("cpu:  {c:?}\ncuda: {g:?}");
+    assert!(c.chars().count() > 10, "too little text generated: {c:?}");
+    assert_eq!(g, c, "greedy text differs");
 }

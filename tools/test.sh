@@ -46,3 +46,14 @@ cuda_ci() {
 }
 cuda_ci
 # ---- end cuda ----------------------------------------------------------------------------------------
+# ---- fake-cuda: the CUDA backend end to end on the CPU stand-in (tests/fake_cuda/) ----------------------
+# Runs after the distributed and cuda sections (OpenMPI and the NVRTC wheel are installed by then).
+# tools/fake-cuda.sh builds the stand-in once (cached in target/fake-cuda/); the e2e tests compare
+# bench/train/generate/mpirun under it with the CPU backend; the GPU parity suite runs under it too.
+fake_cuda_ci() {
+    bash tools/fake-cuda.sh
+    cargo test --release --features cuda,mpi --test fake_cuda_e2e -- --test-threads 1 --nocapture
+    bash tools/fake-cuda.sh cargo test --release --features cuda,mpi --test cuda_parity -- --test-threads 1
+}
+fake_cuda_ci
+# ---- end fake-cuda ---------------------------------------------------------------------------------------
