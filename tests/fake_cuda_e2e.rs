@@ -21,7 +21,7 @@ mod train_common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, OnceLock};
 use zhllama::backend::cpu::CpuBackend;
 use zhllama::model::weights::SaveOptions;
 use zhllama::model::{Llama, LlamaConfig, TrainSpec};
@@ -39,9 +39,8 @@ fn stand_in() -> Option<PathBuf> {
         eprintln!("skipped: built without the `cuda` feature (cargo test --features cuda)");
         return None;
     }
-    static BUILD: Once = Once::new();
-    static mut OK: bool = false;
-    BUILD.call_once(|| {
+    static BUILT: OnceLock<bool> = OnceLock::new();
+    let built = *BUILT.get_or_init(|| {
         let o = Command::new("bash")
             .arg(root().join("tools/fake-cuda.sh"))
             .output()
@@ -51,22 +50,16 @@ fn stand_in() -> Option<PathBuf> {
                 "skipped: the CUDA stand-in cannot be built here: {}",
                 String::from_utf8_lossy(&o.stderr)
             );
-            return;
+            return false;
         }
         assert!(
             o.status.success(),
             "building the stand-in failed: {}",
             String::from_utf8_lossy(&o.stderr)
         );
-        // SAFETY: written once, inside call_once, before any read.
-        unsafe { OK = true };
+        true
     });
-    // SAFETY: call_once has completed.
-    if unsafe { OK } {
-        Some(root().join("target/fake-cuda/lib"))
-    } else {
-        None
-    }
+    built.then(|| root().join("target/fake-cuda/lib"))
 }
 
 /// `tools/fake-cuda.sh zhllama ARGS` with extra environment.
