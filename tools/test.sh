@@ -54,6 +54,10 @@ fake_cuda_ci() {
     bash tools/fake-cuda.sh
     cargo test --release --features cuda,mpi --test fake_cuda_e2e -- --test-threads 1 --nocapture
     bash tools/fake-cuda.sh cargo test --release --features cuda,mpi --test cuda_parity -- --test-threads 1
+    # The kernels built with AddressSanitizer (out-of-bounds __shared__ and local arrays; device memory
+    # has the stand-in's guard pages): one sft step, every kernel of a training step.
+    FAKE_CUDA_ASAN=1 bash tools/fake-cuda.sh target/release/zhllama bench --backend cuda --preset tiny-d64 \
+        --stage sft --steps 1 --warmup 0 >/dev/null
 }
 fake_cuda_ci
 # ---- end fake-cuda ---------------------------------------------------------------------------------------
