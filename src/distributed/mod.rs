@@ -21,6 +21,7 @@
 //! the argument.
 
 pub mod collective;
+pub mod device;
 pub mod env;
 pub mod local;
 #[cfg(feature = "mpi")]
@@ -31,12 +32,15 @@ pub mod shard;
 pub mod thread;
 pub mod toy;
 pub mod zero;
+pub mod zero_device;
 
+pub use device::BufComm;
 pub use env::{LaunchInfo, Launcher, launch_info};
 pub use local::LocalComm;
 pub use shard::{MemoryPlan, ShardLayout, memory_plan, rank_batch_indices};
 pub use thread::ThreadComm;
 pub use zero::{GradAccumulator, StepReport, Zero2};
+pub use zero_device::DeviceZero2;
 
 use anyhow::Result;
 
@@ -74,6 +78,11 @@ pub trait Comm: Send {
     fn abort(&self, code: i32) -> !;
     /// Bytes sent to other ranks so far (see the trait docs for what counts).
     fn bytes_sent(&self) -> u64;
+    /// The concrete transport, for a transport with collectives on device buffers (NCCL:
+    /// [`device::BufComm`] finds it here); `None` for the host transports.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 /// The communicator for this process: `MpiComm` when `launch` says the job has more than one
