@@ -115,6 +115,8 @@ pub struct Trainer<'a, B: Backend> {
     batches: BatchSchedule,
     accum: usize,
     acc: DeviceAccumulator<B>,
+    /// [`Trainer::params`]'s host copy (empty until asked for).
+    params_host: Vec<f32>,
     acts: ActCache<B>,
     state: TrainerState,
 }
@@ -234,6 +236,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
         Ok(Trainer {
             acc: DeviceAccumulator::new(p),
+            params_host: Vec::new(),
             acts: ActCache {
                 map: HashMap::new(),
             },
@@ -259,14 +262,15 @@ impl<'a, B: Backend> Trainer<'a, B> {
         &self.zero
     }
 
-    /// The trainable flat buffer as the forward reads it, downloaded (not part of a step; on the
-    /// CPU backend these are the master weights' bits).
-    pub fn params(&self) -> Vec<f32> {
+    /// The trainable flat buffer as the forward reads it, downloaded into a host copy on each
+    /// call (not part of a step; on the CPU backend these are the master weights' bits).
+    pub fn params(&mut self) -> &[f32] {
         let be = self.model.backend();
-        let mut out = vec![0.0f32; be.buf_len(self.model.trainable())];
-        be.download(self.model.trainable(), &mut out)
+        self.params_host
+            .resize(be.buf_len(self.model.trainable()), 0.0);
+        be.download(self.model.trainable(), &mut self.params_host)
             .expect("downloading the trainable weights");
-        out
+        &self.params_host
     }
 
     /// One micro-batch: forward (training mode, dropout key of global micro-batch `k`) and
