@@ -603,6 +603,7 @@ impl Zero2 {
 
     /// A state holding `master`, `m`, `v` (each `⌈P/N⌉` long) after `updates` updates: what a
     /// device-resident twin downloads to save a checkpoint in this module's format.
+    #[allow(clippy::too_many_arguments)]
     pub fn from_parts(
         rank: usize,
         world: usize,
