@@ -64,7 +64,7 @@ impl<'a> BufComm<'a> {
                 .expect("a host-memory backend gives every buffer's floats");
             return self.comm.reduce_scatter_sum(s, &mut r[recv_r]);
         }
-        device::reduce_scatter(self.comm, be, send, send_r, recv, recv_r)
+        transport::reduce_scatter(self.comm, be, send, send_r, recv, recv_r)
     }
 
     /// `recv[recv_r] =` every rank's `send[send_r]` in rank order (`recv_r.len() ==
@@ -95,13 +95,13 @@ impl<'a> BufComm<'a> {
                 .expect("a host-memory backend gives every buffer's floats");
             return self.comm.all_gather(s, &mut r[recv_r]);
         }
-        device::all_gather(self.comm, be, send, send_r, recv, recv_r)
+        transport::all_gather(self.comm, be, send, send_r, recv, recv_r)
     }
 
     /// Make the backend's queue wait for every device collective queued so far (NCCL); a no-op
     /// for the transports whose collectives are complete when they return.
     pub fn join<B: Backend>(&self, be: &B) -> Result<()> {
-        device::join(self.comm, be)
+        transport::join(self.comm, be)
     }
 }
 
@@ -114,7 +114,7 @@ fn no_device_transport(comm: &dyn Comm, be_name: &str) -> anyhow::Error {
 }
 
 #[cfg(feature = "cuda")]
-mod device {
+mod transport {
     use super::*;
     use crate::backend::cuda::{CudaBackend, CudaBuf};
     use crate::distributed::nccl::NcclComm;
@@ -179,7 +179,7 @@ mod device {
 }
 
 #[cfg(not(feature = "cuda"))]
-mod device {
+mod transport {
     use super::*;
 
     pub(super) fn reduce_scatter<B: Backend>(

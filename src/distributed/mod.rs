@@ -1,8 +1,10 @@
 //! Distributed runtime: the [`Comm`] trait, its transports, shard arithmetic and ZeRO-2.
 //!
-//! This module knows flat `f32` buffers and nothing of LLaMA. A training loop holds one
-//! `Box<dyn Comm>` (from [`init`]) and one [`Zero2`] over its flat *trainable* buffer; frozen
-//! weights never reach this module, so they are never communicated.
+//! This module knows flat buffers (host `f32` slices or a backend's buffers) and nothing of
+//! LLaMA. A training loop holds one `Box<dyn Comm>` (from [`init`]) and one [`DeviceZero2`] over
+//! its flat *trainable* buffer, on the backend's buffers ([`BufComm`] runs the collectives there;
+//! the host [`Zero2`] is the reference and owns the checkpoint format); frozen weights never reach
+//! this module, so they are never communicated.
 //!
 //! Transports: [`LocalComm`] (one process), [`ThreadComm`] (N ranks as threads of one process —
 //! how the ZeRO-2 logic is tested by plain `cargo test`), and `MpiComm` (feature `mpi`, the system

@@ -183,8 +183,8 @@ impl<B: Backend> DeviceAccumulator<B> {
 
     /// Add one micro-batch's gradient (the next in global order); the buffer moves in.
     pub fn push(&mut self, be: &B, grad: B::Buf) -> Result<()> {
-        let all = [0..self.n];
-        self.push_ranges(be, grad, &all)
+        let all = 0..self.n;
+        self.push_ranges(be, grad, std::slice::from_ref(&all))
     }
 
     /// [`DeviceAccumulator::push`] with the additions done on `ranges` of the buffers only.
@@ -229,8 +229,8 @@ impl<B: Backend> DeviceAccumulator<B> {
     /// the device; resets the accumulator. Partial subtrees combine as in
     /// [`GradAccumulator::finish`]. Hand the buffer back with [`DeviceAccumulator::recycle`].
     pub fn finish_buf(&mut self, be: &B) -> Result<B::Buf> {
-        let all = [0..self.n];
-        self.finish_buf_ranges(be, &all)
+        let all = 0..self.n;
+        self.finish_buf_ranges(be, std::slice::from_ref(&all))
     }
 
     fn finish_buf_ranges(&mut self, be: &B, ranges: &[Range<usize>]) -> Result<B::Buf> {
