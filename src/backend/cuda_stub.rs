@@ -264,6 +264,20 @@ impl Backend for CudaBackend {
     ) {
         match self.never {}
     }
+    fn host_transfer_bytes(&self) -> u64 {
+        match self.never {}
+    }
+    fn adamw_step_copy(
+        &self,
+        _param: Never,
+        _m: Never,
+        _v: Never,
+        _grad: Never,
+        _copy: Never,
+        _hp: AdamW,
+    ) {
+        match self.never {}
+    }
 }
 
 /// The NVRTC compile check's API, failing with the same error.

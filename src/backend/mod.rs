@@ -66,9 +66,9 @@ pub struct LmHeadCeBuffers {
     pub scratch: usize,
 }
 
-pub trait Backend: Send + Sync {
+pub trait Backend: Send + Sync + 'static {
     /// An owning float buffer in the backend's memory.
-    type Buf: Send;
+    type Buf: Send + 'static;
     /// An owning buffer of `i32` token ids or labels (`-100` = ignore) in the backend's memory.
     type Ids: Send;
     /// A borrowed, read-only range of a `Buf`.
@@ -524,4 +524,45 @@ pub trait Backend: Send + Sync {
         hkv: usize,
         d: usize,
     );
+
+    // ---- device-resident optimizer step, host-transfer accounting ------------------------------------
+    /// Bytes moved between host memory and this backend's memory so far, by the calls that cross
+    /// that boundary, counted as their payload: 4 per element of the host slice of
+    /// [`Backend::upload`], [`Backend::download`] and [`Backend::upload_ids`], 8 for the `f64` that
+    /// [`Backend::sum_squares`] and [`Backend::sum_squares_tree`] return. Every backend counts the
+    /// same calls the same way (on the CPU backend host memory *is* its memory, but it counts as a
+    /// device backend would), so a count measured on CPU is the CUDA backend's count.
+    fn host_transfer_bytes(&self) -> u64;
+    /// `Σ x²` in f64 with a result that depends only on `x`'s values and length (never on where
+    /// the view starts or on thread counts). The CPU reference is [`crate::ops::sum_squares_tree`]
+    /// (the canonical pairwise tree, which makes the distributed gradient norm bit-identical
+    /// across world sizes); the default is [`Backend::sum_squares`], a deterministic order of the
+    /// backend's own. A NaN/Inf anywhere gives a non-finite result.
+    fn sum_squares_tree(&self, x: Self::View<'_>) -> Result<f64> {
+        self.sum_squares(x)
+    }
+    /// [`Backend::adamw_step`] on `param` (fp32 master), `m`, `v`, then `copy =` the updated
+    /// `param` in `copy`'s storage type (the 16-bit weights the forward reads on CUDA; a plain copy
+    /// on CPU). `copy` has `param`'s length.
+    fn adamw_step_copy(
+        &self,
+        param: Self::ViewMut<'_>,
+        m: Self::ViewMut<'_>,
+        v: Self::ViewMut<'_>,
+        grad: Self::View<'_>,
+        copy: Self::ViewMut<'_>,
+        hp: AdamW,
+    );
+    /// The buffer's floats where this backend's memory is host memory (the CPU backend), so the
+    /// host transports' collectives can run on it in place; `None` on a device backend (its
+    /// collectives are the device's own, e.g. NCCL). Not a transfer: nothing is copied.
+    fn host_floats<'a>(&self, buf: &'a Self::Buf) -> Option<&'a [f32]> {
+        let _ = buf;
+        None
+    }
+    /// [`Backend::host_floats`], writable.
+    fn host_floats_mut<'a>(&self, buf: &'a mut Self::Buf) -> Option<&'a mut [f32]> {
+        let _ = buf;
+        None
+    }
 }

@@ -4,13 +4,17 @@
 //! - `--stage full` (default): forward + backward with every weight trainable, no optimizer step (the
 //!   shape `tools/oracle/bench_torch.py` times on CPU). FLOPs by `LlamaConfig::train_step_flops`
 //!   (weight matmuls ×6 plus causal attention; elementwise ops not counted).
-//! - `--stage pt1|pt2|sft`: the recipe stage's trainable set (the `zhllama train` presets of
-//!   `train::config`, through the same `setup::train_spec`), and a whole step as
-//!   `tools/oracle/bench_torch_gpu.py` times it: forward, backward, global gradient norm + clipping,
-//!   AdamW on an fp32 master copy of the trainable parameters, copy back to the (bf16 on CUDA)
-//!   weights. MFU at 4N FLOPs/token with N = the matmul parameters (every layer's projections +
-//!   lm_head, as the PyTorch script counts them): frozen weights need no weight-gradient GEMMs, so
-//!   forward 2N + input gradient 2N; attention's T² terms are not counted.
+//! - `--stage pt1|pt2|sft`: the recipe stage's trainable set and hyper-parameters (the
+//!   `zhllama train` presets of `train::config`, through the same `setup::train_spec`), with
+//!   `batch_size = micro_batch_size = --batch` and `max_length = --seq`, run by
+//!   `train::trainer::Trainer` on in-memory random blocks: each timed step is
+//!   `Trainer::step`, the code `zhllama train` runs (forward, backward, device accumulation,
+//!   ZeRO-2 at world 1: norm, clipping, AdamW on the fp32 master writing the bf16 weights on CUDA).
+//!   MFU at 4N FLOPs/token with N = the matmul parameters (every layer's projections + lm_head, as
+//!   `tools/oracle/bench_torch_gpu.py` counts them): frozen weights need no weight-gradient
+//!   GEMMs, so forward 2N + input gradient 2N; attention's T² terms are not counted.
+//! - Every stage reports `host_transfer_bytes_per_step`: the backend's count of host↔device
+//!   payload bytes (`Backend::host_transfer_bytes`) over the timed steps, divided by their number.
 //! - `--random-init`: weights generated on the device (`Llama::random_on_device`); otherwise on the
 //!   host (`Llama::random`) and uploaded. Tokens are seeded, so a cpu and a cuda run of the same
 //!   preset, stage and seed see the same data and initial weights (bf16-rounded on CUDA).
@@ -33,9 +37,12 @@ use std::sync::Arc;
 use std::time::Instant;
 use zhllama::backend::cpu::CpuBackend;
 use zhllama::backend::cuda::CudaBackend;
-use zhllama::backend::{AdamW, Backend, Role};
+use zhllama::backend::{Backend, Role};
+use zhllama::distributed::LocalComm;
 use zhllama::model::{Activations, Llama, LlamaConfig, TrainSpec};
 use zhllama::train::config::{Stage, TrainConfig};
+use zhllama::train::data::{Data, MemoryBlocks};
+use zhllama::train::trainer::Trainer;
 
 use super::backend::{BackendKind, local_rank, open_cuda};
 
@@ -223,15 +230,6 @@ fn matmul_params(cfg: &LlamaConfig) -> f64 {
         + cfg.vocab_size as f64 * c
 }
 
-/// The optimizer state of a stage step: fp32 master copy of the trainable parameters, AdamW moments.
-struct Optim<B: Backend> {
-    master: B::Buf,
-    m: B::Buf,
-    v: B::Buf,
-    cfg: TrainConfig,
-    updates: u64,
-}
-
 fn run_on<B: Backend + DeviceInfo>(backend: Arc<B>, args: &Args) -> Result<()> {
     if let Some(n) = args.sgemm {
         return sgemm(&*backend, n, args.steps.unwrap_or(10).max(1));
@@ -250,7 +248,7 @@ fn run_on<B: Backend + DeviceInfo>(backend: Arc<B>, args: &Args) -> Result<()> {
         None => TrainSpec::full(),
     };
     let t0 = Instant::now();
-    let mut model = if args.random_init {
+    let model = if args.random_init {
         Llama::random_on_device(backend.clone(), cfg.clone(), spec, args.seed)?
     } else {
         Llama::random(backend.clone(), cfg.clone(), spec, args.seed)?
@@ -263,80 +261,72 @@ fn run_on<B: Backend + DeviceInfo>(backend: Arc<B>, args: &Args) -> Result<()> {
         args.stage,
         if args.random_init { " (on device)" } else { "" }
     );
-    let mut acts = Activations::new(&model, b, t)?;
-    let mut grads = model.alloc_grads()?;
-    let mut optim = match stage_cfg {
-        Some(c) => {
-            let n = n_train;
-            let mut master = backend.alloc(n, Role::Fp32)?;
-            backend.copy(
-                backend.view_mut(&mut master, 0..n),
-                backend.view(model.trainable(), 0..n),
-            );
-            Some(Optim::<B> {
-                master,
-                m: backend.alloc(n, Role::Fp32)?,
-                v: backend.alloc(n, Role::Fp32)?,
-                cfg: c,
-                updates: 0,
-            })
-        }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed.wrapping_add(1));
+    let mut random_ids = |n: usize| -> Vec<i32> {
+        (0..n)
+            .map(|_| rng.random_range(0..cfg.vocab_size as i32))
+            .collect()
+    };
+    // `--stage full`: forward + backward of one fixed batch. A recipe stage: `Trainer::step` on
+    // in-memory random blocks (enough for every step, so no block repeats within a run).
+    let comm = LocalComm;
+    let total_steps = args.warmup + steps + usize::from(args.profile);
+    let data = match stage_cfg {
+        Some(_) => Some(Data::Memory(MemoryBlocks::new(
+            cfg.vocab_size,
+            t,
+            (0..b * total_steps).map(|_| random_ids(t)).collect(),
+        )?)),
         None => None,
     };
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed.wrapping_add(1));
-    let ids: Vec<i32> = (0..b * t)
-        .map(|_| rng.random_range(0..cfg.vocab_size as i32))
-        .collect();
-    let mut step = |model: &mut Llama<B>, grads: &mut B::Buf| -> Result<f32> {
-        let n = backend.buf_len(grads);
-        backend.zero(backend.view_mut(grads, 0..n));
-        let loss = model.forward(&mut acts, &ids, &ids)?;
-        model.backward(&mut acts, grads, 1.0)?;
-        if let Some(o) = optim.as_mut() {
-            // As the trainer: global norm, clip, AdamW on the fp32 master, copy to the weights.
-            let norm = backend.sum_squares(backend.view(grads, 0..n))?.sqrt() as f32;
-            let max = o.cfg.max_grad_norm as f32;
-            if max > 0.0 && norm > max {
-                backend.scale(backend.view_mut(grads, 0..n), max / (norm + 1e-6));
-            }
-            o.updates += 1;
-            let hp = AdamW {
-                lr: o.cfg.learning_rate as f32,
-                beta1: o.cfg.adam_beta1 as f32,
-                beta2: o.cfg.adam_beta2 as f32,
-                eps: o.cfg.adam_epsilon as f32,
-                weight_decay: o.cfg.weight_decay as f32,
-                step: o.updates,
-            };
-            backend.adamw_step(
-                backend.view_mut(&mut o.master, 0..n),
-                backend.view_mut(&mut o.m, 0..n),
-                backend.view_mut(&mut o.v, 0..n),
-                backend.view(grads, 0..n),
-                hp,
-            );
-            backend.copy(
-                backend.view_mut(model.trainable_mut(), 0..n),
-                backend.view(&o.master, 0..n),
-            );
+    let mut step: Box<dyn FnMut() -> Result<f32> + '_> = match (&stage_cfg, &data) {
+        (Some(c), Some(data)) => {
+            let mut c = c.clone();
+            c.batch_size = b;
+            c.micro_batch_size = b;
+            c.max_length = t;
+            c.max_steps = total_steps as u64;
+            let stage = args.stage.recipe().expect("a recipe stage");
+            let unused = std::env::temp_dir().join("zhllama-bench-no-output");
+            let mut trainer = Trainer::new(model, data, c, stage, &comm, &unused, None)?;
+            let be = backend.clone();
+            Box::new(move || {
+                let rec = trainer.step(false)?;
+                be.synchronize()?;
+                Ok(rec.loss.unwrap_or(f64::NAN) as f32)
+            })
         }
-        backend.synchronize()?;
-        Ok(loss)
+        _ => {
+            let mut acts = Activations::new(&model, b, t)?;
+            let mut grads = model.alloc_grads()?;
+            let ids = random_ids(b * t);
+            let be = backend.clone();
+            Box::new(move || {
+                let n = be.buf_len(&grads);
+                be.zero(be.view_mut(&mut grads, 0..n));
+                let loss = model.forward(&mut acts, &ids, &ids)?;
+                model.backward(&mut acts, &mut grads, 1.0)?;
+                be.synchronize()?;
+                Ok(loss)
+            })
+        }
     };
     let mut losses = Vec::new();
     for i in 0..args.warmup {
-        let l = step(&mut model, &mut grads)?;
+        let l = step()?;
         eprintln!("step {i} loss {l:.6} (warm-up)");
         losses.push(l);
     }
     let start = Instant::now();
     let cpu0 = cpu_seconds();
+    let bytes0 = backend.host_transfer_bytes();
     for i in 0..steps {
-        let l = step(&mut model, &mut grads)?;
+        let l = step()?;
         eprintln!("step {} loss {l:.6}", args.warmup + i);
         losses.push(l);
     }
     let secs = start.elapsed().as_secs_f64() / steps as f64;
+    let host_bytes = (backend.host_transfer_bytes() - bytes0) as f64 / steps as f64;
     let cpu_s = cpu0.zip(cpu_seconds()).map(|(a, b)| (b - a) / steps as f64);
     let tokens = (b * t) as f64;
     let n_mm = matmul_params(&cfg);
@@ -349,7 +339,7 @@ fn run_on<B: Backend + DeviceInfo>(backend: Arc<B>, args: &Args) -> Result<()> {
     let mfu = args.gemm_tflops.filter(|&g| g > 0.0).map(|g| tflops / g);
     let mem = backend.mem_used()?;
     eprintln!(
-        "{} {:?} on {name}: {b}×{t} tokens, {:.1} ms/step ({:.2} CPU-s/step), {tok_s:.0} tokens/s, {:.3} TFLOP/s{}{} (loss {:.4})",
+        "{} {:?} on {name}: {b}×{t} tokens, {:.1} ms/step ({:.2} CPU-s/step), {tok_s:.0} tokens/s, {:.3} TFLOP/s{}{}, {host_bytes:.0} host-transfer bytes/step (loss {:.4})",
         args.preset,
         args.stage,
         secs * 1e3,
@@ -366,7 +356,7 @@ fn run_on<B: Backend + DeviceInfo>(backend: Arc<B>, args: &Args) -> Result<()> {
     if args.profile {
         if backend.profile_start() {
             let p0 = Instant::now();
-            let l = step(&mut model, &mut grads)?;
+            let l = step()?;
             let ps = p0.elapsed().as_secs_f64();
             let rows = backend.profile_stop()?;
             let total: f64 = rows.iter().map(|r| r.2).sum();
@@ -408,6 +398,7 @@ fn run_on<B: Backend + DeviceInfo>(backend: Arc<B>, args: &Args) -> Result<()> {
             "loss": losses.last(), "losses": losses, "cpu_s_per_step": cpu_s,
             "mem_used_bytes": mem, "init_s": init_s, "profile": profile,
             "profile_tflops": profile_tflops,
+            "host_transfer_bytes_per_step": host_bytes,
         })
     );
     Ok(())

@@ -1,8 +1,10 @@
 //! Distributed runtime: the [`Comm`] trait, its transports, shard arithmetic and ZeRO-2.
 //!
-//! This module knows flat `f32` buffers and nothing of LLaMA. A training loop holds one
-//! `Box<dyn Comm>` (from [`init`]) and one [`Zero2`] over its flat *trainable* buffer; frozen
-//! weights never reach this module, so they are never communicated.
+//! This module knows flat buffers (host `f32` slices or a backend's buffers) and nothing of
+//! LLaMA. A training loop holds one `Box<dyn Comm>` (from [`init`]) and one [`DeviceZero2`] over
+//! its flat *trainable* buffer, on the backend's buffers ([`BufComm`] runs the collectives there;
+//! the host [`Zero2`] is the reference and owns the checkpoint format); frozen weights never reach
+//! this module, so they are never communicated.
 //!
 //! Transports: [`LocalComm`] (one process), [`ThreadComm`] (N ranks as threads of one process —
 //! how the ZeRO-2 logic is tested by plain `cargo test`), and `MpiComm` (feature `mpi`, the system
@@ -21,6 +23,7 @@
 //! the argument.
 
 pub mod collective;
+pub mod device;
 pub mod env;
 pub mod local;
 #[cfg(feature = "mpi")]
@@ -31,12 +34,15 @@ pub mod shard;
 pub mod thread;
 pub mod toy;
 pub mod zero;
+pub mod zero_device;
 
+pub use device::BufComm;
 pub use env::{LaunchInfo, Launcher, launch_info};
 pub use local::LocalComm;
 pub use shard::{MemoryPlan, ShardLayout, memory_plan, rank_batch_indices};
 pub use thread::ThreadComm;
 pub use zero::{GradAccumulator, StepReport, Zero2};
+pub use zero_device::DeviceZero2;
 
 use anyhow::Result;
 
@@ -74,6 +80,11 @@ pub trait Comm: Send {
     fn abort(&self, code: i32) -> !;
     /// Bytes sent to other ranks so far (see the trait docs for what counts).
     fn bytes_sent(&self) -> u64;
+    /// The concrete transport, for a transport with collectives on device buffers (NCCL:
+    /// [`device::BufComm`] finds it here); `None` for the host transports.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 /// The communicator for this process: `MpiComm` when `launch` says the job has more than one

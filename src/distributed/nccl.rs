@@ -529,4 +529,7 @@ impl Comm for NcclComm {
     fn bytes_sent(&self) -> u64 {
         self.sent.get() + self.base.bytes_sent()
     }
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
 }

@@ -141,6 +141,13 @@ pub struct DeviceAccumulator<B: Backend> {
     count: usize,
 }
 
+/// A buffer in [`DeviceAccumulator`]'s plan: tree level `k`, or the last micro-batch's gradient.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Slot {
+    Level(usize),
+    Last,
+}
+
 /// Buffers a [`DeviceAccumulator`] holds at its peak for `a` micro-batches per step: the
 /// completed tree levels before the last push (at most `⌊log2 (a−1)⌋ + 1` of them) plus the buffer
 /// the last backward writes into, i.e. `⌊log2 a⌋ + 1` (`0` for `a = 0`).
@@ -176,6 +183,12 @@ impl<B: Backend> DeviceAccumulator<B> {
 
     /// Add one micro-batch's gradient (the next in global order); the buffer moves in.
     pub fn push(&mut self, be: &B, grad: B::Buf) -> Result<()> {
+        let all = 0..self.n;
+        self.push_ranges(be, grad, std::slice::from_ref(&all))
+    }
+
+    /// [`DeviceAccumulator::push`] with the additions done on `ranges` of the buffers only.
+    fn push_ranges(&mut self, be: &B, grad: B::Buf, ranges: &[Range<usize>]) -> Result<()> {
         let n = self.n;
         ensure!(
             be.buf_len(&grad) == n,
@@ -195,7 +208,13 @@ impl<B: Backend> DeviceAccumulator<B> {
                 }
                 Some(mut left) => {
                     // older (left) + newer (right)
-                    be.axpy(be.view_mut(&mut left, 0..n), 1.0, be.view(&carry, 0..n));
+                    for r in ranges {
+                        be.axpy(
+                            be.view_mut(&mut left, r.clone()),
+                            1.0,
+                            be.view(&carry, r.clone()),
+                        );
+                    }
                     self.spare.push(carry);
                     carry = left;
                     k += 1;
@@ -204,6 +223,138 @@ impl<B: Backend> DeviceAccumulator<B> {
         }
         self.count += 1;
         Ok(())
+    }
+
+    /// The sum of every pushed gradient (zeros if none) in a buffer of its own, which stays on
+    /// the device; resets the accumulator. Partial subtrees combine as in
+    /// [`GradAccumulator::finish`]. Hand the buffer back with [`DeviceAccumulator::recycle`].
+    pub fn finish_buf(&mut self, be: &B) -> Result<B::Buf> {
+        let all = 0..self.n;
+        self.finish_buf_ranges(be, std::slice::from_ref(&all))
+    }
+
+    fn finish_buf_ranges(&mut self, be: &B, ranges: &[Range<usize>]) -> Result<B::Buf> {
+        let mut acc: Option<B::Buf> = None;
+        for level in self.levels.iter_mut() {
+            if let Some(mut left) = level.take() {
+                if let Some(right) = acc.take() {
+                    for r in ranges {
+                        be.axpy(
+                            be.view_mut(&mut left, r.clone()),
+                            1.0,
+                            be.view(&right, r.clone()),
+                        );
+                    }
+                    self.spare.push(right);
+                }
+                acc = Some(left);
+            }
+        }
+        self.count = 0;
+        match acc {
+            Some(v) => Ok(v),
+            None => self.take(be),
+        }
+    }
+
+    /// Return a buffer from [`DeviceAccumulator::finish_buf`] for reuse.
+    pub fn recycle(&mut self, buf: B::Buf) {
+        self.spare.push(buf);
+    }
+
+    /// The additions `dst += src` that pushing one more gradient (`Slot::Last`) and finishing
+    /// perform, in order, and the slot holding the sum afterwards: the same binary-counter walk
+    /// as [`DeviceAccumulator::push`] then [`DeviceAccumulator::finish_buf`], without moving
+    /// buffers. `dst` is never `Slot::Last`.
+    fn last_plan(&self) -> (Vec<(Slot, Slot)>, Slot) {
+        let c = self.count;
+        let mut ops = Vec::new();
+        let mut carry = Slot::Last;
+        let mut k = 0;
+        while (c >> k) & 1 == 1 {
+            ops.push((Slot::Level(k), carry));
+            carry = Slot::Level(k);
+            k += 1;
+        }
+        // After the push: the bits of c + 1, level k holding `carry`.
+        let mut acc: Option<Slot> = None;
+        let after = c + 1;
+        for j in 0..usize::BITS as usize {
+            if (after >> j) & 1 == 0 {
+                continue;
+            }
+            let slot = if j == k { carry } else { Slot::Level(j) };
+            if let Some(a) = acc {
+                ops.push((slot, a));
+            }
+            acc = Some(slot);
+        }
+        (ops, acc.expect("c + 1 > 0 has a set bit"))
+    }
+
+    /// Overlap: the final sum on `range` for a step whose last micro-batch's gradient is being
+    /// written into `last` (not pushed yet), computed now and on `range` only, by the very
+    /// additions [`DeviceAccumulator::push_last`] then skips there. Call once the backward will
+    /// not change `range` of `last` again; [`DeviceAccumulator::final_buf`] then holds the
+    /// step's sum on `range`.
+    pub fn finish_range(&mut self, be: &B, last: &B::Buf, range: Range<usize>) -> Result<()> {
+        ensure!(
+            range.start <= range.end && range.end <= self.n && be.buf_len(last) == self.n,
+            "gradient accumulator holds {} elements, got range {range:?} of a gradient of {}",
+            self.n,
+            be.buf_len(last)
+        );
+        let (ops, _) = self.last_plan();
+        for (dst, src) in ops {
+            let Slot::Level(d) = dst else {
+                unreachable!("the plan never adds into the last gradient")
+            };
+            let mut dbuf = self.levels[d]
+                .take()
+                .expect("the plan follows the occupied levels");
+            {
+                let sbuf = match src {
+                    Slot::Last => last,
+                    Slot::Level(j) => self.levels[j].as_ref().expect("an occupied level"),
+                };
+                be.axpy(
+                    be.view_mut(&mut dbuf, range.clone()),
+                    1.0,
+                    be.view(sbuf, range.clone()),
+                );
+            }
+            self.levels[d] = Some(dbuf);
+        }
+        Ok(())
+    }
+
+    /// The buffer that holds the step's sum once `last` is pushed (see
+    /// [`DeviceAccumulator::finish_range`]).
+    pub fn final_buf<'s>(&'s self, last: &'s B::Buf) -> &'s B::Buf {
+        match self.last_plan().1 {
+            Slot::Last => last,
+            Slot::Level(j) => self.levels[j].as_ref().expect("an occupied level"),
+        }
+    }
+
+    /// Push the step's last gradient and finish ([`DeviceAccumulator::push`] then
+    /// [`DeviceAccumulator::finish_buf`]), adding only outside `done` (sorted, disjoint ranges
+    /// already summed by [`DeviceAccumulator::finish_range`]). The sum is bit-identical to
+    /// push + finish: every element gets the same additions in the same order, once.
+    pub fn push_last(&mut self, be: &B, last: B::Buf, done: &[Range<usize>]) -> Result<B::Buf> {
+        let mut rest = Vec::new();
+        let mut at = 0;
+        for r in done {
+            if r.start > at {
+                rest.push(at..r.start);
+            }
+            at = at.max(r.end);
+        }
+        if at < self.n {
+            rest.push(at..self.n);
+        }
+        self.push_ranges(be, last, &rest)?;
+        self.finish_buf_ranges(be, &rest)
     }
 
     /// `out =` the sum of every pushed gradient (zeros if none), downloaded once; resets the
@@ -328,6 +479,11 @@ impl Zero2 {
         self.layout.range(self.rank)
     }
 
+    /// The rank this state belongs to.
+    pub fn shard_rank(&self) -> usize {
+        self.rank
+    }
+
     /// `⌈P/N⌉`: the length of each optimizer buffer (master, `m`, `v`).
     pub fn optimizer_elems(&self) -> usize {
         self.layout.shard_elems
@@ -430,6 +586,45 @@ impl Zero2 {
             skipped: false,
             bytes_communicated: comm.bytes_sent() - sent0,
         })
+    }
+
+    /// The state's buffers `(master, m, v)` (each `⌈P/N⌉`, zero past the shard's valid length),
+    /// the update count, and whether `master` holds weights yet: what a device-resident twin
+    /// ([`super::DeviceZero2`]) uploads after a [`Zero2::load`].
+    pub fn parts(&self) -> (&[f32], &[f32], &[f32], u64, bool) {
+        (
+            &self.master,
+            &self.m,
+            &self.v,
+            self.updates,
+            self.has_master,
+        )
+    }
+
+    /// A state holding `master`, `m`, `v` (each `⌈P/N⌉` long) after `updates` updates: what a
+    /// device-resident twin downloads to save a checkpoint in this module's format.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_parts(
+        rank: usize,
+        world: usize,
+        n_params: usize,
+        bucket_elems: usize,
+        master: Vec<f32>,
+        m: Vec<f32>,
+        v: Vec<f32>,
+        updates: u64,
+    ) -> Result<Self> {
+        let mut z = Zero2::new(rank, world, n_params, bucket_elems);
+        let s = z.layout.shard_elems;
+        ensure!(
+            master.len() == s && m.len() == s && v.len() == s,
+            "ZeRO-2 shard of {s} elements given buffers of {}, {}, {}",
+            master.len(),
+            m.len(),
+            v.len()
+        );
+        (z.master, z.m, z.v, z.updates, z.has_master) = (master, m, v, updates, true);
+        Ok(z)
     }
 
     /// `params =` every rank's master shard (after [`Zero2::load`], before the first forward).
@@ -917,30 +1112,10 @@ fn cover_nodes(p: usize, a: usize, b: usize) -> Vec<(usize, usize)> {
 }
 
 /// `Σ x²` in f64 over the canonical pairwise tree of `x`'s indices (squares of f32 are exact in
-/// f64, so the value depends only on the tree, which depends only on `x.len()`).
+/// f64, so the value depends only on the tree, which depends only on `x.len()`):
+/// [`crate::ops::sum_squares_tree`], the reference the backends' `sum_squares_tree` follows.
 pub fn tree_sum_squares(x: &[f32]) -> f64 {
-    const LEAF: usize = 1024;
-    let n = x.len();
-    if n == 0 {
-        return 0.0;
-    }
-    if n.is_power_of_two() && n <= LEAF {
-        // Level by level: buf[i] = node(2i) + node(2i+1), which is the tree's pairing.
-        let mut buf = [0f64; LEAF];
-        for (b, &v) in buf.iter_mut().zip(x) {
-            *b = v as f64 * v as f64;
-        }
-        let mut m = n;
-        while m > 1 {
-            m /= 2;
-            for i in 0..m {
-                buf[i] = buf[2 * i] + buf[2 * i + 1];
-            }
-        }
-        return buf[0];
-    }
-    let h = tree_split(n);
-    tree_sum_squares(&x[..h]) + tree_sum_squares(&x[h..])
+    crate::ops::sum_squares_tree(x)
 }
 
 /// `Σ g²` over the whole flat buffer (every rank's shard `shard` of `layout`), in f64, in the
@@ -954,6 +1129,29 @@ pub fn global_sum_squares(
     rank: usize,
     shard: &[f32],
 ) -> Result<f64> {
+    global_sum_squares_with(
+        comm,
+        layout,
+        rank,
+        |lo, hi| Ok(tree_sum_squares(&shard[lo..hi])),
+        None,
+    )
+}
+
+/// [`global_sum_squares`] with this rank's tree-node values from `node(lo, hi)`: `Σ g²` over
+/// elements `lo..hi` of this rank's shard (offsets from the shard's start), in the canonical
+/// pairwise order ([`crate::backend::Backend::sum_squares_tree`] on a device shard).
+/// `extra`: `Some(x)` adds one slot per rank to the all-reduce, this rank's holding `x`, and
+/// adds their sum to the result: with `x = 0` on every rank the result is unchanged bit for bit
+/// (`s + 0 = s`); a NaN or Inf from any rank makes it non-finite on every rank (how a rank's
+/// non-finite loss skips the step everywhere).
+pub fn global_sum_squares_with(
+    comm: &dyn Comm,
+    layout: &ShardLayout,
+    rank: usize,
+    mut node: impl FnMut(usize, usize) -> Result<f64>,
+    extra: Option<f64>,
+) -> Result<f64> {
     let p = layout.n_params;
     let lists: Vec<Vec<(usize, usize)>> = (0..layout.world)
         .map(|r| {
@@ -962,13 +1160,18 @@ pub fn global_sum_squares(
         })
         .collect();
     let total: usize = lists.iter().map(Vec::len).sum();
-    let mut slots = vec![0f64; total];
+    let extra_slots = if extra.is_some() { layout.world } else { 0 };
+    let mut slots = vec![0f64; total + extra_slots];
+    if let Some(x) = extra {
+        slots[total + rank] = x;
+    }
     let first: usize = lists[..rank].iter().map(Vec::len).sum();
     let start = layout.range(rank).start;
     for (i, &(lo, hi)) in lists[rank].iter().enumerate() {
-        slots[first + i] = tree_sum_squares(&shard[lo - start..hi - start]);
+        slots[first + i] = node(lo - start, hi - start)?;
     }
     comm.all_reduce_sum_f64(&mut slots)?;
+    let extra_sum: f64 = slots[total..].iter().sum();
     let values: HashMap<(usize, usize), f64> = lists
         .into_iter()
         .flatten()
@@ -984,7 +1187,12 @@ pub fn global_sum_squares(
         let h = tree_split(hi - lo);
         eval(lo, lo + h, v) + eval(lo + h, hi, v)
     }
-    Ok(eval(0, p, &values))
+    let sum = eval(0, p, &values);
+    Ok(if extra.is_some() {
+        sum + extra_sum
+    } else {
+        sum
+    })
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Elementwise helpers on flat ranges: `zero` (`out =`), `copy` (`out =`), `axpy` (`out +=`),
-//! `scale` (`out *=`) and the f64 `sum_squares` used for the gradient norm and NaN checks.
+//! `scale` (`out *=`), the f64 `sum_squares` used for NaN checks, and `sum_squares_tree`, the
+//! f64 sum of squares in the canonical pairwise order the distributed gradient norm is built from.
 
 use rayon::prelude::*;
 
@@ -53,4 +54,35 @@ pub fn sum_squares(x: &[f32]) -> f64 {
         })
         .collect();
     partial.iter().sum()
+}
+
+/// `Σ x²` in f64 over the canonical pairwise tree of `x`'s indices: split `n` leaves at the
+/// largest power of two strictly below `n`, sum both sides the same way, add. Squares of f32 are
+/// exact in f64, so the value depends only on the tree, which depends only on `x.len()`; a tree
+/// node's value is therefore the same whichever rank (or world size) computes it, which is what
+/// makes the ZeRO-2 gradient norm bit-identical across world sizes.
+pub fn sum_squares_tree(x: &[f32]) -> f64 {
+    const LEAF: usize = 1024;
+    let n = x.len();
+    if n == 0 {
+        return 0.0;
+    }
+    if n.is_power_of_two() && n <= LEAF {
+        // Level by level: buf[i] = node(2i) + node(2i+1), which is the tree's pairing.
+        let mut buf = [0f64; LEAF];
+        for (b, &v) in buf.iter_mut().zip(x) {
+            *b = v as f64 * v as f64;
+        }
+        let mut m = n;
+        while m > 1 {
+            m /= 2;
+            for i in 0..m {
+                buf[i] = buf[2 * i] + buf[2 * i + 1];
+            }
+        }
+        return buf[0];
+    }
+    let p = n.next_power_of_two();
+    let h = if p == n { n / 2 } else { p / 2 };
+    sum_squares_tree(&x[..h]) + sum_squares_tree(&x[h..])
 }

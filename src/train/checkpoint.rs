@@ -284,8 +284,9 @@ pub fn prune(output: &Path, keep: usize) -> Result<()> {
 }
 
 /// The keys a resumed run may change (they do not affect the numbers).
-const RESUME_MUTABLE: [&str; 6] = [
+const RESUME_MUTABLE: [&str; 7] = [
     "gradient_checkpointing",
+    "reduce_bucket_size",
     "save_steps",
     "save_total_limit",
     "logging_steps",

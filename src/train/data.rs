@@ -11,6 +11,42 @@ pub enum Data {
     Pretrain(PretrainShards),
     /// Prompt + response examples, labels -100 on the prompt, right-padded (RECIPE.md §4).
     Sft(SftShards),
+    /// Fixed-length blocks held in memory, labels = ids, no validation split (`zhllama bench`
+    /// trains on random tokens through the same loop, with no files).
+    Memory(MemoryBlocks),
+}
+
+/// In-memory pre-training blocks: every block is `block_size` ids below `vocab_size`.
+#[derive(Clone, Debug)]
+pub struct MemoryBlocks {
+    vocab_size: usize,
+    block_size: usize,
+    blocks: Vec<Vec<i32>>,
+}
+
+impl MemoryBlocks {
+    /// Blocks of equal length `block_size > 0`, ids in `0..vocab_size`, at least one block.
+    pub fn new(vocab_size: usize, block_size: usize, blocks: Vec<Vec<i32>>) -> Result<Self> {
+        if block_size == 0 || blocks.is_empty() {
+            bail!("in-memory data needs at least one block of at least one token");
+        }
+        for (i, b) in blocks.iter().enumerate() {
+            if b.len() != block_size {
+                bail!(
+                    "in-memory block {i} has {} ids, expected {block_size}",
+                    b.len()
+                );
+            }
+            if let Some(x) = b.iter().find(|&&x| x < 0 || x as usize >= vocab_size) {
+                bail!("in-memory block {i} has id {x}, outside the vocabulary of {vocab_size}");
+            }
+        }
+        Ok(MemoryBlocks {
+            vocab_size,
+            block_size,
+            blocks,
+        })
+    }
 }
 
 /// One micro-batch, row-major `[b, t]`.
@@ -54,6 +90,7 @@ impl Data {
         match self {
             Data::Pretrain(p) => p.manifest.vocab_size,
             Data::Sft(s) => s.manifest.vocab_size,
+            Data::Memory(m) => m.vocab_size,
         }
     }
 
@@ -62,6 +99,7 @@ impl Data {
         match self {
             Data::Pretrain(p) => p.train.len(),
             Data::Sft(s) => s.len(),
+            Data::Memory(m) => m.blocks.len(),
         }
     }
 
@@ -69,7 +107,7 @@ impl Data {
     pub fn validation_len(&self) -> usize {
         match self {
             Data::Pretrain(p) => p.validation.len(),
-            Data::Sft(_) => 0,
+            Data::Sft(_) | Data::Memory(_) => 0,
         }
     }
 
@@ -78,6 +116,7 @@ impl Data {
         match self {
             Data::Pretrain(p) => p.manifest.block_size,
             Data::Sft(s) => s.manifest.max_len,
+            Data::Memory(m) => m.block_size,
         }
     }
 
@@ -96,6 +135,19 @@ impl Data {
                     labels: sb.labels.iter().map(|&x| x as i32).collect(),
                 }
             }
+            Data::Memory(m) => {
+                let ids: Vec<i32> = indices
+                    .iter()
+                    .flat_map(|&i| m.blocks[i].iter().copied())
+                    .collect();
+                Batch {
+                    b: indices.len(),
+                    t: m.block_size,
+                    tokens: ids.len(),
+                    labels: ids.clone(),
+                    ids,
+                }
+            }
         }
     }
 
@@ -103,7 +155,9 @@ impl Data {
     pub fn validation_batch(&self, indices: &[usize]) -> Batch {
         match self {
             Data::Pretrain(p) => blocks(&p.validation, indices),
-            Data::Sft(_) => unreachable!("SFT data has no validation split"),
+            Data::Sft(_) | Data::Memory(_) => {
+                unreachable!("SFT and in-memory data have no validation split")
+            }
         }
     }
 }

@@ -11,8 +11,13 @@
 //! (`grad_scale = 1 / (accumulation × world)`); the logged loss is the mean of the micro-batch
 //! losses.
 //!
-//! Micro-batch gradients are summed on the device ([`DeviceAccumulator`], the canonical pairwise
-//! order) and downloaded once per step for ZeRO-2.
+//! The step stays on the backend: micro-batch gradients are summed on the device
+//! ([`DeviceAccumulator`], the canonical pairwise order), and ZeRO-2 ([`DeviceZero2`]: reduce-
+//! scatter, norm, clipping, AdamW writing the weights, all-gather) runs on backend buffers. What
+//! crosses host↔device in a plain step is the token ids, the per-token losses and the norm's
+//! tree-node sums (see [`Trainer::step`]). On the last micro-batch of a step at world > 1, each
+//! gradient range the backward finishes is summed and handed to the reduce-scatter at once
+//! (overlap; see ARCHITECTURE.md).
 //!
 //! fp16 mode (`fp16 = true`, see [`super::loss_scale`]): each backward is seeded with the loss
 //! scale `S` and ZeRO-2 unscales with `grad_scale = 1 / (accumulation × world × S)` before the
@@ -31,17 +36,19 @@ use super::schedule::CosineSchedule;
 use crate::backend::{AdamW, Backend};
 use crate::distributed::shard::BatchSchedule;
 use crate::distributed::zero::DeviceAccumulator;
-use crate::distributed::{Comm, Zero2};
+use crate::distributed::{Comm, DeviceZero2, Zero2};
 use crate::model::Llama;
 use crate::model::llama::Activations;
 use crate::model::lora::mix64;
 use anyhow::{Context, Result, bail, ensure};
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// ZeRO-2 bucket: elements per reduce-scatter / all-gather call, all ranks together (the
-/// recipe's DeepSpeed `reduce_bucket_size` / `allgather_bucket_size` of 1e8).
+/// recipe's DeepSpeed `reduce_bucket_size` / `allgather_bucket_size` of 1e8); the default of the
+/// `reduce_bucket_size` config key.
 pub const BUCKET_ELEMS: usize = 100_000_000;
 
 /// Run options that are not hyper-parameters.
@@ -103,14 +110,13 @@ pub struct Trainer<'a, B: Backend> {
     pub stage: Stage,
     pub comm: &'a dyn Comm,
     pub output: PathBuf,
-    zero: Zero2,
+    zero: DeviceZero2<B>,
     sched: CosineSchedule,
     batches: BatchSchedule,
     accum: usize,
-    /// Host copy of the trainable flat buffer (replicated; ZeRO-2 all-gathers into it).
-    params: Vec<f32>,
-    grads_host: Vec<f32>,
     acc: DeviceAccumulator<B>,
+    /// [`Trainer::params`]'s host copy (empty until asked for).
+    params_host: Vec<f32>,
     acts: ActCache<B>,
     state: TrainerState,
 }
@@ -145,8 +151,6 @@ impl<'a, B: Backend> Trainer<'a, B> {
         );
         let be = model.backend().clone();
         let p = model.layout().trainable_len();
-        let mut params = vec![0.0f32; p];
-        be.download(model.trainable(), &mut params)?;
         let sched = CosineSchedule {
             base_lr: cfg.learning_rate,
             warmup_steps: cfg.warmup(),
@@ -180,7 +184,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 None
             },
         };
-        let mut zero = Zero2::new(comm.rank(), world, p, BUCKET_ELEMS);
+        let bucket = cfg.reduce_bucket_size;
+        let mut zero = DeviceZero2::new(&*be, comm.rank(), world, p, bucket)?;
         let mut model = model;
         model.set_gradient_checkpointing(cfg.gradient_checkpointing);
         if let Some(dir) = resume_from {
@@ -209,9 +214,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 saved.global_batch,
                 state.global_batch
             );
-            zero = Zero2::load(dir, comm.rank(), world, p, BUCKET_ELEMS)?;
-            zero.gather_params(comm, &mut params)?;
-            be.upload(model.trainable_mut(), &params)?;
+            let host = Zero2::load(dir, comm.rank(), world, p, bucket)?;
+            zero = DeviceZero2::from_host(&*be, &host, bucket)?;
+            zero.gather_params(comm, &*be, model.trainable_mut())?;
             ensure!(
                 saved.loss_scaler.is_some() == cfg.fp16,
                 "{}: checkpoint {} a loss scaler, this run has fp16 = {}",
@@ -231,7 +236,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
         Ok(Trainer {
             acc: DeviceAccumulator::new(p),
-            grads_host: vec![0.0; p],
+            params_host: Vec::new(),
             acts: ActCache {
                 map: HashMap::new(),
             },
@@ -245,7 +250,6 @@ impl<'a, B: Backend> Trainer<'a, B> {
             sched,
             batches,
             accum,
-            params,
             state,
         })
     }
@@ -254,28 +258,73 @@ impl<'a, B: Backend> Trainer<'a, B> {
         &self.state
     }
 
-    pub fn zero(&self) -> &Zero2 {
+    pub fn zero(&self) -> &DeviceZero2<B> {
         &self.zero
     }
 
-    /// The host copy of the trainable flat buffer (what the checkpoint's master weights hold).
-    pub fn params(&self) -> &[f32] {
-        &self.params
+    /// The trainable flat buffer as the forward reads it, downloaded into a host copy on each
+    /// call (not part of a step; on the CPU backend these are the master weights' bits).
+    pub fn params(&mut self) -> &[f32] {
+        let be = self.model.backend();
+        self.params_host
+            .resize(be.buf_len(self.model.trainable()), 0.0);
+        be.download(self.model.trainable(), &mut self.params_host)
+            .expect("downloading the trainable weights");
+        &self.params_host
     }
 
     /// One micro-batch: forward (training mode, dropout key of global micro-batch `k`) and
     /// backward, seeded with `seed` (1, or the fp16 loss scale), into a zeroed gradient buffer
-    /// pushed onto the device accumulator; returns the loss (NaN when `poison`).
-    fn micro_step(&mut self, batch: &Batch, k: u64, poison: bool, seed: f32) -> Result<f32> {
+    /// pushed onto the device accumulator; returns the loss (NaN when `poison`). With `last` (the
+    /// step's last micro-batch at world > 1) the sum is finished range by range as the backward
+    /// finalizes it, and each range goes to ZeRO-2's reduce-scatter at once (overlap); the
+    /// step's summed gradient is returned (else it stays in the accumulator).
+    fn micro_step(
+        &mut self,
+        batch: &Batch,
+        k: u64,
+        poison: bool,
+        seed: f32,
+        last: bool,
+    ) -> Result<(f32, Option<B::Buf>)> {
         let be = self.model.backend().clone();
         let acts = self.acts.get(&self.model, batch.b, batch.t)?;
         acts.training = true;
         acts.rng_key = dropout_key(self.cfg.seed, k);
         let loss = self.model.forward(acts, &batch.ids, &batch.labels)?;
+        let loss = if poison { f32::NAN } else { loss };
         let mut grad = self.acc.take(&be)?;
-        self.model.backward(acts, &mut grad, seed)?;
-        self.acc.push(&be, grad)?;
-        Ok(if poison { f32::NAN } else { loss })
+        if !last {
+            self.model.backward(acts, &mut grad, seed)?;
+            self.acc.push(&be, grad)?;
+            return Ok((loss, None));
+        }
+        let (acc, zero, comm) = (&mut self.acc, &mut self.zero, self.comm);
+        let mut done: Vec<Range<usize>> = Vec::new();
+        let mut failed: Option<anyhow::Error> = None;
+        let mut on_ready = |g: &B::Buf, range: Range<usize>| {
+            if failed.is_some() {
+                return;
+            }
+            let r = (|| -> Result<()> {
+                for piece in uncovered(&done, range.clone()) {
+                    acc.finish_range(&*be, g, piece)?;
+                }
+                insert_merged(&mut done, range.clone());
+                zero.grads_ready(comm, &*be, acc.final_buf(g), range)?;
+                Ok(())
+            })();
+            if let Err(e) = r {
+                failed = Some(e);
+            }
+        };
+        self.model
+            .backward_with(acts, &mut grad, seed, &mut on_ready)?;
+        if let Some(e) = failed {
+            return Err(e.context("reduce-scatter during the backward"));
+        }
+        let sum = self.acc.push_last(&be, grad, &done)?;
+        Ok((loss, Some(sum)))
     }
 
     /// One optimizer step (all micro-batches of this rank, then the ZeRO-2 step). Returns the
@@ -323,9 +372,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
             .map(DynamicLossScaler::scale);
         let seed = loss_scale.map_or(1.0, |s| s as f32);
         let mut local = [0.0f64; 3]; // loss sum, tokens, non-finite micro-batches
+        let mut summed = None;
         for (a, batch) in batches.iter().enumerate() {
             let k = (step * world as u64 + rank as u64) * self.accum as u64 + a as u64;
-            let loss = self.micro_step(batch, k, inject_nonfinite, seed)?;
+            let last = world > 1 && a + 1 == batches.len();
+            let (loss, sum) = self.micro_step(batch, k, inject_nonfinite, seed, last)?;
+            summed = summed.or(sum);
             if loss.is_finite() {
                 local[0] += loss as f64;
             } else {
@@ -334,15 +386,19 @@ impl<'a, B: Backend> Trainer<'a, B> {
             local[1] += batch.tokens as f64;
         }
         let be = self.model.backend().clone();
-        self.acc.finish(&be, &mut self.grads_host)?;
-        if local[2] > 0.0 {
-            // A non-finite loss poisons the gradient so the step is skipped on every rank
-            // (ZeRO-2 sees a non-finite global norm).
-            self.grads_host[0] = f32::NAN;
-        }
-        if inject_overflow {
-            self.grads_host[0] = f32::INFINITY;
-        }
+        let mut grads = match summed {
+            Some(g) => g,
+            None => self.acc.finish_buf(&be)?,
+        };
+        // A non-finite loss (or an injected overflow) on any rank makes the global norm
+        // non-finite on every rank, so the step is skipped everywhere.
+        let poison = if local[2] > 0.0 {
+            Some(f32::NAN)
+        } else if inject_overflow {
+            Some(f32::INFINITY)
+        } else {
+            None
+        };
         // DeepSpeed steps the LR scheduler only on applied steps in fp16 mode.
         let lr_pos = if loss_scale.is_some() {
             self.zero.updates()
@@ -366,15 +422,16 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
         let report = self.zero.step(
             self.comm,
-            &mut self.params,
-            &mut self.grads_host,
+            &*be,
+            self.model.trainable_mut(),
+            &mut grads,
             grad_scale,
             max_norm,
             hp,
-        )?;
-        if !report.skipped {
-            be.upload(self.model.trainable_mut(), &self.params)?;
-        }
+            poison,
+        );
+        self.acc.recycle(grads);
+        let report = report?;
         self.comm.all_reduce_sum_f64(&mut local)?;
         let n_micro = (self.accum * world) as f64;
         let loss = if local[2] > 0.0 {
@@ -454,7 +511,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
             "refusing to save a checkpoint at step {}: the trainable weights are not finite",
             self.state.step
         );
-        let dir = checkpoint::save(self.comm, &self.output, &self.state, &self.zero)?;
+        let host = self.zero.to_host(&*be)?;
+        let dir = checkpoint::save(self.comm, &self.output, &self.state, &host)?;
         if self.comm.rank() == 0 {
             checkpoint::prune(&self.output, self.cfg.save_total_limit)?;
         }
@@ -573,4 +631,43 @@ fn counts_toward_abort(nonfinite_loss: bool, update: Option<ScaleUpdate>) -> boo
         None => true,
         Some(u) => nonfinite_loss || u == ScaleUpdate::AtMinimum,
     }
+}
+
+/// The parts of `range` not covered by `done` (sorted, disjoint), in order.
+fn uncovered(done: &[Range<usize>], range: Range<usize>) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut at = range.start;
+    for d in done {
+        if d.end <= at {
+            continue;
+        }
+        if d.start >= range.end {
+            break;
+        }
+        if d.start > at {
+            out.push(at..d.start);
+        }
+        at = at.max(d.end);
+    }
+    if at < range.end {
+        out.push(at..range.end);
+    }
+    out
+}
+
+/// Add `range` to `done`, keeping it sorted and disjoint (touching ranges merge).
+fn insert_merged(done: &mut Vec<Range<usize>>, range: Range<usize>) {
+    if range.is_empty() {
+        return;
+    }
+    done.push(range);
+    done.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range<usize>> = Vec::with_capacity(done.len());
+    for r in done.drain(..) {
+        match merged.last_mut() {
+            Some(m) if r.start <= m.end => m.end = m.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    *done = merged;
 }

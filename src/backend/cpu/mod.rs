@@ -5,14 +5,24 @@ use super::{AdamW, Backend, Role};
 use crate::ops;
 use anyhow::{Result, ensure};
 use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-/// The CPU backend. Stateless: threads come from rayon's global pool.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CpuBackend;
+/// The CPU backend. No state but the host-transfer count (shared by clones); threads come from
+/// rayon's global pool.
+#[derive(Clone, Debug, Default)]
+pub struct CpuBackend {
+    /// [`Backend::host_transfer_bytes`]: counted as the CUDA backend counts the same calls.
+    transferred: Arc<AtomicU64>,
+}
 
 impl CpuBackend {
     pub fn new() -> Self {
-        CpuBackend
+        CpuBackend::default()
+    }
+
+    fn count(&self, bytes: usize) {
+        self.transferred.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 }
 
@@ -43,6 +53,7 @@ impl Backend for CpuBackend {
             src.len()
         );
         dst.copy_from_slice(src);
+        self.count(4 * src.len());
         Ok(())
     }
     fn download(&self, src: &Vec<f32>, dst: &mut [f32]) -> Result<()> {
@@ -53,6 +64,7 @@ impl Backend for CpuBackend {
             dst.len()
         );
         dst.copy_from_slice(src);
+        self.count(4 * dst.len());
         Ok(())
     }
     fn upload_ids(&self, dst: &mut Vec<i32>, src: &[i32]) -> Result<()> {
@@ -63,6 +75,7 @@ impl Backend for CpuBackend {
             src.len()
         );
         dst.copy_from_slice(src);
+        self.count(4 * src.len());
         Ok(())
     }
     fn view<'a>(&self, buf: &'a Vec<f32>, range: Range<usize>) -> &'a [f32] {
@@ -91,6 +104,7 @@ impl Backend for CpuBackend {
         ops::fill_uniform(out, seed, lo, hi)
     }
     fn sum_squares(&self, x: &[f32]) -> Result<f64> {
+        self.count(8);
         Ok(ops::sum_squares(x))
     }
     fn dropout(&self, out: &mut [f32], p: f32, key: u64) {
@@ -258,6 +272,32 @@ impl Backend for CpuBackend {
 
     fn adamw_step(&self, param: &mut [f32], m: &mut [f32], v: &mut [f32], grad: &[f32], hp: AdamW) {
         ops::adamw_step(param, m, v, grad, hp)
+    }
+
+    fn adamw_step_copy(
+        &self,
+        param: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        grad: &[f32],
+        copy: &mut [f32],
+        hp: AdamW,
+    ) {
+        ops::adamw_step(param, m, v, grad, hp);
+        ops::copy(copy, param);
+    }
+    fn host_transfer_bytes(&self) -> u64 {
+        self.transferred.load(Ordering::Relaxed)
+    }
+    fn sum_squares_tree(&self, x: &[f32]) -> Result<f64> {
+        self.count(8);
+        Ok(ops::sum_squares_tree(x))
+    }
+    fn host_floats<'a>(&self, buf: &'a Vec<f32>) -> Option<&'a [f32]> {
+        Some(buf)
+    }
+    fn host_floats_mut<'a>(&self, buf: &'a mut Vec<f32>) -> Option<&'a mut [f32]> {
+        Some(buf)
     }
 
     fn attention_cached_forward(

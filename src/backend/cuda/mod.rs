@@ -22,6 +22,7 @@
 
 pub mod nvrtc;
 pub mod nvtx;
+mod optim;
 
 use super::{AdamW, Backend, LmHeadCeBuffers, Role};
 use crate::kernels;
@@ -162,6 +163,8 @@ pub struct CudaBackend {
     profiler: Mutex<Profiler>,
     /// [`CudaOptions::nvtx`].
     nvtx_ops: bool,
+    /// [`Backend::host_transfer_bytes`].
+    transferred: std::sync::atomic::AtomicU64,
 }
 
 // SAFETY: the cuBLAS handle is used only on this backend's stream, and every use goes through `&self`
@@ -329,6 +332,7 @@ impl CudaBackend {
                 records: Vec::new(),
             }),
             nvtx_ops: opts.nvtx,
+            transferred: Default::default(),
         })
     }
 
@@ -1523,6 +1527,7 @@ impl Backend for CudaBackend {
             }
         };
         r.map_err(|e| anyhow!("upload: {e:?}"))?;
+        self.count_transfer(4 * src.len());
         self.stream
             .synchronize()
             .map_err(|e| anyhow!("upload: {e:?}"))
@@ -1535,6 +1540,7 @@ impl Backend for CudaBackend {
             dst.len()
         );
         self.take_error()?;
+        self.count_transfer(4 * dst.len());
         match src.dtype {
             DType::BF16 | DType::F16 => {
                 let mut h = vec![0u16; src.len];
@@ -1579,6 +1585,7 @@ impl Backend for CudaBackend {
             src.len()
         );
         self.take_error()?;
+        self.count_transfer(4 * src.len());
         let (uniq, offsets, positions) = kernels::group_positions(src);
         let e = |e| anyhow!("upload_ids: {e:?}");
         self.stream
@@ -1756,6 +1763,7 @@ impl Backend for CudaBackend {
             &[KArg::P(out), KArg::P(partial), KArg::I(nparts as i32)],
         )?;
         let mut h = [0f64; 1];
+        self.count_transfer(8);
         self.bind()?;
         // SAFETY: `out` holds one f64; the copy is stream-ordered after the kernels, then synced.
         unsafe { drv::memcpy_dtoh_async(&mut h, out, self.stream.cu_stream()) }
@@ -2526,6 +2534,20 @@ impl Backend for CudaBackend {
         hp: AdamW,
     ) {
         self.adamw_step_with_copy(param, m, v, grad, None, hp);
+    }
+    fn adamw_step_copy(
+        &self,
+        param: DViewMut<'_>,
+        m: DViewMut<'_>,
+        v: DViewMut<'_>,
+        grad: DView<'_>,
+        copy: DViewMut<'_>,
+        hp: AdamW,
+    ) {
+        self.adamw_step_copy_impl(param, m, v, grad, copy, hp);
+    }
+    fn host_transfer_bytes(&self) -> u64 {
+        self.transferred.load(std::sync::atomic::Ordering::Relaxed)
     }
     fn attention_cached_forward(
         &self,
