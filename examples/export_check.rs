@@ -5,6 +5,9 @@
 //!   a random model (HF init, normal(0, INIT_STD)) saved as an HF directory.
 //! - `logits DIR IDS OUT`: the logits of `zhllama eval`'s forward (`Llama::forward_logits`, CPU)
 //!   for the comma-separated ids IDS (one sequence), written to OUT as little-endian f32 `[T, V]`.
+//! - `greedy DIR TOKENIZER PROMPT N`: the prompt ids and the greedy new ids that
+//!   `zhllama generate --template raw --temperature 0 --repetition-penalty 1 --max-new-tokens N`
+//!   computes (the same `encode_prompt` + `generate` calls), and their decoded text, as JSON.
 //!
 //! Run: `cargo run --release --example export_check -- make-model ...`.
 
@@ -81,9 +84,30 @@ fn main() -> Result<()> {
             let bytes: Vec<u8> = l.iter().flat_map(|x| x.to_le_bytes()).collect();
             zhllama::util::write_atomic(Path::new(&a[3]), &bytes)
         }
+        Some("greedy") if a.len() == 5 => {
+            use zhllama::model::generate::{SamplingConfig, Template, encode_prompt, generate};
+            let m = Llama::from_dir(
+                Arc::new(CpuBackend::new()),
+                Path::new(&a[1]),
+                TrainSpec::frozen(),
+            )?;
+            let enc = zhllama::data::TokenizerEncoder::new(zhllama::vocab::Tokenizer::load(
+                Path::new(&a[2]),
+            )?)?;
+            let prompt = encode_prompt(&zhllama::data::HfText::new(&enc), &a[3], Template::Raw);
+            let cfg = SamplingConfig::greedy(num(&a[4], "N")?);
+            let eos = zhllama::data::Encoder::eos_id(&enc);
+            let ids = generate(&m, &prompt, &cfg, Some(eos), |_| {})?;
+            let text = enc.tokenizer.decode(&ids);
+            println!(
+                "{}",
+                serde_json::json!({"prompt_ids": prompt, "ids": ids, "text": text})
+            );
+            Ok(())
+        }
         _ => bail!(
             "usage: export_check make-model DIR VOCAB HIDDEN INTERMEDIATE LAYERS HEADS KV_HEADS \
-             f32|bf16 SEED INIT_STD | logits DIR IDS OUT"
+             f32|bf16 SEED INIT_STD | logits DIR IDS OUT | greedy DIR TOKENIZER PROMPT N"
         ),
     }
 }
