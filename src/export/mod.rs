@@ -482,6 +482,7 @@ fn merged_tensor(
     dirs: &[PathBuf],
 ) -> Result<Vec<f32>> {
     let base = ck.read(hf)?;
+    ck.release(hf);
     let mut one = HashMap::from([(hf.to_string(), base)]);
     for (ad, dir) in adapters.iter_mut().zip(dirs) {
         let names: Vec<String> = ad
