@@ -6,6 +6,7 @@ pub mod backend;
 pub mod data;
 pub mod demo;
 pub mod distributed;
+pub mod export;
 pub mod instruct;
 pub mod kernels;
 pub mod model;

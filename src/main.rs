@@ -28,6 +28,8 @@ enum Command {
     Generate(cli::generate::Args),
     /// Merge LoRA adapters into a base model.
     MergeLora(cli::merge_lora::Args),
+    /// Write a model (optionally with LoRA adapters merged) as GGUF for llama.cpp.
+    Export(cli::export::Args),
     /// Time forward+backward steps of a named shape.
     Bench(cli::bench::Args),
     /// Encode text lines to token ids with a SentencePiece model.
@@ -46,6 +48,7 @@ fn main() {
         Command::Eval(a) => cli::eval::run(a),
         Command::Generate(a) => cli::generate::run(a),
         Command::MergeLora(a) => cli::merge_lora::run(a),
+        Command::Export(a) => cli::export::run(a),
         Command::Bench(a) => cli::bench::run(a),
         Command::Tokenize(a) => cli::tokenize::run(a),
         Command::Data(a) => cli::data::run(a),

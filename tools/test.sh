@@ -65,3 +65,11 @@ fake_cuda_ci() {
 }
 fake_cuda_ci
 # ---- end fake-cuda ---------------------------------------------------------------------------------------
+# ---- export (GGUF): llama.cpp's `gguf` package reads every exported key and tensor back ------------
+# The oracle venv (tools/oracle/gguf_requirements.txt: gguf, numpy, sentencepiece + protobuf); the
+# test fails rather than skips here. The llama.cpp run itself (logits, greedy, tokenizer) builds
+# llama.cpp from source and is a separate command: tools/oracle/llamacpp_check.sh.
+if [ ! -x .venv/gguf-oracle/bin/python ]; then python3 -m venv .venv/gguf-oracle; fi
+.venv/gguf-oracle/bin/pip install -q -r tools/oracle/gguf_requirements.txt
+ZHLLAMA_REQUIRE_GGUF_ORACLE=1 cargo test --release --test export_gguf -- --nocapture
+# ---- end export ------------------------------------------------------------------------------------

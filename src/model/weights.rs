@@ -216,6 +216,25 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// Let the OS drop this process's mapped pages of tensor `name` (they are read from the file
+    /// again if the tensor is read again), so a reader that streams tensors one at a time keeps
+    /// its resident set at one tensor instead of the whole checkpoint. A no-op where unsupported.
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(info) = self.tensors.get(name) {
+            let map = &self.files[info.file].1;
+            // SAFETY: the map is read-only and file-backed: MADV_DONTNEED only discards the pages,
+            // and any later access (through any slice) reads the same, unchanged file contents.
+            let _ = unsafe {
+                map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    info.bytes.start,
+                    info.bytes.len(),
+                )
+            };
+        }
+    }
+
     /// The tensor `name` as a fresh f32 vector with its shape (no shape check).
     pub fn read(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
         let info = self
