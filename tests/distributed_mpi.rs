@@ -2,6 +2,8 @@
 //! `tools/zero_check.rs`, built with `--features mpi`). Skips with a message when the build has
 //! no MPI or `mpirun` is not installed (`tools/test.sh` installs OpenMPI and builds the feature).
 
+mod skip_common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -28,7 +30,7 @@ fn driver() -> Option<&'static str> {
     let bin = match option_env!("CARGO_BIN_EXE_zero-check") {
         Some(b) if zhllama::distributed::MPI_ENABLED && Path::new(b).exists() => b,
         _ => {
-            eprintln!("SKIP: built without --features mpi (no zero-check driver)");
+            skip_common::skip("built without --features mpi (no zero-check driver)");
             return None;
         }
     };
@@ -39,7 +41,7 @@ fn driver() -> Option<&'static str> {
         .status()
         .is_ok_and(|s| s.success());
     if !found {
-        eprintln!("SKIP: mpirun not found (tools/test.sh installs OpenMPI)");
+        skip_common::skip("mpirun not found (tools/test.sh installs OpenMPI)");
         return None;
     }
     Some(bin)
