@@ -28,10 +28,7 @@ fn shared() -> Option<PathBuf> {
     if d.is_dir() {
         Some(d)
     } else {
-        skip_common::skip(&format!(
-            "{} not found (../shared data absent)",
-            d.display()
-        ));
+        skip_common::skip(&format!("../shared data absent: {} not found", d.display()));
         None
     }
 }

@@ -17,7 +17,7 @@ fn tokenizers() -> Option<(Tokenizer, Tokenizer)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tokenizers");
     if !dir.join("llama_tokenizer.model").exists() {
         skip_common::skip(&format!(
-            "{} not found (../shared data absent)",
+            "../shared data absent: {} not found",
             dir.display()
         ));
         return None;

@@ -16,10 +16,7 @@ fn data_dir() -> Option<PathBuf> {
     if d.join("tokenizers/llama_tokenizer.model").is_file() {
         Some(d)
     } else {
-        skip_common::skip(&format!(
-            "{} not found (../shared data absent)",
-            d.display()
-        ));
+        skip_common::skip(&format!("../shared data absent: {} not found", d.display()));
         None
     }
 }

@@ -17,10 +17,7 @@ fn tokenizers_dir() -> Option<PathBuf> {
     if d.join("llama_tokenizer.model").is_file() && d.join("chinese_sp.model").is_file() {
         Some(d)
     } else {
-        skip_common::skip(&format!(
-            "{} not found (../shared data absent)",
-            d.display()
-        ));
+        skip_common::skip(&format!("../shared data absent: {} not found", d.display()));
         None
     }
 }

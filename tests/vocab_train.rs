@@ -15,10 +15,7 @@ fn corpus() -> Option<PathBuf> {
     if f.is_file() {
         Some(f)
     } else {
-        skip_common::skip(&format!(
-            "{} not found (../shared data absent)",
-            f.display()
-        ));
+        skip_common::skip(&format!("../shared data absent: {} not found", f.display()));
         None
     }
 }

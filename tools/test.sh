@@ -17,9 +17,10 @@ skip_summary() {
     if [ "$n" -eq 0 ]; then
         echo "test.sh: nothing skipped (exit $rc)"
     else
-        # One line: the count, then each distinct reason with how many tests it skipped.
-        echo "test.sh: $n skipped (exit $rc): $(sed 's/^SKIP [^:]*: //' "$ZHLLAMA_SKIP_LOG" | sort | uniq -c \
-            | sed 's/^ *\([0-9]*\) /\1 × /' | paste -sd ';' - | sed 's/;/; /g')"
+        # One line: the count, then each distinct reason (up to its first ": ", so "no usable GPU: <the
+        # driver's error>" counts as one) with how many tests it skipped; the full lines are above.
+        echo "test.sh: $n skipped (exit $rc): $(sed -e 's/^SKIP [^ ]*: //' -e 's/: .*//' "$ZHLLAMA_SKIP_LOG" \
+            | sort | uniq -c | sed 's/^ *\([0-9]*\) /\1 × /' | paste -sd ';' - | sed 's/;/; /g')"
     fi
     rm -f "$ZHLLAMA_SKIP_LOG"
 }
