@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Mutation testing with cargo-mutants (not part of CI: hours on a small machine). Each module group is
+# Mutation testing with cargo-mutants (not part of CI: days on a small machine). Each module group is
 # mutated with only the test targets that exercise it, in the release profile (the tests run real
-# forward/backward passes) with incremental builds so each mutant recompiles little.
+# forward/backward passes) with incremental builds so each mutant recompiles little. cargo-mutants
+# works in a scratch copy of the tree (the first build there compiles the dependencies once); the
+# source tree is never modified.
 #
 #   tools/mutants.sh              # every group below, results under mutants-out/<group>/
 #   tools/mutants.sh data peft    # only those groups
@@ -37,9 +39,10 @@ for spec in "${GROUPS_SPEC[@]}"; do
     echo "$name: $(cargo mutants --list "${fargs[@]}" | wc -l) mutants"
     continue
   fi
-  targs=(--lib)
-  for t in $tests; do targs+=(--test "$t"); done
+  # --cargo-arg reaches both the build and the test run, so only these targets are built per mutant.
+  targs=(--cargo-arg=--lib)
+  for t in $tests; do targs+=("--cargo-arg=--test=$t"); done
   # cargo-mutants exits non-zero when mutants survive; keep going so every group reports.
-  nice -n 15 cargo mutants --profile release --in-place --output "mutants-out/$name" \
-    "${fargs[@]}" -- "${targs[@]}" || echo "mutants: group $name exited $? (survivors or timeouts; see mutants-out/$name/mutants.out)"
+  nice -n 15 cargo mutants --profile release --output "mutants-out/$name" \
+    "${fargs[@]}" "${targs[@]}" || echo "mutants: group $name exited $? (survivors or timeouts; see mutants-out/$name/mutants.out)"
 done
