@@ -8,6 +8,8 @@
 //! - `fill_uniform` (CPU): range, moments and histogram within stated statistical bounds,
 //!   reproducible by seed, different for different seeds.
 
+mod skip_common;
+
 use std::process::Command;
 use zhllama::backend::Backend;
 use zhllama::backend::cpu::CpuBackend;
@@ -22,7 +24,7 @@ fn zhllama(args: &[&str]) -> std::process::Output {
 #[test]
 fn backend_cuda_without_the_feature_is_a_clear_error() {
     if zhllama::backend::cuda::ENABLED {
-        eprintln!("skipped: this build has the `cuda` feature (the error would be about the GPU)");
+        skip_common::skip("this build has the `cuda` feature (the error would be about the GPU)");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -14,6 +14,8 @@
 //! integer mask, one fp32 multiply, at most one rounding to bf16 on both sides); f16 kernels 2.5e-3
 //! (see `TOL_F16`).
 
+mod skip_common;
+
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::fmt::Write as _;
@@ -184,7 +186,7 @@ fn hf(v: &[f32]) -> Vec<f32> {
 
 fn build_driver() -> Option<(tempfile::TempDir, PathBuf)> {
     if Command::new("g++").arg("--version").output().is_err() {
-        eprintln!("skipped: no g++ to build the kernel emulation");
+        skip_common::skip("no g++ to build the kernel emulation (tools/test.sh installs it)");
         return None;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

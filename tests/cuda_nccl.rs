@@ -5,6 +5,8 @@
 //! `LocalComm` bit for bit (issue 10). The GPU test skips with a message here; `ZHLLAMA_REQUIRE_GPU=1`
 //! (tools/gpu-check.sh) turns the skip into a failure.
 
+mod skip_common;
+
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::PathBuf;
@@ -82,7 +84,9 @@ fn a_missing_library_is_a_clear_error() {
 #[test]
 fn the_wheel_library_loads_and_reports_its_version() {
     let Some((path, version)) = wheel_nccl() else {
-        eprintln!("skipped: python package nvidia-nccl-cu13 not installed");
+        skip_common::skip(
+            "python package nvidia-nccl-cu13 not installed (tools/test.sh installs it)",
+        );
         return;
     };
     let lib = NcclLib::open(std::slice::from_ref(&path)).expect("opening the wheel's libnccl");
@@ -100,7 +104,7 @@ fn the_wheel_library_loads_and_reports_its_version() {
 fn no_gpu_is_an_error_not_a_panic() {
     let paths = nccl_paths();
     if paths.is_empty() && NcclLib::open(&[]).is_err() {
-        eprintln!("skipped: no NCCL library here");
+        skip_common::skip("no NCCL library here");
         return;
     }
     match NcclComm::new(Box::new(LocalComm), 0, &paths) {
@@ -134,7 +138,7 @@ fn gpu_and_nccl_or_skip() -> Option<(CudaBackend, NcclComm)> {
             if require_gpu() {
                 panic!("ZHLLAMA_REQUIRE_GPU=1 but the CUDA backend or NCCL did not start: {e:#}");
             }
-            eprintln!("skipped: no usable GPU or NCCL: {e:#}");
+            skip_common::skip_no_gpu(&format!("{e:#}"));
             None
         }
     }

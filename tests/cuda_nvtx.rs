@@ -7,6 +7,8 @@
 //! runs in a child process (this test binary, re-run on one test) because NVTX reads its environment
 //! once per process.
 
+mod skip_common;
+
 use std::path::Path;
 use std::process::Command;
 use zhllama::backend::cuda::nvtx;
@@ -115,7 +117,9 @@ fn injection_library_receives_the_ranges() {
             String::from_utf8_lossy(&o.stderr)
         ),
         Err(e) => {
-            eprintln!("skipped: no C compiler `{cc}` to build the fake NVTX injection ({e})");
+            skip_common::skip(&format!(
+                "no C compiler `{cc}` to build the fake NVTX injection ({e})"
+            ));
             return;
         }
     }

@@ -25,6 +25,8 @@
 //! tests (CSR grouping, dropout mask, the no-GPU error) run everywhere. `tools/gpu-check.sh` runs
 //! this binary on a lent GPU and keeps its table.
 
+mod skip_common;
+
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use zhllama::backend::cpu::CpuBackend;
@@ -252,7 +254,7 @@ macro_rules! gm {
 
 fn gpu_or_skip(half: Half) -> Option<CudaBackend> {
     if !ENABLED {
-        eprintln!("skipped: built without `--features cuda`");
+        skip_common::skip("built without `--features cuda`");
         return None;
     }
     let include = kernels::cuda_include_dirs(|k| std::env::var(k).ok());
@@ -271,7 +273,7 @@ fn gpu_or_skip(half: Half) -> Option<CudaBackend> {
             if std::env::var("ZHLLAMA_REQUIRE_GPU").as_deref() == Ok("1") {
                 panic!("ZHLLAMA_REQUIRE_GPU=1 but the CUDA backend did not start: {e:#}");
             }
-            eprintln!("skipped: no usable GPU: {e:#}");
+            skip_common::skip_no_gpu(&format!("{e:#}"));
             None
         }
     }

@@ -2,6 +2,8 @@
 //! no panic, no output left behind), or with `--skip-bad` a complete output that counts what was
 //! skipped.
 
+mod skip_common;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,7 +13,7 @@ fn shared() -> Option<PathBuf> {
     if d.is_dir() {
         Some(d)
     } else {
-        println!("SKIP: {} not found", d.display());
+        skip_common::skip(&format!("../shared data absent: {} not found", d.display()));
         None
     }
 }
@@ -62,6 +64,13 @@ fn to_refs(v: &[String]) -> Vec<&str> {
     v.iter().map(|x| x.as_str()).collect()
 }
 
+/// Hex sha256 of `path` by coreutils' `sha256sum` (a reference independent of the `sha2` crate).
+fn sha256sum(path: &Path) -> String {
+    let o = Command::new("sha256sum").arg(path).output().unwrap();
+    assert!(o.status.success(), "sha256sum {}", path.display());
+    String::from_utf8(o.stdout).unwrap()[..64].to_string()
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -106,6 +115,11 @@ fn pretrain_bad_input() {
         serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(m["bad_lines_skipped"], 2);
     assert_eq!(m["lines"], 301);
+    assert_eq!(
+        m["tokenizer_sha256"],
+        sha256sum(&tok),
+        "the tokenizer the ids came from"
+    );
     std::fs::remove_dir_all(&out).unwrap();
 
     // An existing output is never overwritten.
@@ -211,6 +225,7 @@ fn sft_bad_input() {
             .map(|v| v.as_u64().unwrap())
             .sum();
         assert_eq!(skipped, 1, "{name}: {m}");
+        assert_eq!(m["tokenizer_sha256"], sha256sum(&tok), "{name}");
     }
 }
 

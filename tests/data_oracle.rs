@@ -13,6 +13,8 @@
 //! (`tools/test.sh` installs them into `.venv/data-oracle`). Oracle outputs are cached under the
 //! test's target tmp dir, keyed by the inputs, so only the first run pays for Python.
 
+mod skip_common;
+
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,7 +28,7 @@ fn shared() -> Option<PathBuf> {
     if d.is_dir() {
         Some(d)
     } else {
-        println!("SKIP: {} not found", d.display());
+        skip_common::skip(&format!("../shared data absent: {} not found", d.display()));
         None
     }
 }
@@ -54,9 +56,9 @@ fn python() -> Option<String> {
             return Some(c);
         }
     }
-    println!(
-        "SKIP: no python with transformers==4.28.1, datasets, sentencepiece (run tools/test.sh, \
-         or pip install -r tools/oracle/data_requirements.txt)"
+    skip_common::skip(
+        "no python with transformers==4.28.1, datasets, sentencepiece (run tools/test.sh, \
+         or pip install -r tools/oracle/data_requirements.txt)",
     );
     None
 }

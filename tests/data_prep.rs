@@ -1,5 +1,7 @@
 //! The instruction-data converters, filters and mixer (`prep-data`'s library side).
 
+mod skip_common;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use zhllama::instruct::convert::{
@@ -13,7 +15,7 @@ fn shared() -> Option<PathBuf> {
     if d.is_dir() {
         Some(d)
     } else {
-        println!("SKIP: {} not found", d.display());
+        skip_common::skip(&format!("../shared data absent: {} not found", d.display()));
         None
     }
 }

@@ -156,3 +156,45 @@ fn validation_split_is_seeded_and_sized_like_train_test_split() {
     all_sorted.sort();
     assert!(merged == all_sorted);
 }
+
+/// `PretrainShards::open` checks each shard against the manifest: a manifest that disagrees on a
+/// block count, the block size or the vocabulary is refused, naming the shard and both sides.
+#[test]
+fn a_manifest_that_disagrees_with_its_shards_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let (paths, _) = corpus(d.path(), 5);
+    let out = d.path().join("pt");
+    let cfg = PretrainConfig {
+        block_size: 32,
+        validation_fraction: 0.05,
+        seed: 3,
+        ..Default::default()
+    };
+    let m = pretrain::build_pretrain(&CharEnc, &paths, &out, &cfg).unwrap();
+    PretrainShards::open(&out).unwrap();
+    let mpath = out.join("manifest.json");
+    let good = std::fs::read_to_string(&mpath).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&good).unwrap();
+    for (key, val, file) in [
+        ("train_blocks", m.train_blocks + 1, "train.tok"),
+        (
+            "validation_blocks",
+            m.validation_blocks + 2,
+            "validation.tok",
+        ),
+        ("block_size", 33, "train.tok"),
+        ("vocab_size", m.vocab_size as u64 + 9, "train.tok"),
+    ] {
+        let mut bad = v.clone();
+        bad[key] = val.into();
+        std::fs::write(&mpath, bad.to_string()).unwrap();
+        let msg = format!("{:#}", PretrainShards::open(&out).err().expect(key));
+        assert!(msg.contains(file), "{key}: {file} not named: {msg}");
+        assert!(
+            msg.contains("manifest says") && msg.contains(&val.to_string()),
+            "{key}: the manifest's {val} not named: {msg}"
+        );
+    }
+    std::fs::write(&mpath, &good).unwrap();
+    PretrainShards::open(&out).unwrap();
+}

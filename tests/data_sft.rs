@@ -2,8 +2,8 @@
 //! written out by hand, with a one-id-per-character encoder. (Exact parity with HF is
 //! `data_oracle.rs`.)
 
-use zhllama::data::sft::{PROMPT_TEMPLATE, build_example, build_prompt, collate};
-use zhllama::data::{Encoder, HfText};
+use zhllama::data::sft::{PROMPT_TEMPLATE, build_example, build_prompt, build_sft, collate};
+use zhllama::data::{Encoder, HfText, SftConfig, SftShards};
 use zhllama::instruct::convert::AlpacaRecord;
 
 struct CharEnc;
@@ -98,4 +98,99 @@ fn prompt_labels_truncation_and_padding() {
         let mask = &b.attention_mask[row * t..(row + 1) * t];
         assert!(mask[..n].iter().all(|&m| m) && mask[n..].iter().all(|&m| !m));
     }
+}
+
+/// Alpaca records as a JSON file in `dir`; `(path, records)`.
+fn alpaca_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let recs: Vec<serde_json::Value> = (0..5)
+        .map(|i| {
+            serde_json::json!({
+                "instruction": format!("第{i}题：一加一等于几"),
+                "input": "",
+                "output": format!("答案是二，第{i}次"),
+            })
+        })
+        .collect();
+    let p = dir.join("a.json");
+    std::fs::write(&p, serde_json::to_string(&recs).unwrap()).unwrap();
+    p
+}
+
+/// A set whose prompts fill `max_len` has no target token: refused (it would train at loss 0),
+/// naming the length, with nothing written. One token more than the longest prompt is accepted.
+#[test]
+fn a_set_without_target_tokens_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let src = alpaca_file(d.path());
+    let hf = HfText::with_pad(&CharEnc);
+    let recs: Vec<AlpacaRecord> =
+        serde_json::from_str::<Vec<AlpacaRecord>>(&std::fs::read_to_string(&src).unwrap()).unwrap();
+    let longest = recs
+        .iter()
+        .map(|r| hf.encode_with_bos(&build_prompt(r)).len())
+        .max()
+        .unwrap();
+    let cfg = |max_len| SftConfig {
+        max_len,
+        ..SftConfig::default()
+    };
+    let out = d.path().join("none");
+    let e = build_sft(&CharEnc, std::slice::from_ref(&src), &out, &cfg(longest)).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("no target tokens") && msg.contains(&longest.to_string()),
+        "{msg}"
+    );
+    assert!(!out.exists(), "output written despite the error");
+    let out = d.path().join("some");
+    let m = build_sft(&CharEnc, &[src], &out, &cfg(longest + 1)).unwrap();
+    // Every prompt here has the same length, so each example keeps exactly one target token.
+    assert!(
+        recs.iter()
+            .all(|r| hf.encode_with_bos(&build_prompt(r)).len() == longest)
+    );
+    assert_eq!((m.examples, m.target_tokens), (5, 5));
+}
+
+/// `SftShards::open` checks the examples file against the manifest: a manifest that disagrees on
+/// the example count, the token count or the vocabulary is refused, naming the file and both sides.
+#[test]
+fn a_manifest_that_disagrees_with_its_shard_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let src = alpaca_file(d.path());
+    let out = d.path().join("sft");
+    let m = build_sft(
+        &CharEnc,
+        &[src],
+        &out,
+        &SftConfig {
+            max_len: 200,
+            ..SftConfig::default()
+        },
+    )
+    .unwrap();
+    SftShards::open(&out).unwrap();
+    let mpath = out.join("manifest.json");
+    let good = std::fs::read_to_string(&mpath).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&good).unwrap();
+    for (key, val) in [
+        ("examples", m.examples + 1),
+        ("tokens", m.tokens - 1),
+        ("vocab_size", m.vocab_size as u64 + 7),
+    ] {
+        let mut bad = v.clone();
+        bad[key] = val.into();
+        std::fs::write(&mpath, bad.to_string()).unwrap();
+        let msg = format!("{:#}", SftShards::open(&out).err().expect(key));
+        assert!(
+            msg.contains("train.sft"),
+            "{key}: the file not named: {msg}"
+        );
+        assert!(
+            msg.contains(&val.to_string()),
+            "{key}: the manifest's {val} not named: {msg}"
+        );
+    }
+    std::fs::write(&mpath, &good).unwrap();
+    SftShards::open(&out).unwrap();
 }

@@ -277,7 +277,13 @@ fn stream_decoder_emits_whole_characters() {
 }
 
 /// Write a PEFT adapter by hand: `tensors` under `base_model.model.` + `adapter_config.json`.
-fn write_adapter(dir: &Path, r: usize, alpha: f32, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
+fn write_adapter(
+    dir: &Path,
+    r: usize,
+    alpha: f32,
+    modules_to_save: &[&str],
+    tensors: &[(&str, Vec<usize>, Vec<f32>)],
+) {
     std::fs::create_dir_all(dir).unwrap();
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
@@ -308,7 +314,7 @@ fn write_adapter(dir: &Path, r: usize, alpha: f32, tensors: &[(&str, Vec<usize>,
     let cfg = serde_json::json!({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
         "lora_dropout": 0.0, "target_modules": ["q_proj", "down_proj"],
-        "modules_to_save": ["embed_tokens", "lm_head"], "bias": "none",
+        "modules_to_save": modules_to_save, "bias": "none",
     });
     std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
 }
@@ -322,46 +328,106 @@ fn pseudo(n: usize, seed: u32, scale: f32) -> Vec<f32> {
         .collect()
 }
 
+/// The base model's directory with `W += (alpha/r)·B·A` applied to each named linear weight,
+/// computed here in f64 straight on the safetensors file (independent of `peft::merge_one`).
+fn merge_by_hand(base: &Path, out: &Path, scale: f64, pairs: &[(&str, &[f32], &[f32], usize)]) {
+    std::fs::create_dir_all(out).unwrap();
+    std::fs::copy(base.join("config.json"), out.join("config.json")).unwrap();
+    let bytes = std::fs::read(base.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+        let shape = view.shape().to_vec();
+        let mut w: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        if let Some((_, a, b, r)) = pairs.iter().find(|(n, ..)| name == format!("{n}.weight")) {
+            let (rows, cols) = (shape[0], shape[1]);
+            assert_eq!((a.len(), b.len()), (r * cols, rows * r), "{name}");
+            for i in 0..rows {
+                for j in 0..cols {
+                    let d: f64 = (0..*r)
+                        .map(|k| b[i * r + k] as f64 * a[k * cols + j] as f64)
+                        .sum();
+                    w[i * cols + j] = (w[i * cols + j] as f64 + scale * d) as f32;
+                }
+            }
+        }
+        tensors.push((
+            name,
+            shape,
+            w.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, sh, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, sh.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(
+        views,
+        Some(HashMap::from([("format".into(), "pt".into())])),
+        &out.join("model.safetensors"),
+    )
+    .unwrap();
+}
+
+/// An adapter of LoRA pairs only (no replaced embedding or lm_head): `--adapter` generates the
+/// text of an independent greedy reference over the base weights merged by hand, the same as
+/// generating from `merge-lora`'s output, and not the base model's text.
 #[test]
 fn adapter_equals_merge_lora_output() {
     let f = fixture();
-    let (c, fsz, r) = (32, 64, 4);
+    let (c, fsz, r, alpha) = (32, 64, 4, 8.0f32);
+    let qa = pseudo(r * c, 1, 0.5);
+    let qb = pseudo(c * r, 2, 0.5);
+    let da = pseudo(r * fsz, 3, 0.5);
+    let db = pseudo(c * r, 4, 0.5);
     let adapter = f.root.join("adapter");
     write_adapter(
         &adapter,
         r,
-        8.0,
+        alpha,
+        &[],
         &[
             (
                 "model.layers.0.self_attn.q_proj.lora_A.weight",
                 vec![r, c],
-                pseudo(r * c, 1, 0.5),
+                qa.clone(),
             ),
             (
                 "model.layers.0.self_attn.q_proj.lora_B.weight",
                 vec![c, r],
-                pseudo(c * r, 2, 0.5),
+                qb.clone(),
             ),
             (
                 "model.layers.1.mlp.down_proj.lora_A.weight",
                 vec![r, fsz],
-                pseudo(r * fsz, 3, 0.5),
+                da.clone(),
             ),
             (
                 "model.layers.1.mlp.down_proj.lora_B.weight",
                 vec![c, r],
-                pseudo(c * r, 4, 0.5),
+                db.clone(),
             ),
-            (
-                "model.embed_tokens.weight",
-                vec![f.vocab, c],
-                pseudo(f.vocab * c, 5, 0.6),
-            ),
-            (
-                "lm_head.weight",
-                vec![f.vocab, c],
-                pseudo(f.vocab * c, 6, 0.6),
-            ),
+        ],
+    );
+    let hand = f.root.join("hand");
+    merge_by_hand(
+        &f.model_dir,
+        &hand,
+        alpha as f64 / r as f64,
+        &[
+            ("model.layers.0.self_attn.q_proj", &qa, &qb, r),
+            ("model.layers.1.mlp.down_proj", &da, &db, r),
         ],
     );
     let merged = f.root.join("merged");
@@ -378,6 +444,7 @@ fn adapter_equals_merge_lora_output() {
         "",
     );
     assert_eq!(code, 0, "{err}");
+    let n = 10;
     let run_gen = |model: &Path, adapter: Option<&Path>| {
         let mut args = vec![
             "generate",
@@ -387,6 +454,10 @@ fn adapter_equals_merge_lora_output() {
             s(&f.tok_path),
             "--temperature",
             "0",
+            "--repetition-penalty",
+            "1",
+            "--template",
+            "raw",
             "--max-new-tokens",
             "10",
             "--prompt",
@@ -399,10 +470,26 @@ fn adapter_equals_merge_lora_output() {
         assert_eq!(code, 0, "{err}");
         out
     };
+    let tok = Tokenizer::load(&f.tok_path).unwrap();
     let with_adapter = run_gen(&f.model_dir, Some(&adapter));
-    assert_eq!(with_adapter, run_gen(&merged, None));
-    // The adapter matters (replaced embedding and lm_head change every logit).
-    assert_ne!(with_adapter, run_gen(&f.model_dir, None));
+    let want = greedy_reference(&hand, &tok, "hello world", n);
+    assert_eq!(
+        with_adapter,
+        format!("{want}\n"),
+        "--adapter vs merged by hand"
+    );
+    assert_eq!(
+        with_adapter,
+        run_gen(&merged, None),
+        "--adapter vs merge-lora"
+    );
+    // The LoRA pairs alone change the text: the base model's differs.
+    let base = greedy_reference(&f.model_dir, &tok, "hello world", n);
+    assert_eq!(run_gen(&f.model_dir, None), format!("{base}\n"));
+    assert_ne!(
+        want, base,
+        "the adapter's LoRA pairs do not change the greedy text"
+    );
 }
 
 /// Run `generate` expecting failure: non-zero exit, exactly one stderr line, containing `needles`.
@@ -448,6 +535,7 @@ fn bad_inputs_are_one_line_errors() {
         &adapter,
         4,
         8.0,
+        &["embed_tokens", "lm_head"],
         &[
             (
                 "model.embed_tokens.weight",

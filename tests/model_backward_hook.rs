@@ -10,7 +10,7 @@ use std::sync::Arc;
 use zhllama::backend::Backend;
 use zhllama::backend::cpu::CpuBackend;
 use zhllama::model::lora::{LoraConfig, Proj};
-use zhllama::model::{Activations, Group, Llama, LlamaConfig, TrainSpec};
+use zhllama::model::{Activations, Group, Kind, Llama, LlamaConfig, TrainSpec};
 
 const V: usize = 61;
 
@@ -19,7 +19,18 @@ fn check(tied: bool, spec: TrainSpec) {
     cfg.initializer_range = 0.3;
     cfg.tie_word_embeddings = tied;
     let be = Arc::new(CpuBackend::new());
-    let m = Llama::random(be.clone(), cfg, spec, 5).unwrap();
+    let mut m = Llama::random(be.clone(), cfg, spec, 5).unwrap();
+    // PEFT initialises LoRA B to zero, which leaves every A gradient zero (and "final when
+    // reported" would compare 0 with 0): give B values.
+    let mut host = m.download_params().unwrap();
+    for e in m.layout().entries() {
+        if matches!(e.kind, Kind::LoraB { .. }) {
+            for (i, x) in host.trainable[e.range.clone()].iter_mut().enumerate() {
+                *x = ((i * 7 % 13) as f32 - 6.0) * 0.01;
+            }
+        }
+    }
+    be.upload(m.trainable_mut(), &host.trainable).unwrap();
     let (b, t) = (2, 9);
     let ids: Vec<i32> = (0..b * t).map(|i| ((i * 17 + 3) % V) as i32).collect();
     let labels: Vec<i32> = (0..b * t).map(|i| ((i * 5 + 1) % V) as i32).collect();
@@ -62,6 +73,14 @@ fn check(tied: bool, spec: TrainSpec) {
         .map(|e| ((e.range.start, e.range.end), e.name.clone()))
         .collect();
     assert!(!expected.is_empty());
+    // Every checked gradient carries signal: an all-zero tensor would make "final when reported"
+    // and "equal to plain backward" hold trivially.
+    for ((s, e), name) in &expected {
+        assert!(
+            fin[*s..*e].iter().any(|&x| x != 0.0),
+            "{name}: gradient is all zero, the comparison would be vacuous"
+        );
+    }
     let mut order = Vec::new();
     for (r, snap) in &reports {
         let name = expected

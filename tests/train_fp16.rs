@@ -69,7 +69,6 @@ fn scaler_matches_deepspeed_exactly() {
         let name = c["name"].as_str().unwrap();
         let mut s = scaler_of(&c["config"]);
         let overflow = flags(&c["overflow"]);
-        let skipped = flags(&c["skipped"]);
         let raises = flags(&c["would_raise"]);
         let hyst: Vec<u32> = c["hysteresis_after"]
             .as_str()
@@ -86,9 +85,18 @@ fn scaler_matches_deepspeed_exactly() {
                 float(&scales[i]),
                 "{name}: scale before step {i}"
             );
-            // ZeRO-2 skips exactly the overflowing steps.
-            assert_eq!(o, skipped[i], "{name}: step {i}");
             let u = s.update(o);
+            // The scaler treats exactly the overflowing steps as overflows (the skip itself is the
+            // trainer's: checked against the fixture's `skipped` in
+            // `overflow_skips_follow_deepspeed_and_leave_the_weights_alone`).
+            assert_eq!(
+                matches!(
+                    u,
+                    ScaleUpdate::HysteresisUsed | ScaleUpdate::Decreased | ScaleUpdate::AtMinimum
+                ),
+                o,
+                "{name}: step {i}: {u:?}"
+            );
             assert_eq!(
                 u == ScaleUpdate::AtMinimum,
                 raises[i],
@@ -280,6 +288,9 @@ fn overflow_skips_follow_deepspeed_and_leave_the_weights_alone() {
     let fx = fixture();
     let want = case(&fx, "trainer_run");
     let overflow = flags(&want["overflow"]);
+    // The steps DeepSpeed's ZeRO-2 skipped (its `step()` returns early on an overflow).
+    let ds_skipped = flags(&want["skipped"]);
+    assert_eq!(ds_skipped.len(), overflow.len());
     let scales = want["scale_before"].as_array().unwrap();
     let mut c = cfg(true);
     scaler_cfg(&mut c, want);
@@ -299,7 +310,8 @@ fn overflow_skips_follow_deepspeed_and_leave_the_weights_alone() {
             Some(float(&scales[i])),
             "step {i}: the scale DeepSpeed runs this step with"
         );
-        assert_eq!(rec.skipped, Some(o), "step {i}");
+        // The trainer's own decision (from the gradient it sees) against DeepSpeed's.
+        assert_eq!(rec.skipped, Some(ds_skipped[i]), "step {i}");
         assert!(rec.loss.unwrap().is_finite(), "an overflow keeps the loss");
         // DeepSpeed's engine does not step the LR scheduler on an overflow: every step runs
         // at the schedule's position of the updates applied before it, not of the step count.

@@ -2,6 +2,8 @@
 //! tokenizer's 49953 with the mean-of-old-pieces init; disallowed pairs are a clear error.
 //! Uses the real tokenizers from ../shared/data (skipped when absent).
 
+mod skip_common;
+
 mod train_common;
 
 use std::path::Path;
@@ -14,7 +16,10 @@ use zhllama::vocab::{ModelProto, Tokenizer, merge_models};
 fn tokenizers() -> Option<(Tokenizer, Tokenizer)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tokenizers");
     if !dir.join("llama_tokenizer.model").exists() {
-        eprintln!("skipped: {} not found", dir.display());
+        skip_common::skip(&format!(
+            "../shared data absent: {} not found",
+            dir.display()
+        ));
         return None;
     }
     let llama = Tokenizer::load(&dir.join("llama_tokenizer.model")).unwrap();

@@ -5,6 +5,8 @@
 //! decodes them to. Skips with a message when the data or `sentencepiece` is absent
 //! (`tools/test.sh` installs it).
 
+mod skip_common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use zhllama::vocab::{ModelProto, Tokenizer, merge_models};
@@ -14,7 +16,7 @@ fn data_dir() -> Option<PathBuf> {
     if d.join("tokenizers/llama_tokenizer.model").is_file() {
         Some(d)
     } else {
-        eprintln!("SKIP: {} not found (shared data absent)", d.display());
+        skip_common::skip(&format!("../shared data absent: {} not found", d.display()));
         None
     }
 }
@@ -26,7 +28,7 @@ fn have_sentencepiece() -> bool {
         .map(|s| s.success())
         .unwrap_or(false);
     if !ok {
-        eprintln!("SKIP: python3 with sentencepiece not available (tools/test.sh installs it)");
+        skip_common::skip("python3 with sentencepiece not available (tools/test.sh installs it)");
     }
     ok
 }

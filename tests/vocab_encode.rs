@@ -1,6 +1,8 @@
 //! Encoding/decoding parity with python sentencepiece on the reference cases
 //! (`reference_encodings.json`, made by python sentencepiece 0.2.3).
 
+mod skip_common;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use zhllama::vocab::{ModelProto, Tokenizer, merge_models};
@@ -10,7 +12,7 @@ fn tokenizers_dir() -> Option<PathBuf> {
     if d.join("reference_encodings.json").is_file() {
         Some(d)
     } else {
-        eprintln!("SKIP: {} not found (shared data absent)", d.display());
+        skip_common::skip(&format!("../shared data absent: {} not found", d.display()));
         None
     }
 }

@@ -2,6 +2,8 @@
 //! merged Chinese-LLaMA/Alpaca `tokenizer.model`, the 17953/2047 counts, and byte-identical
 //! read→write round trips of every input model.
 
+mod skip_common;
+
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use zhllama::vocab::{ModelProto, merge_models};
@@ -15,7 +17,7 @@ fn tokenizers_dir() -> Option<PathBuf> {
     if d.join("llama_tokenizer.model").is_file() && d.join("chinese_sp.model").is_file() {
         Some(d)
     } else {
-        eprintln!("SKIP: {} not found (shared data absent)", d.display());
+        skip_common::skip(&format!("../shared data absent: {} not found", d.display()));
         None
     }
 }

@@ -1,6 +1,8 @@
 //! The vocabulary binaries end to end: `merge-tokenizers` (official hashes, printed counts, HF
 //! files, all-or-nothing output), `zhllama tokenize`, and one-line errors on malformed inputs.
 
+mod skip_common;
+
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -14,7 +16,7 @@ fn tokenizers_dir() -> Option<PathBuf> {
     if d.join("llama_tokenizer.model").is_file() {
         Some(d)
     } else {
-        eprintln!("SKIP: {} not found (shared data absent)", d.display());
+        skip_common::skip(&format!("../shared data absent: {} not found", d.display()));
         None
     }
 }

@@ -3,6 +3,8 @@
 //! with byte fallback, every line made only of covered characters without. Our own encoder must
 //! give python's ids on it too. Skips when the data or `sentencepiece` is absent.
 
+mod skip_common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use zhllama::vocab::Tokenizer;
@@ -13,7 +15,7 @@ fn corpus() -> Option<PathBuf> {
     if f.is_file() {
         Some(f)
     } else {
-        eprintln!("SKIP: {} not found (shared data absent)", f.display());
+        skip_common::skip(&format!("../shared data absent: {} not found", f.display()));
         None
     }
 }
@@ -25,7 +27,7 @@ fn have_sentencepiece() -> bool {
         .map(|s| s.success())
         .unwrap_or(false);
     if !ok {
-        eprintln!("SKIP: python3 with sentencepiece not available (tools/test.sh installs it)");
+        skip_common::skip("python3 with sentencepiece not available (tools/test.sh installs it)");
     }
     ok
 }

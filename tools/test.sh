@@ -3,13 +3,60 @@
 # It installs what the tests need, then runs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# ---- skips: collected, summarised at the end ---------------------------------------------------------
+# A test that cannot run here (no ../shared data, no oracle, no GPU, ...) appends one line
+# "SKIP <target>::<test>: <reason>" to $ZHLLAMA_SKIP_LOG (tests/skip_common/mod.rs); the last line this
+# script prints summarises them. With ZHLLAMA_REQUIRE_ALL=1 (what .ci/run sets) every skip except
+# "no usable GPU" fails its test instead.
+ZHLLAMA_SKIP_LOG="$(mktemp -t zhllama-skips.XXXXXX)"
+export ZHLLAMA_SKIP_LOG
+skip_summary() {
+    local rc=$? n
+    n=$(wc -l <"$ZHLLAMA_SKIP_LOG")
+    if [ "$n" -eq 0 ]; then
+        echo "test.sh: nothing skipped (exit $rc)"
+    else
+        # One line: the count, then each distinct reason (up to its first ": ", so "no usable GPU: <the
+        # driver's error>" counts as one) with how many tests it skipped; the full lines are above.
+        echo "test.sh: $n skipped (exit $rc): $(sed -e 's/^SKIP [^ ]*: //' -e 's/: .*//' "$ZHLLAMA_SKIP_LOG" \
+            | sort | uniq -c | sed 's/^ *\([0-9]*\) /\1 × /' | paste -sd ';' - | sed 's/;/; /g')"
+    fi
+    rm -f "$ZHLLAMA_SKIP_LOG"
+}
+trap skip_summary EXIT
+# ---- end skips ---------------------------------------------------------------------------------------
+
+# ---- installs: everything the tests need; any failure stops the script -------------------------------
+# g++ builds the kernel emulation (tests/cuda_emulated.rs); cc the fake NVTX injection (tests/cuda_nvtx.rs).
+if ! command -v g++ >/dev/null 2>&1 || ! command -v cc >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y g++
+fi
 # vocab: python sentencepiece is the reference for the tokenizer parity tests (tests/vocab_*.rs).
 python3 -m pip install -q sentencepiece==0.2.3
+# NCCL's clear-error and version tests (tests/cuda_nccl.rs) open the library of PyTorch's wheel.
+python3 -m pip install -q --disable-pip-version-check nvidia-nccl-cu13==2.32.3
 # data (issue 4): the pinned Python oracle for the data parity tests, in its own venv so other
-# pins cannot clash; without it (offline) those tests skip with a message.
-if [ ! -x .venv/data-oracle/bin/python ]; then python3 -m venv .venv/data-oracle || true; fi
-.venv/data-oracle/bin/pip install -q -r tools/oracle/data_requirements.txt \
-  || echo "warning: data oracle packages not installed; the data parity tests will skip"
+# pins cannot clash.
+if [ ! -x .venv/data-oracle/bin/python ]; then python3 -m venv .venv/data-oracle; fi
+.venv/data-oracle/bin/pip install -q -r tools/oracle/data_requirements.txt
+# The live PEFT oracle (tests/train_parity.rs: PEFT itself loads the adapter zhllama saves). torch from
+# PyPI brings the CUDA libraries (~3 GB, minutes), so it is installed once into a venv outside the clone,
+# keyed by the requirements' sha256, and reused by every later run; `.complete` marks a finished install.
+peft_req=tools/oracle/peft_requirements.txt
+peft_venv="${ZHLLAMA_ORACLE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/zhllama}/peft-oracle-$(sha256sum "$peft_req" | cut -c1-16)"
+if [ ! -f "$peft_venv/.complete" ]; then
+    rm -rf "$peft_venv"
+    mkdir -p "$(dirname "$peft_venv")"
+    python3 -m venv "$peft_venv"
+    "$peft_venv/bin/pip" install -q --disable-pip-version-check -r "$peft_req"
+    touch "$peft_venv/.complete"
+fi
+export ZHLLAMA_PEFT_PYTHON="$peft_venv/bin/python"
+# ---- end installs ------------------------------------------------------------------------------------
+
 cargo test --release --all-targets --no-fail-fast
 
 # --- distributed (issue 8): OpenMPI from the system packages, then the multi-process tests ---

@@ -234,6 +234,12 @@ pub fn build_sft<E: Encoder + ?Sized>(
         }
         bar.finish_and_clear();
         ensure!(m.examples > 0, "no examples in the input files");
+        ensure!(
+            m.target_tokens > 0,
+            "no target tokens: at max length {} every example is all prompt (every label -100, \
+             so training would run at loss 0 and learn nothing); raise --max-len",
+            cfg.max_len
+        );
         w.finish()?;
         crate::util::write_atomic(&dir.join(MANIFEST_FILE), &serde_json::to_vec_pretty(&m)?)?;
         manifest = Some(m);

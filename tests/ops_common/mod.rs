@@ -58,6 +58,11 @@ pub fn check_tol(case: &str, what: &str, got: &[f32], want: &[f64], tol: &[f64])
             worst = Some((i, ratio));
         }
     }
+    // The margin actually used, for setting tolerances (`--nocapture` shows it).
+    let used = (0..got.len())
+        .map(|i| (got[i] as f64 - want[i]).abs() / tol[i])
+        .fold(0.0f64, f64::max);
+    eprintln!("{case}: {what}: worst |err|/tol = {used:.3e}");
     if let Some((i, r)) = worst {
         panic!(
             "{case}: {what}[{i}] = {} but the reference is {} (|err| = {:.3e} > tol {:.3e}, {r:.1}x)",

@@ -96,6 +96,59 @@ pub fn sft_data(dir: &Path, vocab: usize, max_len: usize) -> PathBuf {
         max_len,
         ..SftConfig::default()
     };
-    zhllama::data::sft::build_sft(&ByteEncoder { vocab }, &[src], dir, &cfg).unwrap();
+    let m = zhllama::data::sft::build_sft(&ByteEncoder { vocab }, &[src], dir, &cfg).unwrap();
+    // Every example keeps part of its response: at a too-small max_len the prompt alone fills
+    // it, every label is -100, and training runs at loss 0 with unchanged weights.
+    let shards = zhllama::data::SftShards::open(dir).unwrap();
+    let with_target = (0..shards.len())
+        .filter(|&i| {
+            let e = shards.example(i);
+            e.input_ids.len() > e.source_len
+        })
+        .count();
+    assert_eq!(
+        with_target as u64, m.examples,
+        "sft_data at max_len {max_len}: {with_target} of {} examples have target tokens \
+         ({} target tokens)",
+        m.examples, m.target_tokens
+    );
     dir.to_path_buf()
+}
+
+/// Set `elapsed_s` to -1 (a value no run writes) on every `metrics.jsonl` line of `out` of a
+/// step up to `until`. A process that resumes at step `until` keeps exactly these lines and
+/// writes the later ones; one that starts over rewrites them all: `marked_steps` tells which.
+pub fn mark_metrics(out: &Path, until: u64) {
+    let path = out.join("metrics.jsonl");
+    let Ok(recs) = zhllama::train::metrics::read(&path) else {
+        return; // killed before the file existed: nothing to keep
+    };
+    let mut text = String::new();
+    for mut r in recs {
+        if r.step <= until {
+            r.elapsed_s = Some(-1.0);
+        }
+        text.push_str(&serde_json::to_string(&r).unwrap());
+        text.push('\n');
+    }
+    std::fs::write(&path, text).unwrap();
+}
+
+/// Steps of the `metrics.jsonl` lines of `out` that `mark_metrics` marked.
+pub fn marked_steps(out: &Path) -> Vec<u64> {
+    zhllama::train::metrics::read(&out.join("metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.elapsed_s == Some(-1.0))
+        .map(|r| r.step)
+        .collect()
+}
+
+/// (step, training loss) of every training line of `out`'s `metrics.jsonl`.
+pub fn logged_losses(out: &Path) -> Vec<(u64, f64)> {
+    zhllama::train::metrics::read(&out.join("metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| Some((r.step, r.loss?)))
+        .collect()
 }

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Mutation testing with cargo-mutants (not part of CI: days on a small machine). Each module group is
+# mutated with only the test targets that exercise it, in the release profile (the tests run real
+# forward/backward passes) with incremental builds so each mutant recompiles little. cargo-mutants
+# works in a scratch copy of the tree (the first build there compiles the dependencies once); the
+# source tree is never modified.
+#
+#   tools/mutants.sh              # every group below, results under mutants-out/<group>/
+#   tools/mutants.sh data peft    # only those groups
+#   tools/mutants.sh --list       # count the mutants of every group without building anything
+#
+# docs/TESTING.md records the last results and why each surviving mutant is harmless.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v cargo-mutants >/dev/null 2>&1 || cargo install cargo-mutants --locked
+export CARGO_PROFILE_RELEASE_INCREMENTAL=true
+
+# group | files (-f, globs allowed) | test targets
+GROUPS_SPEC=(
+  "peft|src/model/peft.rs|train_parity generate_cli"
+  "model|src/model/config.rs src/model/generate.rs src/model/llama.rs src/model/lora.rs src/model/params.rs src/model/resize.rs src/model/weights.rs src/model/mod.rs|model_parity model_lora model_backward_hook model_checkpointing model_weights model_eval generate_model train_resize"
+  "train|src/train/*.rs|train_parity train_config train_fp16 train_nonfinite train_world train_resume train_dryrun train_cli"
+  "zero|src/distributed/zero.rs|distributed_zero distributed_overlap train_world"
+  "data|src/data/*.rs|data_sft data_pretrain data_shard data_malformed data_oracle"
+)
+
+list=0
+want=()
+for a in "$@"; do
+  if [ "$a" = "--list" ]; then list=1; else want+=("$a"); fi
+done
+
+for spec in "${GROUPS_SPEC[@]}"; do
+  IFS='|' read -r name files tests <<<"$spec"
+  if [ "${#want[@]}" -gt 0 ] && [[ " ${want[*]} " != *" $name "* ]]; then continue; fi
+  fargs=()
+  for f in $files; do fargs+=(-f "$f"); done
+  if [ "$list" = 1 ]; then
+    echo "$name: $(cargo mutants --list "${fargs[@]}" | wc -l) mutants"
+    continue
+  fi
+  # --cargo-arg reaches both the build and the test run, so only these targets are built per mutant.
+  targs=(--cargo-arg=--lib)
+  for t in $tests; do targs+=("--cargo-arg=--test=$t"); done
+  # cargo-mutants exits non-zero when mutants survive; keep going so every group reports.
+  nice -n 15 cargo mutants --profile release --output "mutants-out/$name" \
+    "${fargs[@]}" "${targs[@]}" || echo "mutants: group $name exited $? (survivors or timeouts; see mutants-out/$name/mutants.out)"
+done
