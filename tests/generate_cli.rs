@@ -311,9 +311,18 @@ fn write_adapter(
         &dir.join("adapter_model.safetensors"),
     )
     .unwrap();
+    // target_modules: the projections that have LoRA factors (a PEFT adapter has no others)
+    let targets: Vec<&str> = ["q_proj", "down_proj"]
+        .into_iter()
+        .filter(|m| {
+            tensors
+                .iter()
+                .any(|(n, _, _)| n.contains(&format!("{m}.lora_A")))
+        })
+        .collect();
     let cfg = serde_json::json!({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
-        "lora_dropout": 0.0, "target_modules": ["q_proj", "down_proj"],
+        "lora_dropout": 0.0, "target_modules": targets,
         "modules_to_save": modules_to_save, "bias": "none",
     });
     std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();

@@ -76,6 +76,42 @@ fn worst(a: &[f32], r: &[f32], atol: f64, rtol: f64) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// `tensors` (HF names) as a PEFT adapter directory for `cfg`'s LoRA settings.
+fn write_peft_adapter(
+    dir: &Path,
+    tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    cfg: &TrainConfig,
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, (s, d))| {
+            (
+                format!("base_model.model.{n}"),
+                s.clone(),
+                d.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("adapter_model.safetensors")).unwrap();
+    let c = serde_json::json!({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank,
+        "lora_alpha": cfg.lora_alpha, "lora_dropout": 0.0, "target_modules": cfg.lora_targets,
+        "modules_to_save": cfg.modules_to_save, "bias": "none",
+    });
+    std::fs::write(dir.join("adapter_config.json"), c.to_string()).unwrap();
+}
+
 fn config_for(stage: Stage, r: &Value) -> TrainConfig {
     let strs = |k: &str| -> Vec<String> {
         r[k].as_array()
@@ -137,24 +173,58 @@ fn parity(stage: Stage) {
         "HF warmup rounding"
     );
     let be = Arc::new(CpuBackend::new());
-    let mut model = setup::load_model(be.clone(), &fx.join("base"), &cfg, stage, 65, None).unwrap();
-    // The oracle's initial trainable weights (its LoRA A/B) into our flat buffer.
+    // The oracle's initial trainable weights (its LoRA A/B, the embedding/lm_head it trains).
     let init = read_st(&fx.join(format!("{stage}_init.safetensors")));
-    let mut host = model.download_params().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = if stage == Stage::Pt1 {
+        // pt1 trains the embedding alone (no adapter): its initial value is the base's.
+        let model = setup::load_model(be.clone(), &fx.join("base"), &cfg, stage, 65, None).unwrap();
+        let host = model.download_params().unwrap();
+        for e in model
+            .layout()
+            .entries()
+            .iter()
+            .filter(|e| e.loc().trainable())
+        {
+            assert_eq!(
+                &host.trainable[e.range.clone()],
+                init[&e.name].1.as_slice(),
+                "{}",
+                e.name
+            );
+        }
+        model
+    } else {
+        // pt2/sft start from them as a PEFT adapter, as `train --init-adapter` does.
+        let dir = tmp.path().join("init_adapter");
+        write_peft_adapter(&dir, &init, &cfg);
+        let ad = zhllama::model::peft::load_adapter(&dir).unwrap();
+        let mut c = cfg.clone();
+        assert!(
+            setup::adopt_adapter_config(&mut c, stage, &ad, &dir)
+                .unwrap()
+                .is_empty()
+        );
+        setup::load_model_init(be.clone(), &fx.join("base"), &c, stage, 65, None, Some(&ad))
+            .unwrap()
+    };
     let layout = model.layout().clone();
+    let host = model.download_params().unwrap();
     let mut n_trainable = 0;
     for e in layout.entries().iter().filter(|e| e.loc().trainable()) {
         let (shape, data) = init
             .get(&e.name)
             .unwrap_or_else(|| panic!("oracle lacks {}", e.name));
         assert_eq!(shape, &e.shape, "{}", e.name);
-        host.trainable[e.range.clone()].copy_from_slice(data);
+        assert!(
+            &host.trainable[e.range.clone()] == data.as_slice(),
+            "{}: not the oracle's",
+            e.name
+        );
         n_trainable += 1;
     }
     assert_eq!(n_trainable, init.len(), "same trainable tensors as PyTorch");
-    be.upload(model.trainable_mut(), &host.trainable).unwrap();
 
-    let tmp = tempfile::tempdir().unwrap();
     let data = Data::open(&train_common::pretrain_data(&tmp.path().join("d"), 64, 16)).unwrap();
     let comm = LocalComm;
     let mut t = Trainer::new(

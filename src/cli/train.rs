@@ -44,6 +44,11 @@ pub struct Args {
     pub resume_from: Option<PathBuf>,
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Start from this PEFT LoRA adapter (pt2, sft): its LoRA factors and its modules saved in
+    /// full (resized with the vocabulary if it predates the resize); its r, lora_alpha and
+    /// target_modules become the run's.
+    #[arg(long)]
+    pub init_adapter: Option<PathBuf>,
     /// TOML file of config keys applied over the stage preset.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -135,6 +140,7 @@ fn take_named_options(args: &mut Args) -> Result<()> {
                 | "--vocab-size"
                 | "--precision"
                 | "--resume-from"
+                | "--init-adapter"
                 | "--backend"
                 | "--comm-timeout"
         );
@@ -162,6 +168,7 @@ fn take_named_options(args: &mut Args) -> Result<()> {
             "--output" => args.output = Some(value.clone().into()),
             "--config" => args.config = Some(value.clone().into()),
             "--resume-from" => args.resume_from = Some(value.clone().into()),
+            "--init-adapter" => args.init_adapter = Some(value.clone().into()),
             "--precision" => args.precision = value.clone(),
             "--backend" => {
                 args.backend = <BackendKind as clap::ValueEnum>::from_str(&value, false)
@@ -229,7 +236,7 @@ fn tokenizer_size(path: &std::path::Path) -> Result<usize> {
 fn train<B: zhllama::backend::Backend>(
     backend: std::sync::Arc<B>,
     args: Args,
-    cfg: TrainConfig,
+    mut cfg: TrainConfig,
     model_dir: &std::path::Path,
 ) -> Result<()> {
     use zhllama::train::{checkpoint, data::Data, setup, trainer};
@@ -307,7 +314,29 @@ fn train<B: zhllama::backend::Backend>(
         new,
         old: base_tokenizer.as_ref(),
     });
-    let model = setup::load_model(backend, model_dir, &cfg, args.stage, tok_vocab, resize_toks)?;
+    let init = match &args.init_adapter {
+        Some(dir) => {
+            let ad = zhllama::model::peft::load_adapter(dir)
+                .with_context(|| format!("--init-adapter {}", dir.display()))?;
+            for note in setup::adopt_adapter_config(&mut cfg, args.stage, &ad, dir)? {
+                if comm.rank() == 0 {
+                    eprintln!("--init-adapter: {note}");
+                }
+            }
+            cfg.validate()?;
+            Some(ad)
+        }
+        None => None,
+    };
+    let model = setup::load_model_init(
+        backend,
+        model_dir,
+        &cfg,
+        args.stage,
+        tok_vocab,
+        resize_toks,
+        init.as_ref(),
+    )?;
     if comm.rank() == 0 {
         let l = model.layout();
         eprintln!(

@@ -16,6 +16,9 @@ pub struct Record {
     pub step: u64,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub loss: Option<f64>,
+    /// Micro-batches of the step (all ranks) without a target, left out of `loss`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub empty_micro_batches: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub eval_loss: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]

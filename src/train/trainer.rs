@@ -9,7 +9,8 @@
 //! Loss semantics (the original scripts' Trainer): each micro-batch's loss is the mean over its
 //! non-ignored targets; the step's gradient is the mean over the micro-batches of all ranks
 //! (`grad_scale = 1 / (accumulation × world)`); the logged loss is the mean of the micro-batch
-//! losses.
+//! losses, over the micro-batches that have a target (`empty_micro_batches` in the record counts
+//! the others).
 //!
 //! The step stays on the backend: micro-batch gradients are summed on the device
 //! ([`DeviceAccumulator`], the canonical pairwise order), and ZeRO-2 ([`DeviceZero2`]: reduce-
@@ -371,7 +372,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
             .as_ref()
             .map(DynamicLossScaler::scale);
         let seed = loss_scale.map_or(1.0, |s| s as f32);
-        let mut local = [0.0f64; 3]; // loss sum, tokens, non-finite micro-batches
+        // loss sum, tokens, non-finite micro-batches, micro-batches without a target
+        let mut local = [0.0f64; 4];
         let mut summed = None;
         for (a, batch) in batches.iter().enumerate() {
             let k = (step * world as u64 + rank as u64) * self.accum as u64 + a as u64;
@@ -384,6 +386,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 local[2] += 1.0;
             }
             local[1] += batch.tokens as f64;
+            if !has_target(batch) {
+                local[3] += 1.0;
+            }
         }
         let be = self.model.backend().clone();
         let mut grads = match summed {
@@ -434,10 +439,14 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let report = report?;
         self.comm.all_reduce_sum_f64(&mut local)?;
         let n_micro = (self.accum * world) as f64;
+        // The logged loss is the mean over the micro-batches that have a target: one without
+        // (an SFT batch whose responses were all cut off) has loss 0 by convention, and counting
+        // it would draw a false dip. The gradient scale above is unchanged.
+        let with_targets = n_micro - local[3];
         let loss = if local[2] > 0.0 {
-            f64::NAN
+            Some(f64::NAN)
         } else {
-            local[0] / n_micro
+            (with_targets > 0.0).then(|| local[0] / with_targets)
         };
         self.state.step += 1;
         self.state.next_example = self.state.step * self.state.global_batch as u64;
@@ -459,7 +468,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let secs = t0.elapsed().as_secs_f64();
         Ok(Record {
             step: self.state.step,
-            loss: Some(loss),
+            loss,
+            empty_micro_batches: Some(local[3] as u64),
             lr: Some(lr),
             grad_norm: Some(report.grad_norm),
             skipped: Some(report.skipped),
@@ -617,6 +627,15 @@ impl<'a, B: Backend> Trainer<'a, B> {
 
 /// Whether a skipped step counts toward the `max_consecutive_skips` abort.
 ///
+/// Whether `batch` has at least one target: a label other than -100 at a position the shifted
+/// loss reads (`labels[t]` for `t >= 1` of each row).
+fn has_target(batch: &Batch) -> bool {
+    batch
+        .labels
+        .chunks(batch.t.max(1))
+        .any(|row| row.iter().skip(1).any(|&l| l != -100))
+}
+
 /// Outside fp16 mode every skip counts. In fp16 mode a gradient overflow with a finite loss is
 /// the loss scaler's normal working (DeepSpeed skips such steps silently, often several at the
 /// start of a run while the scale comes down from 2^16), so it does not count — unless the scale
