@@ -66,6 +66,9 @@ CAST_INSTANCES(float, float, f32_f32)
 CAST_INSTANCES(f16, f16, f16_f16)
 CAST_INSTANCES(f16, float, f16_f32)
 CAST_INSTANCES(float, f16, f32_f16)
+// Between the two 16-bit formats (through fp32: bf16 → f32 is exact, so one rounding to the target).
+CAST_INSTANCES(bf16, f16, bf16_f16)
+CAST_INSTANCES(f16, bf16, f16_bf16)
 
 extern "C" __global__ void scale_v1_bf16(bf16* out, float alpha, long long len) { scale_v1(out, alpha, len); }
 extern "C" __global__ void scale_v1_f32(float* out, float alpha, long long len) { scale_v1(out, alpha, len); }

@@ -3,10 +3,11 @@
 // rope_backward / attention_forward / attention_backward.
 //
 // Attention never holds a T×T matrix: each block walks key tiles with an online softmax (forward) and
-// recomputes the probabilities from the saved log-sum-exp (backward). With `theta > 0` RoPE is applied
+// recomputes the probabilities from the saved log-sum-exp (backward). With an `inv_freq` table (d/2
+// floats, `theta^(−2i/d)` computed on the host) RoPE is applied
 // on the fly to q and k as they are loaded (positions pos_offset + t), and the backward returns the
 // gradients with respect to the un-rotated q and k (the transpose rotation applied on the way out),
-// so the model needs no separate rope pass; `theta = 0` gives plain attention (the trait's op).
+// so the model needs no separate rope pass; `inv_freq = nullptr` gives plain attention (the trait's op).
 //
 // v1 layout (correct and tiled, fp32 FMA, no tensor cores): 128 threads = 32 rows × 4 threads; each
 // thread owns the float4 chunks sub, sub + 4, ... of its row (conflict-free shared-memory reads: the
@@ -21,17 +22,18 @@
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
-// cos/sin of position `pos` for frequency index i in [0, d/2): angle = pos·theta^(−2i/d), in fp32 as
-// HF computes inv_freq and the angle table.
-__device__ __forceinline__ void rope_cs(int pos, int i, int d, float theta, float& c, float& s) {
-    const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)d);
-    sincosf((float)pos * inv_freq, &s, &c);
+// cos/sin of position `pos` for frequency index i in [0, d/2): angle = pos·inv_freq[i] in fp32, as HF
+// computes the angle table. `inv_freq[i] = theta^(−2i/d)` is computed once on the host (correctly
+// rounded, `ops::rope::inv_freq`) and passed in: CUDA's powf is not correctly rounded, and its error
+// grows with the position into the angle.
+__device__ __forceinline__ void rope_cs(int pos, int i, const float* __restrict__ inv_freq, float& c, float& s) {
+    sincosf((float)pos * inv_freq[i], &s, &c);
 }
 
 // ---- standalone RoPE (the trait's rope_forward / rope_backward), in place on x[b,t,h,d] ----------
 // sign = +1: rotate by +angle (forward); −1: by −angle (backward, the transpose).
 template <typename T>
-__device__ void rope_apply_v1(T* __restrict__ x, int b, int t, int h, int d, float theta, int pos_offset,
+__device__ void rope_apply_v1(T* __restrict__ x, int b, int t, int h, int d, const float* inv_freq, int pos_offset,
                               float sign) {
     const int half = d / 2;
     const long long pairs = (long long)b * t * h * half;
@@ -41,7 +43,7 @@ __device__ void rope_apply_v1(T* __restrict__ x, int b, int t, int h, int d, flo
         const long long head = p / half;  // (bi·t + ti)·h + hi
         const int ti = (int)((head / h) % t);
         float c, s;
-        rope_cs(pos_offset + ti, i, d, theta, c, s);
+        rope_cs(pos_offset + ti, i, inv_freq, c, s);
         s *= sign;
         const long long o = head * d + i;
         const float x1 = ld(x, o), x2 = ld(x, o + half);
@@ -51,13 +53,13 @@ __device__ void rope_apply_v1(T* __restrict__ x, int b, int t, int h, int d, flo
 }
 
 #define ROPE_INSTANCES(T, SUF)                                                                            \
-    extern "C" __global__ void rope_forward_v1_##SUF(T* x, int b, int t, int h, int d, float theta,         \
+    extern "C" __global__ void rope_forward_v1_##SUF(T* x, int b, int t, int h, int d, const float* inv_freq,         \
                                                      int pos_offset) {                                     \
-        rope_apply_v1(x, b, t, h, d, theta, pos_offset, 1.0f);                                            \
+        rope_apply_v1(x, b, t, h, d, inv_freq, pos_offset, 1.0f);                                            \
     }                                                                                                     \
-    extern "C" __global__ void rope_backward_v1_##SUF(T* x, int b, int t, int h, int d, float theta,        \
+    extern "C" __global__ void rope_backward_v1_##SUF(T* x, int b, int t, int h, int d, const float* inv_freq,        \
                                                       int pos_offset) {                                    \
-        rope_apply_v1(x, b, t, h, d, theta, pos_offset, -1.0f);                                           \
+        rope_apply_v1(x, b, t, h, d, inv_freq, pos_offset, -1.0f);                                           \
     }
 ROPE_INSTANCES(bf16, bf16)
 ROPE_INSTANCES(f16, f16)
@@ -86,19 +88,19 @@ __device__ __forceinline__ void rot_pair(float& a, float& b, float c, float s) {
 }
 // Rotate a register row slice by +angle (sign = 1) or −angle (sign = −1) at position pos.
 template <int D>
-__device__ __forceinline__ void rope_row(f4 (&r)[D / 16], int sub, int pos, float theta, float sign) {
+__device__ __forceinline__ void rope_row(f4 (&r)[D / 16], int sub, int pos, const float* inv_freq, float sign) {
     constexpr int NE = D / 16;
 #pragma unroll
     for (int e = 0; e < NE / 2; e++) {
         const int f = (e * 4 + sub) * 4;
         float c, s;
-        rope_cs(pos, f + 0, D, theta, c, s);
+        rope_cs(pos, f + 0, inv_freq, c, s);
         rot_pair(r[e].x, r[e + NE / 2].x, c, sign * s);
-        rope_cs(pos, f + 1, D, theta, c, s);
+        rope_cs(pos, f + 1, inv_freq, c, s);
         rot_pair(r[e].y, r[e + NE / 2].y, c, sign * s);
-        rope_cs(pos, f + 2, D, theta, c, s);
+        rope_cs(pos, f + 2, inv_freq, c, s);
         rot_pair(r[e].z, r[e + NE / 2].z, c, sign * s);
-        rope_cs(pos, f + 3, D, theta, c, s);
+        rope_cs(pos, f + 3, inv_freq, c, s);
         rot_pair(r[e].w, r[e + NE / 2].w, c, sign * s);
     }
 }
@@ -131,12 +133,12 @@ __device__ __forceinline__ void axpy_row(f4 (&r)[D / 16], float a, const float* 
 }
 
 // Load `ATT_ROWS` rows (global rows row0.., stride `ld_row` elements between consecutive rows of
-// the tile) into shared memory as float, rotating by +angle when theta > 0; rows ≥ t are zeroed.
+// the tile) into shared memory as float, rotating by +angle when inv_freq is given; rows ≥ t are zeroed.
 template <typename T, int D>
-__device__ __forceinline__ void load_tile(float* s, const T* g, long long ld_row, int row0, int t, float theta,
+__device__ __forceinline__ void load_tile(float* s, const T* g, long long ld_row, int row0, int t, const float* inv_freq,
                                           int pos_offset) {
     constexpr int NC = D / 4;  // float4 chunks per row
-    if (theta > 0.0f) {
+    if (inv_freq != nullptr) {
         for (int w = threadIdx.x; w < ATT_ROWS * NC / 2; w += ATT_THREADS) {
             const int r = w / (NC / 2), c = w % (NC / 2);
             f4 a = {0.0f, 0.0f, 0.0f, 0.0f}, b = a;
@@ -146,13 +148,13 @@ __device__ __forceinline__ void load_tile(float* s, const T* g, long long ld_row
                 b = ld4(p, c * 4 + D / 2);
                 const int pos = pos_offset + row0 + r;
                 float cs, sn;
-                rope_cs(pos, c * 4 + 0, D, theta, cs, sn);
+                rope_cs(pos, c * 4 + 0, inv_freq, cs, sn);
                 rot_pair(a.x, b.x, cs, sn);
-                rope_cs(pos, c * 4 + 1, D, theta, cs, sn);
+                rope_cs(pos, c * 4 + 1, inv_freq, cs, sn);
                 rot_pair(a.y, b.y, cs, sn);
-                rope_cs(pos, c * 4 + 2, D, theta, cs, sn);
+                rope_cs(pos, c * 4 + 2, inv_freq, cs, sn);
                 rot_pair(a.z, b.z, cs, sn);
-                rope_cs(pos, c * 4 + 3, D, theta, cs, sn);
+                rope_cs(pos, c * 4 + 3, inv_freq, cs, sn);
                 rot_pair(a.w, b.w, cs, sn);
             }
             *reinterpret_cast<float4*>(s + r * D + c * 4) = make_float4(a.x, a.y, a.z, a.w);
@@ -173,7 +175,7 @@ __device__ __forceinline__ void load_tile(float* s, const T* g, long long ld_row
 template <typename T, int D>
 __device__ void attention_forward_v1(T* __restrict__ out, float* __restrict__ lse, const T* __restrict__ q,
                                      const T* __restrict__ k, const T* __restrict__ v, int b, int t, int h,
-                                     int hkv, float theta, int pos_offset) {
+                                     int hkv, const float* inv_freq, int pos_offset) {
     __shared__ __align__(16) float Ks[ATT_ROWS * D];
     __shared__ __align__(16) float Vs[ATT_ROWS * D];
     constexpr int NE = D / 16;
@@ -187,7 +189,7 @@ __device__ void attention_forward_v1(T* __restrict__ out, float* __restrict__ ls
     zero_row<D>(acc);
     if (qi < t) {
         load_row<T, D>(qr, q + (((long long)bi * t + qi) * h + hi) * D, sub);
-        if (theta > 0.0f) rope_row<D>(qr, sub, pos_offset + qi, theta, 1.0f);
+        if (inv_freq != nullptr) rope_row<D>(qr, sub, pos_offset + qi, inv_freq, 1.0f);
     } else {
         zero_row<D>(qr);
     }
@@ -205,8 +207,8 @@ __device__ void attention_forward_v1(T* __restrict__ out, float* __restrict__ ls
     const int kend = min(t, q0 + ATT_ROWS);
     for (int k0 = 0; k0 < kend; k0 += ATT_ROWS) {
         __syncthreads();
-        load_tile<T, D>(Ks, kbase, kv_ld, k0, t, theta, pos_offset);
-        load_tile<T, D>(Vs, vbase, kv_ld, k0, t, 0.0f, 0);
+        load_tile<T, D>(Ks, kbase, kv_ld, k0, t, inv_freq, pos_offset);
+        load_tile<T, D>(Vs, vbase, kv_ld, k0, t, nullptr, 0);
         __syncthreads();
         float s[ATT_ROWS];
         float mt = -ZH_INF;
@@ -272,7 +274,7 @@ __device__ void attention_backward_dkdv_v1(T* __restrict__ dk, T* __restrict__ d
                                            const T* __restrict__ q, const T* __restrict__ k,
                                            const T* __restrict__ v, const float* __restrict__ lse,
                                            const float* __restrict__ delta, int b, int t, int h, int hkv,
-                                           float theta, int pos_offset) {
+                                           const float* inv_freq, int pos_offset) {
     __shared__ __align__(16) float Qs[ATT_ROWS * D];
     __shared__ __align__(16) float Gs[ATT_ROWS * D];
     __shared__ float Ls[ATT_ROWS], Ds[ATT_ROWS];
@@ -290,7 +292,7 @@ __device__ void attention_backward_dkdv_v1(T* __restrict__ dk, T* __restrict__ d
         const long long off = (((long long)bi * t + kj) * hkv + kvh) * D;
         load_row<T, D>(kr, k + off, sub);
         load_row<T, D>(vr, v + off, sub);
-        if (theta > 0.0f) rope_row<D>(kr, sub, pos_offset + kj, theta, 1.0f);
+        if (inv_freq != nullptr) rope_row<D>(kr, sub, pos_offset + kj, inv_freq, 1.0f);
     } else {
         zero_row<D>(kr);
         zero_row<D>(vr);
@@ -304,8 +306,8 @@ __device__ void attention_backward_dkdv_v1(T* __restrict__ dk, T* __restrict__ d
         const float* drow = delta + ((long long)bi * h + hi) * t;
         for (int q0 = (k0 / ATT_ROWS) * ATT_ROWS; q0 < t; q0 += ATT_ROWS) {
             __syncthreads();
-            load_tile<T, D>(Qs, qbase, q_ld, q0, t, theta, pos_offset);
-            load_tile<T, D>(Gs, gbase, q_ld, q0, t, 0.0f, 0);
+            load_tile<T, D>(Qs, qbase, q_ld, q0, t, inv_freq, pos_offset);
+            load_tile<T, D>(Gs, gbase, q_ld, q0, t, nullptr, 0);
             if (threadIdx.x < ATT_ROWS) {
                 const int qi = q0 + threadIdx.x;
                 Ls[threadIdx.x] = qi < t ? lrow[qi] : 0.0f;
@@ -325,7 +327,7 @@ __device__ void attention_backward_dkdv_v1(T* __restrict__ dk, T* __restrict__ d
         }
     }
     if (kj < t) {
-        if (theta > 0.0f) rope_row<D>(dkr, sub, pos_offset + kj, theta, -1.0f);
+        if (inv_freq != nullptr) rope_row<D>(dkr, sub, pos_offset + kj, inv_freq, -1.0f);
         const long long off = (((long long)bi * t + kj) * hkv + kvh) * D;
 #pragma unroll
         for (int e = 0; e < NE; e++) {
@@ -340,7 +342,7 @@ template <typename T, int D>
 __device__ void attention_backward_dq_v1(T* __restrict__ dq, const T* __restrict__ dout, const T* __restrict__ q,
                                          const T* __restrict__ k, const T* __restrict__ v,
                                          const float* __restrict__ lse, const float* __restrict__ delta, int b,
-                                         int t, int h, int hkv, float theta, int pos_offset) {
+                                         int t, int h, int hkv, const float* inv_freq, int pos_offset) {
     __shared__ __align__(16) float Ks[ATT_ROWS * D];
     __shared__ __align__(16) float Vs[ATT_ROWS * D];
     constexpr int NE = D / 16;
@@ -357,7 +359,7 @@ __device__ void attention_backward_dq_v1(T* __restrict__ dq, const T* __restrict
         const long long off = (((long long)bi * t + qi) * h + hi) * D;
         load_row<T, D>(qr, q + off, sub);
         load_row<T, D>(gr, dout + off, sub);
-        if (theta > 0.0f) rope_row<D>(qr, sub, pos_offset + qi, theta, 1.0f);
+        if (inv_freq != nullptr) rope_row<D>(qr, sub, pos_offset + qi, inv_freq, 1.0f);
         lrow = lse[((long long)bi * h + hi) * t + qi];
         drow = delta[((long long)bi * h + hi) * t + qi];
     } else {
@@ -370,8 +372,8 @@ __device__ void attention_backward_dq_v1(T* __restrict__ dq, const T* __restrict
     const int kend = min(t, q0 + ATT_ROWS);
     for (int k0 = 0; k0 < kend; k0 += ATT_ROWS) {
         __syncthreads();
-        load_tile<T, D>(Ks, kbase, kv_ld, k0, t, theta, pos_offset);
-        load_tile<T, D>(Vs, vbase, kv_ld, k0, t, 0.0f, 0);
+        load_tile<T, D>(Ks, kbase, kv_ld, k0, t, inv_freq, pos_offset);
+        load_tile<T, D>(Vs, vbase, kv_ld, k0, t, nullptr, 0);
         __syncthreads();
         for (int j = 0; j < ATT_ROWS; j++) {
             const int kj = k0 + j;
@@ -383,7 +385,7 @@ __device__ void attention_backward_dq_v1(T* __restrict__ dq, const T* __restrict
         }
     }
     if (qi < t) {
-        if (theta > 0.0f) rope_row<D>(dqr, sub, pos_offset + qi, theta, -1.0f);
+        if (inv_freq != nullptr) rope_row<D>(dqr, sub, pos_offset + qi, inv_freq, -1.0f);
         const long long off = (((long long)bi * t + qi) * h + hi) * D;
 #pragma unroll
         for (int e = 0; e < NE; e++) st4(dq + off, (e * 4 + sub) * 4, dqr[e]);
@@ -392,19 +394,19 @@ __device__ void attention_backward_dq_v1(T* __restrict__ dq, const T* __restrict
 
 #define ATT_INSTANCES(T, SUF, D)                                                                           \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_forward_v1_d##D##_##SUF(           \
-        T* out, float* lse, const T* q, const T* k, const T* v, int b, int t, int h, int hkv, float theta,   \
+        T* out, float* lse, const T* q, const T* k, const T* v, int b, int t, int h, int hkv, const float* inv_freq,   \
         int pos_offset) {                                                                                  \
-        attention_forward_v1<T, D>(out, lse, q, k, v, b, t, h, hkv, theta, pos_offset);                    \
+        attention_forward_v1<T, D>(out, lse, q, k, v, b, t, h, hkv, inv_freq, pos_offset);                    \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkdv_v1_d##D##_##SUF(      \
         T* dk, T* dv, const T* dout, const T* q, const T* k, const T* v, const float* lse,                  \
-        const float* delta, int b, int t, int h, int hkv, float theta, int pos_offset) {                   \
-        attention_backward_dkdv_v1<T, D>(dk, dv, dout, q, k, v, lse, delta, b, t, h, hkv, theta, pos_offset); \
+        const float* delta, int b, int t, int h, int hkv, const float* inv_freq, int pos_offset) {                   \
+        attention_backward_dkdv_v1<T, D>(dk, dv, dout, q, k, v, lse, delta, b, t, h, hkv, inv_freq, pos_offset); \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_v1_d##D##_##SUF(        \
         T* dq, const T* dout, const T* q, const T* k, const T* v, const float* lse, const float* delta,     \
-        int b, int t, int h, int hkv, float theta, int pos_offset) {                                       \
-        attention_backward_dq_v1<T, D>(dq, dout, q, k, v, lse, delta, b, t, h, hkv, theta, pos_offset);    \
+        int b, int t, int h, int hkv, const float* inv_freq, int pos_offset) {                                       \
+        attention_backward_dq_v1<T, D>(dq, dout, q, k, v, lse, delta, b, t, h, hkv, inv_freq, pos_offset);    \
     }
 ATT_INSTANCES(bf16, bf16, 64)
 ATT_INSTANCES(bf16, bf16, 128)

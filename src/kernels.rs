@@ -27,8 +27,10 @@ pub struct KernelStats {
 }
 
 /// Parse ptxas's verbose report into one entry per kernel (entry function). Lines look like
-/// `ptxas info : Compiling entry function 'k' for 'sm_90'`, `N bytes stack frame, N bytes spill
-/// stores, N bytes spill loads`, `ptxas info : Used N registers, used N barriers, N bytes smem, ...`.
+/// `ptxas info : Compiling entry function 'k' for 'sm_90'`, `ptxas info : Function properties for k`,
+/// `N bytes stack frame, N bytes spill stores, N bytes spill loads`, `ptxas info : Used N registers,
+/// used N barriers, N bytes smem, ...`. A non-inlined device function gets its own `Function
+/// properties for f` block (after some kernel's lines): its stack and spill line is not a kernel's.
 pub fn parse_ptxas_log(log: &str) -> Vec<KernelStats> {
     fn num_before(line: &str, key: &str) -> Option<u32> {
         let at = line.find(key)?;
@@ -39,6 +41,8 @@ pub fn parse_ptxas_log(log: &str) -> Vec<KernelStats> {
             .ok()
     }
     let mut out: Vec<KernelStats> = Vec::new();
+    // True while the lines read belong to `out.last()` (not to a device function's block).
+    let mut in_kernel = false;
     for line in log.lines() {
         if let Some(at) = line.find("Compiling entry function '") {
             let rest = &line[at + "Compiling entry function '".len()..];
@@ -53,7 +57,11 @@ pub fn parse_ptxas_log(log: &str) -> Vec<KernelStats> {
                 arch: arch.to_string(),
                 ..Default::default()
             });
-        } else if let Some(k) = out.last_mut() {
+            in_kernel = true;
+        } else if let Some(at) = line.find("Function properties for ") {
+            let f = line[at + "Function properties for ".len()..].trim();
+            in_kernel = out.last().is_some_and(|k| k.name == f);
+        } else if let Some(k) = out.last_mut().filter(|_| in_kernel) {
             if line.contains("bytes stack frame") {
                 k.stack_bytes = num_before(line, "bytes stack frame").unwrap_or(0);
                 k.spill_stores = num_before(line, "bytes spill stores").unwrap_or(0);
@@ -65,6 +73,49 @@ pub fn parse_ptxas_log(log: &str) -> Vec<KernelStats> {
         }
     }
     out
+}
+
+/// Largest `gridDim.y` / `gridDim.z` a launch may use (CUDA's limit; `gridDim.x` may reach 2³¹ − 1).
+pub const GRID_YZ_MAX: usize = 65535;
+
+/// `Err` naming the kernel when `grid` exceeds CUDA's grid limits (x ≤ 2³¹ − 1, y and z ≤ 65535),
+/// which the driver would otherwise report only as an opaque launch failure. Attention launches put
+/// `b·h` in y, so e.g. 32 heads × a batch of 2048 sequences is refused here.
+pub fn check_grid(name: &str, grid: (usize, usize, usize)) -> anyhow::Result<()> {
+    let (x, y, z) = grid;
+    anyhow::ensure!(
+        (1..=i32::MAX as usize).contains(&x)
+            && (1..=GRID_YZ_MAX).contains(&y)
+            && (1..=GRID_YZ_MAX).contains(&z),
+        "{name}: grid ({x}, {y}, {z}) outside CUDA's limits (x in 1..=2147483647, y and z in 1..=65535)"
+    );
+    Ok(())
+}
+
+/// Shared memory a launch may use without opting in (`cudaFuncSetAttribute` not called): 48 KiB,
+/// static plus dynamic.
+pub const SMEM_DEFAULT_LIMIT: usize = 48 * 1024;
+
+/// How a launch with `dynamic` bytes of dynamic shared memory fits a kernel that declares `static_`
+/// bytes of static shared memory: `Ok(None)` when static + dynamic ≤ 48 KiB (no attribute needed),
+/// `Ok(Some(dynamic))` when it needs `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = dynamic`
+/// and fits the device's opt-in limit `optin` (per block, static included), and `Err` naming
+/// `what` when it does not fit at all.
+pub fn dynamic_smem_plan(
+    what: &str,
+    dynamic: usize,
+    static_: usize,
+    optin: usize,
+) -> anyhow::Result<Option<usize>> {
+    let total = dynamic + static_;
+    if total <= SMEM_DEFAULT_LIMIT {
+        return Ok(None);
+    }
+    anyhow::ensure!(
+        total <= optin,
+        "{what}: needs {dynamic} B of dynamic + {static_} B of static shared memory, over the device's {optin} B per block"
+    );
+    Ok(Some(dynamic))
 }
 
 /// Directories that may hold the CUDA headers NVRTC needs (`cuda_bf16.h`), most specific first, kept

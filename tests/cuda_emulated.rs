@@ -153,6 +153,18 @@ fn f(v: f32) -> String {
     format!("f{v:e}")
 }
 
+/// The RoPE frequency table argument the launchers pass: `inv_freq[i]` from the CPU reference's
+/// `ops::rope::inv_freq` for theta > 0, a null pointer (no RoPE) for theta = 0.
+fn rope_table(e: &mut Emu, theta: f32, d: usize) -> String {
+    if theta == 0.0 {
+        return "n0".into();
+    }
+    let t: Vec<f32> = (0..d / 2)
+        .map(|i| zhllama::ops::rope::inv_freq(theta, d, i))
+        .collect();
+    p(e.f32(&t))
+}
+
 fn check(failures: &mut Vec<String>, what: &str, got: &[f32], want: &[f32], tol: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let scale = want
@@ -224,12 +236,15 @@ fn kernels_match_the_cpu_backend_under_emulation() {
     let mut e = Emu::new(&exe);
 
     // ---- attention (+ RoPE on load), forward and backward, fp32 kernels ----
-    for (b, t, h, hkv, d, theta) in [
-        (2usize, 37usize, 4usize, 2usize, 64usize, 0.0f32),
-        (2, 37, 4, 2, 64, 10000.0),
-        (1, 40, 2, 1, 128, 10000.0),
+    // Positions from `pos0`: 3 (the start of a sequence) and 3000 (deep into a long context, where
+    // an angle error from an inexact inv_freq is ~3000× larger).
+    for (b, t, h, hkv, d, theta, pos0) in [
+        (2usize, 37usize, 4usize, 2usize, 64usize, 0.0f32, 3usize),
+        (2, 37, 4, 2, 64, 10000.0, 3),
+        (1, 40, 2, 1, 128, 10000.0, 3),
+        (1, 33, 2, 1, 64, 10000.0, 3000),
     ] {
-        let shape = format!("b{b} t{t} h{h}/{hkv} d{d} theta{theta}");
+        let shape = format!("b{b} t{t} h{h}/{hkv} d{d} theta{theta} pos{pos0}");
         let (q, k, v, dout) = (
             rand(b * t * h * d, 1.0),
             rand(b * t * hkv * d, 1.0),
@@ -238,8 +253,8 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         );
         let (mut qr, mut kr) = (q.clone(), k.clone());
         if theta > 0.0 {
-            cpu.rope_forward(&mut qr, b, t, h, d, theta, 3);
-            cpu.rope_forward(&mut kr, b, t, hkv, d, theta, 3);
+            cpu.rope_forward(&mut qr, b, t, h, d, theta, pos0);
+            cpu.rope_forward(&mut kr, b, t, hkv, d, theta, pos0);
         }
         let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; b * h * t]);
         cpu.attention_forward(&mut out, &mut lse, &qr, &kr, &v, b, t, h, hkv, d);
@@ -248,12 +263,19 @@ fn kernels_match_the_cpu_backend_under_emulation() {
             &mut dq, &mut dk, &mut dv, &dout, &qr, &kr, &v, &out, &lse, b, t, h, hkv, d,
         );
         if theta > 0.0 {
-            cpu.rope_backward(&mut dq, b, t, h, d, theta, 3);
-            cpu.rope_backward(&mut dk, b, t, hkv, d, theta, 3);
+            cpu.rope_backward(&mut dq, b, t, h, d, theta, pos0);
+            cpu.rope_backward(&mut dk, b, t, hkv, d, theta, pos0);
         }
         let (iq, ik, iv, id) = (e.f32(&q), e.f32(&k), e.f32(&v), e.f32(&dout));
         let (io, il) = (e.zeros(q.len()), e.zeros(b * h * t));
-        let tail = [i(b), i(t), i(h), i(hkv), f(theta), i(3)];
+        let tail = [
+            i(b),
+            i(t),
+            i(h),
+            i(hkv),
+            rope_table(&mut e, theta, d),
+            i(pos0),
+        ];
         let mut a = vec![p(io), p(il), p(iq), p(ik), p(iv)];
         a.extend_from_slice(&tail);
         e.launch(
@@ -345,7 +367,7 @@ fn kernels_match_the_cpu_backend_under_emulation() {
             i(t),
             i(h),
             i(hkv),
-            f(0.0),
+            "n0".into(),
             i(0),
         ];
         e.launch(
@@ -371,20 +393,33 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         );
     }
 
-    // ---- RoPE standalone ----
-    {
-        let (b, t, h, d) = (2usize, 5usize, 3usize, 8usize);
+    // ---- RoPE standalone, near the start and deep into a 4K context ----
+    for (d, pos0) in [(8usize, 7usize), (128, 4000)] {
+        let (b, t, h) = (2usize, 5usize, 3usize);
         let x = rand(b * t * h * d, 1.0);
         let (mut fw, mut bw) = (x.clone(), x.clone());
-        cpu.rope_forward(&mut fw, b, t, h, d, 10000.0, 7);
-        cpu.rope_backward(&mut bw, b, t, h, d, 10000.0, 7);
+        cpu.rope_forward(&mut fw, b, t, h, d, 10000.0, pos0);
+        cpu.rope_backward(&mut bw, b, t, h, d, 10000.0, pos0);
         let (i1, i2) = (e.f32(&x), e.f32(&x));
-        let a = |id| [p(id), i(b), i(t), i(h), i(d), f(10000.0), i(7)];
+        let table = rope_table(&mut e, 10000.0, d);
+        let a = |id| [p(id), i(b), i(t), i(h), i(d), table.clone(), i(pos0)];
         e.launch("rope_forward_v1_f32", (2, 1, 1), 64, &a(i1));
         e.launch("rope_backward_v1_f32", (2, 1, 1), 64, &a(i2));
         let r = e.run(&[i1, i2]);
-        check(&mut fails, "rope_forward", &r[0], &fw, 1e-5);
-        check(&mut fails, "rope_backward", &r[1], &bw, 1e-5);
+        check(
+            &mut fails,
+            &format!("rope_forward d{d} pos{pos0}"),
+            &r[0],
+            &fw,
+            1e-5,
+        );
+        check(
+            &mut fails,
+            &format!("rope_backward d{d} pos{pos0}"),
+            &r[1],
+            &bw,
+            1e-5,
+        );
     }
 
     // ---- RMSNorm forward / backward (3 blocks over 7 rows: the grid-stride path) ----
@@ -859,6 +894,49 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         check(&mut fails, "copy_v1_bf16_f32", &r[10], &bf(&y), 1e-5);
     }
 
+    // ---- copies between the two 16-bit formats: one rounding, bit-identical to the host's ----
+    // (`half`'s conversions through f32, which `Backend::copy` on the CPU side amounts to). Values
+    // span 2⁻¹⁰..2⁶ so both the f16 mantissa (finer than bf16's) and bf16's rounding are exercised.
+    {
+        let len = 1000;
+        let v: Vec<f32> = rand(len, 1.0)
+            .iter()
+            .enumerate()
+            .map(|(k, &x)| x * 2f32.powi((k % 17) as i32 - 10))
+            .collect();
+        let (src_bf, src_h) = (bf(&v), hf(&v));
+        let (ib, ih) = (e.bf16(&src_bf), e.f16(&src_h));
+        let (oh, ob) = (e.zeros_f16(len), e.zeros_bf16(len));
+        let l = format!("l{len}");
+        e.launch(
+            "copy_v1_f16_bf16",
+            (2, 1, 1),
+            256,
+            &[p(oh), p(ib), l.clone()],
+        );
+        e.launch(
+            "copy_v1_bf16_f16",
+            (2, 1, 1),
+            256,
+            &[p(ob), p(ih), l.clone()],
+        );
+        let r = e.run(&[oh, ob]);
+        check(
+            &mut fails,
+            "copy_v1_f16_bf16 (exact)",
+            &r[0],
+            &hf(&src_bf),
+            0.0,
+        );
+        check(
+            &mut fails,
+            "copy_v1_bf16_f16 (exact)",
+            &r[1],
+            &bf(&src_h),
+            0.0,
+        );
+    }
+
     // ---- dropout (the LoRA mask): integer hash on the device, one fp32 multiply ----
     // Against the model's own host function `apply_dropout_mask` with the key `dropout_key` makes
     // for the kernel: f32 must be bit-identical (the mask is integer logic, the scale the same fp32
@@ -1126,7 +1204,7 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         );
         let (iq, ik, iv, id) = (e.f16(&q), e.f16(&k), e.f16(&vv), e.f16(&dout));
         let (io, il) = (e.zeros_f16(q.len()), e.zeros(b * h * t));
-        let tail = [i(b), i(t), i(h), i(hkv), f(0.0), i(0)];
+        let tail = [i(b), i(t), i(h), i(hkv), "n0".to_string(), i(0)];
         let mut a = vec![p(io), p(il), p(iq), p(ik), p(iv)];
         a.extend_from_slice(&tail);
         e.launch(

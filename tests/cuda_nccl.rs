@@ -257,3 +257,75 @@ fn nccl_at_world_1_equals_local_comm() {
     assert_ne!(bits(&pa), bits(&params0), "the steps changed nothing");
     println!("NCCL world 1: collectives and 4 ZeRO-2 steps bit-identical to LocalComm");
 }
+
+/// The wait every NCCL host call now makes (`nccl::wait_polling`), with a scripted stream and error
+/// source: it returns when the work is done, stops with NCCL's error when a peer dies mid-wait, and
+/// gives up after the timeout when nothing happens — where a blocking synchronize would hang.
+#[test]
+fn nccl_waits_end_on_a_dead_peer_or_the_timeout() {
+    use std::cell::Cell;
+    use std::time::{Duration, Instant};
+    use zhllama::distributed::nccl::wait_polling;
+    let poll = Duration::from_millis(1);
+
+    // Work finishes after 5 polls, no error: Ok.
+    let polls = Cell::new(0);
+    let done = || {
+        polls.set(polls.get() + 1);
+        Ok(polls.get() > 5)
+    };
+    wait_polling("all_gather", done, || Ok(()), None, poll).unwrap();
+    assert_eq!(polls.get(), 6);
+
+    // A peer dies during the wait: NCCL's async error after 3 polls ends it with that error, even
+    // without a timeout (the work itself never finishes).
+    let checks = Cell::new(0);
+    let peer_dies = || {
+        checks.set(checks.get() + 1);
+        if checks.get() >= 3 {
+            anyhow::bail!(
+                "ncclCommGetAsyncError: NCCL error 6 (remote process exited or there was a network error)"
+            )
+        }
+        Ok(())
+    };
+    let e = wait_polling("reduce_scatter", || Ok(false), peer_dies, None, poll).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("reduce_scatter") && msg.contains("remote process exited"),
+        "{msg}"
+    );
+    assert_eq!(checks.get(), 3);
+
+    // A hung peer: no error, no progress; the timeout ends the wait.
+    let t0 = Instant::now();
+    let e = wait_polling(
+        "barrier",
+        || Ok(false),
+        || Ok(()),
+        Some(Duration::from_millis(50)),
+        poll,
+    )
+    .unwrap_err();
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(50),
+        "gave up early: {waited:?}"
+    );
+    assert!(
+        format!("{e:#}").contains("barrier: no progress")
+            && format!("{e:#}").contains("--comm-timeout"),
+        "{e:#}"
+    );
+
+    // A failed stream (e.g. an illegal address) is reported as it is.
+    let e = wait_polling(
+        "all_reduce",
+        || anyhow::bail!("NCCL stream: CUDA_ERROR_ILLEGAL_ADDRESS"),
+        || Ok(()),
+        None,
+        poll,
+    )
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("ILLEGAL_ADDRESS"), "{e:#}");
+}

@@ -137,3 +137,125 @@ ptxas info    : Used 8 registers, used 0 barriers, 380 bytes cmem[0]\n";
         (8, 0, 0)
     );
 }
+
+#[test]
+fn ptxas_report_does_not_credit_device_functions_to_kernels() {
+    // NVRTC 13.0's report for `k2` calling a non-inlined device function `g` (a real log): the
+    // `Function properties for _Z1gf` block comes after k2's own lines and belongs to no kernel.
+    let log = "ptxas info    : 0 bytes gmem\n\
+ptxas info    : Compiling entry function 'k2' for 'sm_90'\n\
+ptxas info    : Function properties for k2\n\
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+ptxas info    : Used 8 registers, used 0 barriers\n\
+ptxas info    : Compile time = 12.247 ms\n\
+ptxas info    : Function properties for _Z1gf\n\
+ptxas         .     24 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n\
+ptxas info    : Compiling entry function 'k' for 'sm_90'\n\
+ptxas info    : Function properties for k\n\
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+ptxas info    : Used 10 registers, used 0 barriers\n";
+    let s = kernels::parse_ptxas_log(log);
+    let got: Vec<(&str, u32, u32, u32)> = s
+        .iter()
+        .map(|k| (k.name.as_str(), k.registers, k.stack_bytes, k.spill_stores))
+        .collect();
+    assert_eq!(got, [("k2", 8, 0, 0), ("k", 10, 0, 0)]);
+}
+
+/// The include directories, or `None` (with the reason printed) when this build cannot compile.
+fn nvrtc_setup() -> Option<Vec<std::path::PathBuf>> {
+    if !ENABLED {
+        eprintln!("skipped: built without `--features cuda` (tools/test.sh runs this with it)");
+        return None;
+    }
+    if let Err(e) = nvrtc::ensure_present() {
+        if std::env::var("ZHLLAMA_ALLOW_NO_NVRTC").as_deref() == Ok("1") {
+            eprintln!("skipped (ZHLLAMA_ALLOW_NO_NVRTC=1): {e:#}");
+            return None;
+        }
+        panic!("{e:#}");
+    }
+    let include = kernels::cuda_include_dirs(|k| std::env::var(k).ok());
+    assert!(!include.is_empty(), "no directory with cuda_bf16.h found");
+    Some(include)
+}
+
+#[test]
+fn kernel_names_come_from_the_cubin_not_the_log() {
+    use std::collections::BTreeSet;
+    use zhllama::backend::cuda::compile_all;
+    let Some(include) = nvrtc_setup() else {
+        return;
+    };
+    let arch = "sm_90";
+    // The independent reference: the kernels ptxas reports for an uncached verbose compile.
+    let reported: BTreeSet<String> = kernels::SOURCES
+        .iter()
+        .flat_map(|(file, _)| {
+            let c = nvrtc::compile(file, arch, &include, true).unwrap();
+            assert!(
+                nvrtc::options(arch, &include, true).contains(&"--no-cache".to_string()),
+                "a verbose compile must bypass NVRTC's cache"
+            );
+            c.stats.into_iter().map(|k| k.name)
+        })
+        .collect();
+    assert!(
+        reported.len() > 50,
+        "only {} kernels reported",
+        reported.len()
+    );
+
+    // A compile without the report is what a program served from NVRTC's cache looks like: no
+    // ptxas text at all (names taken from the log would be none). Its kernels must still be found.
+    let c = nvrtc::compile("cast.cu", arch, &include, false).unwrap();
+    assert!(
+        !c.log.contains("Compiling entry function") && c.stats.is_empty(),
+        "a plain compile printed a ptxas report:\n{}",
+        c.log
+    );
+    let cast: BTreeSet<String> = c.entry_points.into_iter().collect();
+    let cast_reported: BTreeSet<String> = nvrtc::compile("cast.cu", arch, &include, true)
+        .unwrap()
+        .stats
+        .into_iter()
+        .map(|k| k.name)
+        .collect();
+    assert_eq!(
+        cast, cast_reported,
+        "cast.cu: cubin symbols vs ptxas report"
+    );
+
+    // The backend's own loader, twice over one cache directory: cold, then warm (cubins and names
+    // read back from the cache). Both give exactly the reported kernels, file by file.
+    let cache = tempfile::tempdir().unwrap();
+    for round in ["cold", "warm"] {
+        let files = compile_all(arch, &include, Some(cache.path())).unwrap();
+        assert_eq!(files.len(), kernels::SOURCES.len());
+        let names: BTreeSet<String> = files.iter().flat_map(|(_, _, n)| n.clone()).collect();
+        assert_eq!(
+            names, reported,
+            "{round} start: kernel names differ from ptxas's"
+        );
+        for (file, cubin, n) in &files {
+            let from_cubin: BTreeSet<String> =
+                nvrtc::entry_points(cubin).unwrap().into_iter().collect();
+            let listed: BTreeSet<String> = n.iter().cloned().collect();
+            assert_eq!(from_cubin, listed, "{round} start: {file}");
+        }
+    }
+    assert!(
+        std::fs::read_dir(cache.path()).unwrap().count() >= 2 * kernels::SOURCES.len(),
+        "the cache was not written"
+    );
+}
+
+#[test]
+fn entry_points_reject_a_non_elf_cubin() {
+    if !ENABLED {
+        eprintln!("skipped: built without `--features cuda`");
+        return;
+    }
+    let e = nvrtc::entry_points(b"not an elf file").unwrap_err();
+    assert!(format!("{e:#}").contains("not an ELF"), "{e:#}");
+}

@@ -54,3 +54,16 @@ pub struct KernelTime {
     pub calls: usize,
     pub total_ms: f64,
 }
+
+/// The device ordinal for the process with local rank `local_rank` when `visible` CUDA devices are
+/// visible to it: `local_rank % visible`. Launchers that bind one GPU per rank (Slurm's
+/// `--gpus-per-task` / `--gpu-bind`, a container per rank) leave each rank one visible device, which
+/// is then device 0 for every rank; with all of a node's GPUs visible, rank `r` gets GPU `r`. More
+/// ranks than devices share them round-robin. No visible device is an error.
+pub fn device_for_local_rank(local_rank: usize, visible: usize) -> anyhow::Result<usize> {
+    anyhow::ensure!(
+        visible > 0,
+        "no CUDA device visible to local rank {local_rank} (check CUDA_VISIBLE_DEVICES and the launcher's GPU binding)"
+    );
+    Ok(local_rank % visible)
+}

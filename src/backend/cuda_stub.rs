@@ -18,7 +18,7 @@ pub const ENABLED: bool = false;
 #[derive(Clone, Copy, Debug)]
 pub enum Never {}
 
-pub use super::cuda_options::{CudaOptions, Half, KernelTime};
+pub use super::cuda_options::{CudaOptions, Half, KernelTime, device_for_local_rank};
 
 /// Placeholder for the CUDA backend in builds without the `cuda` feature (never constructed).
 pub struct CudaBackend {
@@ -31,6 +31,9 @@ impl CudaBackend {
         bail!(NO_CUDA)
     }
     /// Always fails: this binary was built without CUDA support.
+    pub fn device_count() -> Result<usize> {
+        bail!(NO_CUDA)
+    }
     pub fn with_options(_opts: CudaOptions) -> Result<Self> {
         bail!(NO_CUDA)
     }
@@ -41,6 +44,9 @@ impl CudaBackend {
         match self.never {}
     }
     pub fn mem_info(&self) -> Result<(usize, usize)> {
+        match self.never {}
+    }
+    pub fn mem_pool_release_threshold(&self) -> Result<u64> {
         match self.never {}
     }
     pub fn set_profiling(&self, _on: bool) {
@@ -292,6 +298,7 @@ pub mod nvrtc {
         pub cubin: Vec<u8>,
         pub log: String,
         pub stats: Vec<KernelStats>,
+        pub entry_points: Vec<String>,
     }
     pub fn ensure_present() -> Result<()> {
         bail!(NO_CUDA)
@@ -307,4 +314,21 @@ pub mod nvrtc {
     ) -> Result<Compiled> {
         bail!(NO_CUDA)
     }
+    pub fn options(_arch: &str, _include_dirs: &[PathBuf], _verbose_ptxas: bool) -> Vec<String> {
+        Vec::new()
+    }
+    pub fn entry_points(_cubin: &[u8]) -> Result<Vec<String>> {
+        bail!(NO_CUDA)
+    }
+}
+
+/// See the `cuda` build's `compile_all`.
+pub type CompiledFile = (String, Vec<u8>, Vec<String>);
+/// See the `cuda` build's `compile_all`.
+pub fn compile_all(
+    _arch: &str,
+    _include_dirs: &[PathBuf],
+    _cache_dir: Option<&std::path::Path>,
+) -> Result<Vec<CompiledFile>> {
+    bail!(NO_CUDA)
 }

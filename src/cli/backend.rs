@@ -58,15 +58,30 @@ pub fn local_rank() -> Result<usize> {
     Ok(zhllama::distributed::launch_info(&vars)?.map_or(0, |l| l.local_rank))
 }
 
-/// Start the CUDA backend on device `local_rank` (see [`cuda_options`]); `profile` times every
-/// launch from the start; `fp16` stores weights and activations as f16 (the recipe's fp16 mode,
-/// trained with loss scaling) instead of bf16. Without the `cuda` feature: the stub's "built
-/// without" error.
+/// The CUDA device of the process with local rank `local_rank`: the local rank mapped onto the
+/// devices this process sees ([`zhllama::backend::cuda::device_for_local_rank`]: one visible GPU per
+/// rank under Slurm's `--gpus-per-task` is device 0 for all). Prints the choice to stderr.
+pub fn cuda_device(local_rank: usize) -> Result<usize> {
+    let visible = CudaBackend::device_count().context("cannot count the CUDA devices")?;
+    let device = zhllama::backend::cuda::device_for_local_rank(local_rank, visible)?;
+    let cvd = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into());
+    eprintln!(
+        "local rank {local_rank}: CUDA device {device} of {visible} visible (CUDA_VISIBLE_DEVICES={cvd})"
+    );
+    Ok(device)
+}
+
+/// Start the CUDA backend for local rank `local_rank` on the device [`cuda_device`] picks (see
+/// [`cuda_options`]); `profile` times every launch from the start; `fp16` stores weights and
+/// activations as f16 (the recipe's fp16 mode, trained with loss scaling) instead of bf16. Without
+/// the `cuda` feature: the stub's "built without" error.
 pub fn open_cuda(local_rank: usize, profile: bool, fp16: bool) -> Result<CudaBackend> {
-    let mut opts = cuda_options(local_rank, profile);
+    let device = cuda_device(local_rank)?;
+    let mut opts = cuda_options(device, profile);
     if fp16 {
         opts.half = Half::F16;
     }
-    CudaBackend::with_options(opts)
-        .with_context(|| format!("cannot start the CUDA backend on device {local_rank}"))
+    CudaBackend::with_options(opts).with_context(|| {
+        format!("cannot start the CUDA backend on device {device} (local rank {local_rank})")
+    })
 }

@@ -254,8 +254,8 @@ fn train<B: zhllama::backend::Backend>(
         let paths: Vec<PathBuf> = std::env::var_os("ZHLLAMA_NCCL_LIB")
             .map(|p| vec![PathBuf::from(p)])
             .unwrap_or_default();
-        let device = launch.as_ref().map_or(0, |l| l.local_rank);
-        zhllama::distributed::init_nccl(comm, device, &paths)?
+        let device = super::backend::cuda_device(launch.as_ref().map_or(0, |l| l.local_rank))?;
+        zhllama::distributed::init_nccl(comm, device, &paths, watchdog)?
     } else {
         comm
     };

@@ -143,13 +143,16 @@ fn init_launched(
 /// rank): what the binary uses with the CUDA backend at world > 1. Collective over `base`.
 /// `nccl_lib_paths`: NCCL library files to try before `libnccl.so.2` / `libnccl.so`. Sums are in
 /// NCCL's order, not the canonical tree (see `nccl`'s module docs). Fails with a clear error
-/// without NCCL, a GPU, or in a build without `cuda`.
+/// without NCCL, a GPU, or in a build without `cuda`. `timeout` (`--comm-timeout`): a wait that
+/// makes no progress that long aborts the communicator with an error (a failed peer is detected
+/// through NCCL's asynchronous error without it).
 pub fn init_nccl(
     base: Box<dyn Comm>,
     device: usize,
     nccl_lib_paths: &[std::path::PathBuf],
+    timeout: Option<std::time::Duration>,
 ) -> Result<Box<dyn Comm>> {
-    init_nccl_impl(base, device, nccl_lib_paths)
+    init_nccl_impl(base, device, nccl_lib_paths, timeout)
 }
 
 #[cfg(feature = "cuda")]
@@ -157,8 +160,11 @@ fn init_nccl_impl(
     base: Box<dyn Comm>,
     device: usize,
     nccl_lib_paths: &[std::path::PathBuf],
+    timeout: Option<std::time::Duration>,
 ) -> Result<Box<dyn Comm>> {
-    Ok(Box::new(nccl::NcclComm::new(base, device, nccl_lib_paths)?))
+    Ok(Box::new(
+        nccl::NcclComm::new(base, device, nccl_lib_paths)?.with_timeout(timeout),
+    ))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -166,6 +172,7 @@ fn init_nccl_impl(
     _base: Box<dyn Comm>,
     _device: usize,
     _nccl_lib_paths: &[std::path::PathBuf],
+    _timeout: Option<std::time::Duration>,
 ) -> Result<Box<dyn Comm>> {
     anyhow::bail!(
         "NCCL needs the CUDA backend: rebuild with `cargo build --release --features cuda`"

@@ -38,6 +38,7 @@ use std::cell::Cell;
 use std::ffi::{CStr, c_char, c_int, c_void};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Library names tried after the caller's paths.
 pub const LIB_NAMES: &[&str] = &["libnccl.so.2", "libnccl.so"];
@@ -65,6 +66,7 @@ type GatherFn = unsafe extern "C" fn(
     drv_sys::CUstream,
 ) -> c_int;
 type ErrorStringFn = unsafe extern "C" fn(c_int) -> *const c_char;
+type AsyncErrorFn = unsafe extern "C" fn(ncclComm_t, *mut c_int) -> c_int;
 type VersionFn = unsafe extern "C" fn(*mut c_int) -> c_int;
 
 const SUM: c_int = ncclRedOp_t::ncclSum as c_int;
@@ -75,6 +77,8 @@ pub struct NcclLib {
     get_unique_id: GetUniqueIdFn,
     comm_init_rank: CommInitRankFn,
     comm_destroy: CommFn,
+    comm_abort: CommFn,
+    comm_get_async_error: AsyncErrorFn,
     reduce_scatter: ReduceFn,
     all_reduce: ReduceFn,
     all_gather: GatherFn,
@@ -123,6 +127,8 @@ impl NcclLib {
                 get_unique_id: sym(&lib, path, "ncclGetUniqueId")?,
                 comm_init_rank: sym(&lib, path, "ncclCommInitRank")?,
                 comm_destroy: sym(&lib, path, "ncclCommDestroy")?,
+                comm_abort: sym(&lib, path, "ncclCommAbort")?,
+                comm_get_async_error: sym(&lib, path, "ncclCommGetAsyncError")?,
                 reduce_scatter: sym(&lib, path, "ncclReduceScatter")?,
                 all_reduce: sym(&lib, path, "ncclAllReduce")?,
                 all_gather: sym(&lib, path, "ncclAllGather")?,
@@ -163,6 +169,38 @@ impl NcclLib {
     }
 }
 
+/// Wait until `done()` says the queued work has finished, checking `async_error()` (NCCL's
+/// `ncclCommGetAsyncError`: a dead or failed peer) between polls, and giving up after `timeout`
+/// (`--comm-timeout`). A blocking wait would hang forever on a peer that died; this returns `Err`
+/// naming `what` and the cause instead, and the caller aborts the communicator. Polls every `poll`.
+pub fn wait_polling(
+    what: &str,
+    mut done: impl FnMut() -> Result<bool>,
+    mut async_error: impl FnMut() -> Result<()>,
+    timeout: Option<Duration>,
+    poll: Duration,
+) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        if done()? {
+            return Ok(());
+        }
+        async_error().with_context(|| format!("{what}: NCCL reported an error while waiting"))?;
+        if let Some(t) = timeout
+            && start.elapsed() >= t
+        {
+            bail!(
+                "{what}: no progress for {:.0} s (--comm-timeout): a peer rank may have died or hung",
+                t.as_secs_f64()
+            );
+        }
+        std::thread::sleep(poll);
+    }
+}
+
+/// How often a wait checks its stream and NCCL's asynchronous error.
+const POLL: Duration = Duration::from_micros(200);
+
 /// One rank of an NCCL communicator (one GPU). See the module docs.
 pub struct NcclComm {
     lib: NcclLib,
@@ -173,6 +211,13 @@ pub struct NcclComm {
     stream: Arc<CudaStream>,
     base: Box<dyn Comm>,
     sent: Cell<u64>,
+    /// `--comm-timeout`: how long a wait may make no progress before the communicator is aborted.
+    timeout: Option<Duration>,
+    /// Set once `ncclCommAbort` has freed the communicator: every later call fails at once.
+    aborted: Cell<bool>,
+    /// Host-staging device buffers, grown as needed and reused by every host-slice collective.
+    staging:
+        std::cell::RefCell<Option<(cudarc::driver::CudaSlice<u8>, cudarc::driver::CudaSlice<u8>)>>,
 }
 
 // SAFETY: the NCCL communicator and the stream are used by one thread at a time (`NcclComm` is
@@ -181,10 +226,17 @@ unsafe impl Send for NcclComm {}
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        let _ = self.stream.synchronize();
-        // SAFETY: created in `new`, destroyed once, no work pending on our stream.
-        unsafe {
-            (self.lib.comm_destroy)(self.comm);
+        if self.aborted.get() {
+            return;
+        }
+        // A peer that died would block a plain synchronize forever: wait with the error checks, and
+        // abort (instead of destroying, which waits for the peers) when the wait fails.
+        match self.wait("dropping the NCCL communicator") {
+            // SAFETY: created in `new`, destroyed once, no work pending on our stream.
+            Ok(()) => unsafe {
+                (self.lib.comm_destroy)(self.comm);
+            },
+            Err(e) => eprintln!("{e:#}"),
         }
     }
 }
@@ -211,6 +263,7 @@ impl NcclComm {
         }
         let ctx = CudaContext::new(device)
             .map_err(|e| anyhow!("NCCL: no usable CUDA device {device} ({e:?})"))?;
+        crate::backend::cuda::keep_pool_memory(&ctx)?;
         // Everything on this stream is ordered by explicit events and synchronizations.
         // SAFETY: no buffer or stream has been created through this handle yet.
         unsafe { ctx.disable_event_tracking() };
@@ -253,7 +306,74 @@ impl NcclComm {
             stream,
             base,
             sent: Cell::new(0),
+            timeout: None,
+            aborted: Cell::new(false),
+            staging: std::cell::RefCell::new(None),
         })
+    }
+
+    /// Give up a wait that makes no progress for `timeout` (`--comm-timeout`), aborting the
+    /// communicator. `None` (the default): wait as long as NCCL reports no error.
+    pub fn with_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// NCCL's asynchronous error for this communicator (a peer died, a network failure). `Err` once
+    /// aborted.
+    fn async_error(&self) -> Result<()> {
+        ensure!(
+            !self.aborted.get(),
+            "the NCCL communicator was aborted after an earlier error"
+        );
+        let mut code: c_int = 0;
+        // SAFETY: live communicator, valid out-pointer.
+        self.lib.check(
+            unsafe { (self.lib.comm_get_async_error)(self.comm, &mut code) },
+            "ncclCommGetAsyncError",
+        )?;
+        // ncclInProgress (7) is a non-blocking communicator still working, not an error.
+        if code == 0 || code == 7 {
+            return Ok(());
+        }
+        self.lib.check(code, "NCCL communicator")
+    }
+
+    /// Abort the communicator (`ncclCommAbort`: frees it without waiting for the peers), once.
+    fn abort_comm(&self) {
+        if !self.aborted.replace(true) {
+            // SAFETY: live communicator; it is not used again (`aborted`).
+            unsafe {
+                (self.lib.comm_abort)(self.comm);
+            }
+        }
+    }
+
+    /// Wait until everything queued on our stream has finished, polling NCCL's asynchronous error
+    /// and the timeout ([`wait_polling`]); on failure the communicator is aborted and the cause
+    /// returned.
+    fn wait(&self, what: &str) -> Result<()> {
+        ensure!(
+            !self.aborted.get(),
+            "{what}: the NCCL communicator was aborted after an earlier error"
+        );
+        let ev = self
+            .stream
+            .record_event(None)
+            .map_err(|e| anyhow!("cuEventRecord: {e:?}"))?;
+        let done = || {
+            // SAFETY: `ev` is a live event of this context.
+            match unsafe { cudarc::driver::result::event::query(ev.cu_event()) } {
+                Ok(()) => Ok(true),
+                Err(e) if e.0 == drv_sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+                Err(e) => Err(anyhow!("NCCL stream: {e:?}")),
+            }
+        };
+        let r = wait_polling(what, done, || self.async_error(), self.timeout, POLL);
+        if r.is_err() {
+            self.abort_comm();
+        }
+        r
     }
 
     /// The CUDA device this rank's communicator is on.
@@ -272,6 +392,10 @@ impl NcclComm {
     }
 
     fn bind(&self) -> Result<()> {
+        ensure!(
+            !self.aborted.get(),
+            "the NCCL communicator was aborted after an earlier error"
+        );
         self.stream
             .context()
             .bind_to_thread()
@@ -306,11 +430,10 @@ impl NcclComm {
             .map_err(|e| anyhow!("cuStreamWaitEvent: {e:?}"))
     }
 
-    /// Wait on the host until every collective queued so far has finished.
+    /// Wait on the host until every collective queued so far has finished; a peer's failure or the
+    /// timeout aborts the communicator and returns the cause instead of hanging.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream
-            .synchronize()
-            .map_err(|e| anyhow!("NCCL stream: {e:?}"))
+        self.wait("NCCL synchronize")
     }
 
     /// `recv =` block `rank` of the element-wise sum over ranks of `send` (`send.len() ==
@@ -422,8 +545,10 @@ impl NcclComm {
         self.lib.check(r, "ncclAllReduce")
     }
 
-    /// Host staging: `send` to the device, `op(send_ptr, recv_ptr)` on our stream, `recv_len`
-    /// elements back into `out`; waits.
+    /// Host staging: `send` to the device, `op(send_ptr, recv_ptr)` on our stream, `out.len()`
+    /// elements back into `out`; waits (polling for a failed peer, see [`Self::synchronize`]). The
+    /// two device buffers are kept and reused (grown when a call needs more), so a step's many
+    /// small collectives do not allocate.
     fn staged<T>(
         &self,
         send: &[T],
@@ -435,29 +560,49 @@ impl NcclComm {
     {
         self.bind()?;
         let err = |e| anyhow!("NCCL staging: {e:?}");
-        let d_send = if send.is_empty() {
-            self.stream.alloc_zeros::<T>(1).map_err(err)?
-        } else {
-            self.stream.clone_htod(send).map_err(err)?
-        };
-        let mut d_recv = self
-            .stream
-            .alloc_zeros::<T>(out.len().max(1))
-            .map_err(err)?;
+        let (send_bytes, out_bytes) = (std::mem::size_of_val(send), std::mem::size_of_val(out));
+        let mut staging = self.staging.borrow_mut();
+        let fits = |b: &cudarc::driver::CudaSlice<u8>, n: usize| b.len() >= n.max(16);
+        if !staging
+            .as_ref()
+            .is_some_and(|(s, r)| fits(s, send_bytes) && fits(r, out_bytes))
+        {
+            let (old_s, old_r) = staging.as_ref().map_or((0, 0), |(s, r)| (s.len(), r.len()));
+            let s = self
+                .stream
+                .alloc_zeros::<u8>(send_bytes.max(old_s).max(16))
+                .map_err(err)?;
+            let r = self
+                .stream
+                .alloc_zeros::<u8>(out_bytes.max(old_r).max(16))
+                .map_err(err)?;
+            *staging = Some((s, r));
+        }
+        let (d_send, d_recv) = staging.as_mut().expect("staging buffers allocated above");
+        if send_bytes > 0 {
+            // SAFETY: `T` is a plain numeric type (f32, f64): its bytes are its value.
+            let bytes =
+                unsafe { std::slice::from_raw_parts(send.as_ptr() as *const u8, send_bytes) };
+            self.stream
+                .memcpy_htod(bytes, &mut d_send.slice_mut(0..send_bytes))
+                .map_err(err)?;
+        }
         {
             let (sp, _gs) = d_send.device_ptr(&self.stream);
             let (rp, _gr) = d_recv.device_ptr_mut(&self.stream);
             op(sp, rp)?;
         }
-        if !out.is_empty() {
-            let mut tmp = vec![T::default(); d_recv.len()];
+        // Wait (polling) before the copy back: a copy into pageable host memory blocks until the
+        // collective ends, which it never does when a peer has died.
+        self.wait("NCCL collective")?;
+        if out_bytes > 0 {
+            // SAFETY: as above; every byte pattern is a valid f32/f64.
+            let bytes =
+                unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, out_bytes) };
             self.stream
-                .memcpy_dtoh(&d_recv, tmp.as_mut_slice())
+                .memcpy_dtoh(&d_recv.slice(0..out_bytes), bytes)
                 .map_err(err)?;
-            self.synchronize()?;
-            out.copy_from_slice(&tmp[..out.len()]);
-        } else {
-            self.synchronize()?;
+            self.stream.synchronize().map_err(err)?;
         }
         Ok(())
     }
@@ -524,6 +669,7 @@ impl Comm for NcclComm {
         self.base.barrier()
     }
     fn abort(&self, code: i32) -> ! {
+        self.abort_comm();
         self.base.abort(code)
     }
     fn bytes_sent(&self) -> u64 {

@@ -747,9 +747,11 @@ impl<B: Backend> Llama<B> {
                 acts.targets_host[bi * t + ti] = tgt;
             }
         }
-        self.forward_hidden(acts, ids, None, true)?;
+        // Before the layers: an upload synchronizes the stream, so after them it would make the
+        // host wait for the whole forward before queueing the loss.
         let be = &*self.backend;
         be.upload_ids(&mut acts.targets, &acts.targets_host)?;
+        self.forward_hidden(acts, ids, None, true)?;
         acts.count = count;
         acts.has_targets = true;
         let _r = self.range("lm_head+CE");

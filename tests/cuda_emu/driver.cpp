@@ -92,6 +92,7 @@ static std::map<std::string, Launcher> table = {
     REG(cross_entropy_forward_v1_f16), REG(cross_entropy_backward_v1_f16), REG(adamw_step_v1_f32_f16_cf16),
     REG(adamw_step_v1_f32_f32_cf16), REG(dropout_v1_f16), REG(copy_v1_f16_f32), REG(embedding_backward_v1_f16),
     REG(fill_uniform_v1_f32), REG(fill_uniform_v1_bf16),
+    REG(copy_v1_bf16_f16), REG(copy_v1_f16_bf16), REG(axpy_v1_bf16_f16), REG(axpy_v1_f16_bf16),
 };
 
 static std::vector<unsigned char> read_file(const std::string& p) {

@@ -28,6 +28,18 @@ inline dim3u blockDim, gridDim;
 #define __align__(n) __attribute__((aligned(n)))
 #define __shared__ static
 
+// CUDA's powf is not correctly rounded: the CUDA C++ Programming Guide bounds its error by 4 ulp.
+// The host's is (nearly) correctly rounded, so a kernel that needs more accuracy than CUDA promises
+// would pass here and fail on a GPU. The emulation's powf is therefore a legal CUDA powf that uses
+// its error budget: the correctly rounded result moved 2 ulp up (exact cases, y = 0 or an exact
+// 0/inf result, stay exact). Kernels should take such values from the host (e.g. RoPE's inv_freq).
+inline float emu_cuda_powf(float x, float y) {
+    const float r = (float)std::pow((double)x, (double)y);
+    if (y == 0.0f || r == 0.0f || !std::isfinite(r)) return r;
+    return std::nextafter(std::nextafter(r, INFINITY), INFINITY);
+}
+#define powf emu_cuda_powf
+
 struct float4 {
     float x, y, z, w;
 };

@@ -44,7 +44,7 @@ use std::sync::{Arc, Mutex};
 /// True in builds with the `cuda` feature.
 pub const ENABLED: bool = true;
 
-pub use super::cuda_options::{CudaOptions, Half, KernelTime};
+pub use super::cuda_options::{CudaOptions, Half, KernelTime, device_for_local_rank};
 
 /// A device buffer: `len` elements stored as `dtype`.
 pub struct CudaBuf {
@@ -252,6 +252,19 @@ impl CudaBackend {
         })
     }
 
+    /// How many CUDA devices this process sees (after `CUDA_VISIBLE_DEVICES` and the launcher's
+    /// binding). `Err` without a driver.
+    pub fn device_count() -> Result<usize> {
+        // SAFETY: only dlopens the library.
+        if !unsafe { drv_sys::is_culib_present() } {
+            bail!("CUDA driver library (libcuda.so) not found: no NVIDIA driver on this machine");
+        }
+        drv::init()
+            .map_err(|e| anyhow!("cuInit failed ({e:?}): no usable NVIDIA GPU or driver"))?;
+        let n = drv::device::get_count().map_err(|e| anyhow!("cuDeviceGetCount failed: {e:?}"))?;
+        Ok(n.max(0) as usize)
+    }
+
     /// Start the backend: driver, device, stream, cuBLAS, then compile (or load from the cache) and
     /// load every kernel file for this device's architecture.
     pub fn with_options(opts: CudaOptions) -> Result<Self> {
@@ -278,6 +291,7 @@ impl CudaBackend {
         );
         let ctx = CudaContext::new(opts.device)
             .map_err(|e| anyhow!("creating a CUDA context on device {}: {e:?}", opts.device))?;
+        keep_pool_memory(&ctx)?;
         // One explicit stream orders everything; per-buffer event tracking would only add overhead.
         // SAFETY: called before any buffer or stream is created.
         unsafe { ctx.disable_event_tracking() };
@@ -465,6 +479,34 @@ impl CudaBackend {
         Ok(p)
     }
 
+    /// The device table `inv_freq[i] = theta^(−2i/d)`, `i < d/2` (`ops::rope::inv_freq`: correctly
+    /// rounded, as the CPU backend uses), uploaded once per (theta, d) and kept; `0` (a null
+    /// pointer: no RoPE) for `theta = 0`. The kernels take the table rather than computing the
+    /// frequencies with CUDA's `powf`, which is not correctly rounded.
+    fn rope_inv_freq(&self, theta: f32, d: usize) -> Result<u64> {
+        if theta == 0.0 {
+            return Ok(0);
+        }
+        ensure!(
+            theta.is_finite() && theta > 0.0,
+            "rope: theta {theta} is not a positive number"
+        );
+        let slot = format!("rope_inv_freq_{:08x}_d{d}", theta.to_bits());
+        let mut s = self.scratch.lock().unwrap();
+        if !s.contains_key(&slot) {
+            let bytes: Vec<u8> = (0..d / 2)
+                .flat_map(|i| crate::ops::rope::inv_freq(theta, d, i).to_le_bytes())
+                .collect();
+            let mem = self
+                .stream
+                .clone_htod(&bytes)
+                .map_err(|e| anyhow!("uploading the RoPE frequency table: {e:?}"))?;
+            s.insert(slot.clone(), mem);
+        }
+        let (p, _g) = s[&slot].device_ptr(&self.stream);
+        Ok(p)
+    }
+
     fn launch(
         &self,
         name: &str,
@@ -477,6 +519,7 @@ impl CudaBackend {
             .funcs
             .get(name)
             .with_context(|| format!("kernel {name} not loaded"))?;
+        kernels::check_grid(name, (grid.0 as usize, grid.1 as usize, grid.2 as usize))?;
         let mut b = self.stream.launch_builder(f);
         for a in args {
             match a {
@@ -498,6 +541,35 @@ impl CudaBackend {
         // long, float in the order of the CUDA source) and checked the views' sizes.
         unsafe { b.launch(cfg) }.map_err(|e| anyhow!("launching {name}: {e:?}"))?;
         self.prof_end(name, start);
+        Ok(())
+    }
+
+    /// Let kernel `name` take `dynamic` bytes of dynamic shared memory: counts its static shared
+    /// memory too, and above the 48 KiB default opts in up to the device's per-block limit
+    /// (`kernels::dynamic_smem_plan`).
+    fn allow_dynamic_smem(&self, name: &str, dynamic: usize) -> Result<()> {
+        let f = self
+            .funcs
+            .get(name)
+            .with_context(|| format!("kernel {name} not loaded"))?;
+        let static_ = f
+            .shared_size_bytes()
+            .map_err(|e| anyhow!("{name}: reading its static shared memory: {e:?}"))?;
+        let optin = self
+            .ctx
+            .attribute(
+                drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(|e| anyhow!("reading the device's shared memory limit: {e:?}"))?;
+        if let Some(bytes) =
+            kernels::dynamic_smem_plan(name, dynamic, static_ as usize, optin as usize)?
+        {
+            f.set_attribute(
+                drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+            .map_err(|e| anyhow!("{name}: allowing {bytes} B of dynamic shared memory: {e:?}"))?;
+        }
         Ok(())
     }
 
@@ -588,6 +660,7 @@ impl CudaBackend {
             if b * t * h == 0 {
                 return Ok(());
             }
+            let inv_freq = self.rope_inv_freq(theta, d)?;
             let grid = (t.div_ceil(32) as u32, (b * h) as u32, 1);
             let tail = |p: &[u64]| {
                 vec![
@@ -600,7 +673,7 @@ impl CudaBackend {
                     KArg::I(t as i32),
                     KArg::I(h as i32),
                     KArg::I(hkv as i32),
-                    KArg::F(theta),
+                    KArg::P(inv_freq),
                     KArg::I(pos_offset as i32),
                 ]
             };
@@ -687,6 +760,7 @@ impl CudaBackend {
             if b * t * h == 0 {
                 return Ok(());
             }
+            let inv_freq = self.rope_inv_freq(theta, d)?;
             let delta = self.scratch("att_delta", b * h * t * 4)?;
             let run = |sfx: &str, p: &[u64]| -> Result<()> {
                 // p: dq dk dv dout q k v out lse
@@ -711,7 +785,7 @@ impl CudaBackend {
                     KArg::I(t as i32),
                     KArg::I(h as i32),
                     KArg::I(hkv as i32),
-                    KArg::F(theta),
+                    KArg::P(inv_freq),
                     KArg::I(pos_offset as i32),
                 ];
                 let mut a = vec![
@@ -877,7 +951,9 @@ impl CudaBackend {
 
     /// Backward of [`Self::lm_head_cross_entropy_forward`] with loss weight `scale` per token
     /// (`1/count` for HF's mean): per chunk, recompute the logits, turn them into dlogits in place,
-    /// then `dx[n,c] +=` dlogits·w_chunk and `dw[v,c] +=` dlogitsᵀ·x (cuBLAS, beta = 1).
+    /// then `dx[n,c] +=` dlogits·w_chunk and `dw[v,c] +=` dlogitsᵀ·x (cuBLAS, beta = 1). A 16-bit
+    /// `dx` is summed in fp32 and rounded once (the same code as the `Backend` trait's op, which
+    /// writes `dx =`).
     #[allow(clippy::too_many_arguments)]
     pub fn lm_head_cross_entropy_backward(
         &self,
@@ -893,7 +969,67 @@ impl CudaBackend {
         v: usize,
         scale: f32,
     ) {
-        self.lm_head_ce_backward(dx, Some(dw), chunk, x, w, lse, targets, n, c, v, scale);
+        let r = self.lm_head_ce_backward_fp32_dx(
+            dx,
+            true,
+            Some(dw),
+            chunk,
+            x,
+            w,
+            lse,
+            targets,
+            n,
+            c,
+            v,
+            scale,
+        );
+        self.record(r);
+    }
+
+    /// The fused lm_head + CE backward with `dx` summed in fp32: the chunks add their
+    /// `dlogits·w_chunk` into dx (cuBLAS, beta = 1, ~V/8192 times); a 16-bit dx would be rounded
+    /// after every chunk, so the sum is kept in fp32 scratch (bf16 inputs with an fp32 output are
+    /// native to cuBLAS), starting from dx (`accumulate`: `dx +=`) or zero (`dx =`), and rounded
+    /// once at the end, as the composite default rounds once.
+    #[allow(clippy::too_many_arguments)]
+    fn lm_head_ce_backward_fp32_dx(
+        &self,
+        dx: DViewMut<'_>,
+        accumulate: bool,
+        dw: Option<DViewMut<'_>>,
+        chunk: DViewMut<'_>,
+        x: DView<'_>,
+        w: DView<'_>,
+        lse: DView<'_>,
+        targets: &CudaIds,
+        n: usize,
+        c: usize,
+        v: usize,
+        scale: f32,
+    ) -> Result<()> {
+        let len = dx.len;
+        let acc = if dx.dtype == DType::F32 {
+            dx.ptr
+        } else {
+            self.scratch("lm_head_ce_dx", len * 4)?
+        };
+        let acc_view = || DViewMut {
+            ptr: acc,
+            len,
+            dtype: DType::F32,
+            _p: PhantomData,
+        };
+        if !accumulate {
+            self.zero(acc_view());
+        } else if acc != dx.ptr {
+            self.cast(acc, DType::F32, dx.ptr, dx.dtype, len)?;
+        }
+        self.lm_head_ce_backward(acc_view(), dw, chunk, x, w, lse, targets, n, c, v, scale);
+        self.take_error()?;
+        if acc != dx.ptr {
+            self.cast(dx.ptr, dx.dtype, acc, DType::F32, len)?;
+        }
+        Ok(())
     }
 
     /// [`Self::lm_head_cross_entropy_backward`] with `dw` optional (`None`: a frozen lm_head, the
@@ -1361,17 +1497,67 @@ impl CudaBackend {
     }
 }
 
-/// (kernel file, cubin, kernel names).
-type CompiledFile = (String, Vec<u8>, Vec<String>);
+/// Make the device's default memory pool (which cudarc's stream-ordered allocations come from)
+/// keep freed memory instead of returning it to the driver at every synchronization: its release
+/// threshold defaults to 0, which turns each step's frees and re-allocations into driver calls.
+/// Setting it to `u64::MAX` is what PyTorch-style caching allocators amount to; memory is still
+/// released when the context is destroyed.
+pub fn keep_pool_memory(ctx: &CudaContext) -> Result<()> {
+    let mut v = u64::MAX;
+    // SAFETY: valid out-pointer and device; the attribute takes a u64 (cuuint64_t).
+    unsafe {
+        let mut pool: drv_sys::CUmemoryPool = std::ptr::null_mut();
+        drv_sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .map_err(|e| anyhow!("cuDeviceGetDefaultMemPool: {e:?}"))?;
+        drv_sys::cuMemPoolSetAttribute(
+            pool,
+            drv_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut v as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()
+        .map_err(|e| anyhow!("setting the memory pool's release threshold: {e:?}"))?;
+    }
+    Ok(())
+}
 
-/// Compile (or read from the cache) every kernel file for `arch`, in parallel threads.
-fn compile_all(
+impl CudaBackend {
+    /// The release threshold of this device's default memory pool (`u64::MAX` once the backend
+    /// has started: freed memory stays in the pool; see [`keep_pool_memory`]).
+    pub fn mem_pool_release_threshold(&self) -> Result<u64> {
+        let mut v = 0u64;
+        // SAFETY: valid out-pointer and device; the attribute is a u64.
+        unsafe {
+            let mut pool: drv_sys::CUmemoryPool = std::ptr::null_mut();
+            drv_sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device())
+                .result()
+                .map_err(|e| anyhow!("cuDeviceGetDefaultMemPool: {e:?}"))?;
+            drv_sys::cuMemPoolGetAttribute(
+                pool,
+                drv_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut v as *mut u64 as *mut std::ffi::c_void,
+            )
+            .result()
+            .map_err(|e| anyhow!("reading the memory pool's release threshold: {e:?}"))?;
+        }
+        Ok(v)
+    }
+}
+
+/// (kernel file, cubin, kernel names).
+pub type CompiledFile = (String, Vec<u8>, Vec<String>);
+
+/// Compile (or read from the cache) every kernel file for `arch`, in parallel threads: what
+/// [`CudaBackend::with_options`] loads. Needs NVRTC, no GPU. The kernel names come from each
+/// cubin's symbol table ([`nvrtc::entry_points`]), so a program NVRTC serves from its own cache
+/// (no ptxas report in the log) loads the same kernels.
+pub fn compile_all(
     arch: &str,
     include_dirs: &[PathBuf],
     cache_dir: Option<&std::path::Path>,
 ) -> Result<Vec<CompiledFile>> {
     let (maj, min) = nvrtc::version()?;
-    let opts = nvrtc::options(arch, include_dirs, true);
+    let opts = nvrtc::options(arch, include_dirs, false);
     let headers: String = kernels::HEADERS
         .iter()
         .map(|(n, s)| format!("{n}\n{s}"))
@@ -1414,11 +1600,11 @@ fn compile_all(
                             ));
                         }
                     }
-                    let c = nvrtc::compile(file, arch, include_dirs, true)?;
-                    let names: Vec<String> = c.stats.iter().map(|k| k.name.clone()).collect();
+                    let c = nvrtc::compile(file, arch, include_dirs, false)?;
+                    let names = c.entry_points;
                     ensure!(
                         !names.is_empty(),
-                        "{file}: no kernels found in the ptxas report"
+                        "{file}: the cubin holds no kernel entry point"
                     );
                     if let Some(dir) = cache_dir {
                         // A cache that cannot be written only costs a recompile next time.
@@ -2485,43 +2671,21 @@ impl Backend for CudaBackend {
         v: usize,
         scale: f32,
     ) {
-        // The fused kernel adds each vocabulary chunk's `dlogits·w_chunk` into dx (cuBLAS, beta = 1,
-        // ~V/8192 times). A 16-bit dx would be rounded after every chunk, so the sum is kept in
-        // fp32 scratch (bf16 inputs with an fp32 output are native to cuBLAS) and rounded once at
-        // the end, as the composite default rounds once. The trait's dx is `=`: zeroed first.
-        let r = (|| {
-            let len = dx.len;
-            let acc = if dx.dtype == DType::F32 {
-                dx.ptr
-            } else {
-                self.scratch("lm_head_ce_dx", len * 4)?
-            };
-            let acc_view = || DViewMut {
-                ptr: acc,
-                len,
-                dtype: DType::F32,
-                _p: PhantomData,
-            };
-            self.zero(acc_view());
-            let sl = scratch.len;
-            self.lm_head_ce_backward(
-                acc_view(),
-                dw,
-                self.view_mut(scratch, 0..sl),
-                x,
-                w,
-                self.view(lse, 0..lse.len.min(n)),
-                targets,
-                n,
-                c,
-                v,
-                scale,
-            );
-            if acc != dx.ptr {
-                self.cast(dx.ptr, dx.dtype, acc, DType::F32, len)?;
-            }
-            Ok(())
-        })();
+        let (sl, ll) = (scratch.len, lse.len.min(n));
+        let r = self.lm_head_ce_backward_fp32_dx(
+            dx,
+            false,
+            dw,
+            self.view_mut(scratch, 0..sl),
+            x,
+            w,
+            self.view(lse, 0..ll),
+            targets,
+            n,
+            c,
+            v,
+            scale,
+        );
         self.record(r);
     }
 
@@ -2576,13 +2740,9 @@ impl Backend for CudaBackend {
             if rows == 0 || d == 0 {
                 return Ok(());
             }
-            // The row's scores live in shared memory: (past + tq) floats within the 48 KiB default.
+            // The row's scores live in dynamic shared memory, (past + tq) floats, next to the
+            // kernel's static scratch; past 48 KiB in all the launch opts in to the device's limit.
             let smem = (past + tq) * 4;
-            ensure!(
-                smem <= 48 * 1024,
-                "attention_cached_forward: {} cached positions exceed the kernel's 12288",
-                past + tq
-            );
             let scale = crate::ops::attention::attention_scale(d);
             let args = |p: &[u64]| {
                 [
@@ -2601,8 +2761,10 @@ impl Backend for CudaBackend {
             };
             let grid = (rows as u32, 1, 1);
             if uni16(&[out.dtype, q.dtype, kcache.dtype, vcache.dtype]) {
+                let name = format!("attention_cached_forward_v1_{}", suffix(out.dtype));
+                self.allow_dynamic_smem(&name, smem)?;
                 self.launch(
-                    &format!("attention_cached_forward_v1_{}", suffix(out.dtype)),
+                    &name,
                     grid,
                     128,
                     smem as u32,
@@ -2617,6 +2779,7 @@ impl Backend for CudaBackend {
                         (vcache.ptr, vcache.len, vcache.dtype, Io::In),
                     ],
                     |p| {
+                        self.allow_dynamic_smem("attention_cached_forward_v1_f32", smem)?;
                         self.launch(
                             "attention_cached_forward_v1_f32",
                             grid,
@@ -2652,6 +2815,8 @@ impl CudaBackend {
             if pairs == 0 {
                 return Ok(());
             }
+            ensure!(theta > 0.0, "rope: theta {theta} must be positive");
+            let inv_freq = self.rope_inv_freq(theta, d)?;
             let (g, th) = Self::elementwise_threads(pairs);
             let args = |p: u64| {
                 [
@@ -2660,7 +2825,7 @@ impl CudaBackend {
                     KArg::I(t as i32),
                     KArg::I(h as i32),
                     KArg::I(d as i32),
-                    KArg::F(theta),
+                    KArg::P(inv_freq),
                     KArg::I(pos_offset as i32),
                 ]
             };

@@ -2,6 +2,10 @@
 //! to a cubin for one GPU architecture, with the ptxas register/spill report. Needs no GPU and no
 //! ptxas: only `libnvrtc` and the CUDA headers (`cuda_bf16.h` is not bundled with NVRTC).
 //!
+//! The kernels a cubin holds are read from its ELF symbol table ([`entry_points`]), never from the
+//! log: NVRTC ≥ 12.9 can serve a program from the driver's compute cache, and a cache hit prints no
+//! ptxas report. A compile that wants the report (`verbose_ptxas`) passes `--no-cache`.
+//!
 //! The safe `cudarc::nvrtc::compile_ptx` panics when NVRTC is missing, returns no log on success
 //! and no cubin, so this talks to `cudarc::nvrtc::sys` directly and checks for the library first.
 
@@ -22,8 +26,34 @@ pub struct Compiled {
     pub cubin: Vec<u8>,
     /// NVRTC's log (warnings and, with `--ptxas-options=-v`, the ptxas report).
     pub log: String,
-    /// Per-kernel registers, spills and shared memory parsed from the log.
+    /// Per-kernel registers, spills and shared memory parsed from the log (empty without
+    /// `verbose_ptxas`).
     pub stats: Vec<KernelStats>,
+    /// The kernels (`extern "C" __global__` entry points) in `cubin`, in symbol-table order.
+    pub entry_points: Vec<String>,
+}
+
+/// ELF `st_other` bit that marks a CUDA kernel entry point (`STO_CUDA_ENTRY`); device functions
+/// that were not inlined are `FUNC` symbols without it.
+const STO_CUDA_ENTRY: u8 = 0x10;
+
+/// The kernel entry points of a cubin: its global `FUNC` symbols flagged `STO_CUDA_ENTRY`. An error
+/// names what is wrong when `cubin` is not an ELF file.
+pub fn entry_points(cubin: &[u8]) -> Result<Vec<String>> {
+    use object::{Object, ObjectSymbol, SymbolFlags, SymbolKind};
+    let file = object::File::parse(cubin).context("cubin is not an ELF object")?;
+    let mut out = Vec::new();
+    for sym in file.symbols() {
+        let entry = matches!(sym.flags(), SymbolFlags::Elf { st_other, .. } if st_other.0 & STO_CUDA_ENTRY != 0);
+        if sym.kind() == SymbolKind::Text && sym.is_global() && entry {
+            out.push(
+                sym.name()
+                    .context("cubin symbol name is not UTF-8")?
+                    .to_string(),
+            );
+        }
+    }
+    Ok(out)
 }
 
 /// `Err` (never a panic) when `libnvrtc` cannot be loaded.
@@ -69,7 +99,9 @@ pub fn options(arch: &str, include_dirs: &[PathBuf], verbose_ptxas: bool) -> Vec
         "--device-as-default-execution-space".to_string(),
     ];
     if verbose_ptxas {
+        // A program served from NVRTC's cache prints no ptxas report.
         o.push("--ptxas-options=-v".to_string());
+        o.push("--no-cache".to_string());
     }
     for d in include_dirs {
         o.push(format!("--include-path={}", d.display()));
@@ -158,12 +190,14 @@ fn compile_program(
         );
     }
     let stats = kernels::parse_ptxas_log(&log);
+    let entry_points = entry_points(&cubin).with_context(|| format!("{file} ({arch})"))?;
     Ok(Compiled {
         file: file.to_string(),
         arch: arch.to_string(),
         cubin,
         log,
         stats,
+        entry_points,
     })
 }
 
