@@ -40,6 +40,10 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    // SIGINT/SIGTERM remove every temp file and directory still being written, then exit.
+    if let Err(e) = zhllama::util::cleanup::install_signal_cleanup() {
+        eprintln!("warning: {e:#}");
+    }
     let result = match cli.command {
         Command::Demo(a) => cli::demo::run(a),
         Command::Train(a) => cli::train::run(a),

@@ -74,6 +74,9 @@ fn read_text(p: &Path) -> Result<String> {
 }
 
 fn run(a: Args) -> Result<()> {
+    let inputs: Vec<(&str, &std::path::Path)> =
+        a.input.iter().map(|p| ("input", p.as_path())).collect();
+    zhllama::util::output::check_output_file("--output", &a.output, &inputs)?;
     let files = corpus_files(&a.input)?;
     let texts = files
         .iter()
@@ -114,6 +117,10 @@ fn run(a: Args) -> Result<()> {
 }
 
 fn main() {
+    // SIGINT/SIGTERM remove every temp file still being written, then exit.
+    if let Err(e) = zhllama::util::cleanup::install_signal_cleanup() {
+        eprintln!("warning: {e:#}");
+    }
     if let Err(e) = run(Args::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -125,7 +125,7 @@ pub fn run(args: Args) -> Result<()> {
             let m = sft::build_sft(&enc, &a.input, &a.output, &cfg)?;
             let skipped: u64 = m.files.iter().flat_map(|f| f.skipped.values()).sum();
             eprintln!(
-                "{}: {} examples, {} tokens ({} with labels), {} truncated to {}, pad id {}{}",
+                "{}: {} examples, {} tokens ({} with labels), {} truncated to {}, pad id {}{}{}",
                 a.output.display(),
                 m.examples,
                 m.tokens,
@@ -133,6 +133,14 @@ pub fn run(args: Args) -> Result<()> {
                 m.truncated_examples,
                 m.max_len,
                 m.pad_id,
+                if m.no_target_dropped > 0 {
+                    format!(
+                        "; dropped {} examples with no target token left after truncation",
+                        m.no_target_dropped
+                    )
+                } else {
+                    String::new()
+                },
                 if skipped > 0 {
                     format!("; skipped {skipped} malformed records (see manifest.json)")
                 } else {

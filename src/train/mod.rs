@@ -8,6 +8,7 @@ pub mod dryrun;
 pub mod loss_scale;
 pub mod metrics;
 pub mod plot;
+pub mod rundir;
 pub mod schedule;
 pub mod setup;
 pub mod trainer;
