@@ -267,6 +267,29 @@ impl<B: Backend> Llama<B> {
                 );
             }
         }
+        // Every tensor the config implies must be present with its shape before anything is
+        // allocated: a config.json with enormous sizes fails here, naming the tensor.
+        for e in layout.entries() {
+            if matches!(e.kind, Kind::LoraA { .. } | Kind::LoraB { .. }) {
+                continue;
+            }
+            match ck.info(&e.name) {
+                None => bail!(
+                    "{}: missing tensor {} (config.json implies shape {:?})",
+                    dir.display(),
+                    e.name,
+                    e.shape
+                ),
+                Some(info) if info.shape != e.shape => bail!(
+                    "{}: tensor {} has shape {:?}, config.json implies {:?}",
+                    ck.file_of(&e.name).unwrap().display(),
+                    e.name,
+                    info.shape,
+                    e.shape
+                ),
+                Some(_) => {}
+            }
+        }
         Self::new(backend, config, spec, |e, out| {
             if matches!(e.kind, Kind::LoraA { .. } | Kind::LoraB { .. }) {
                 return Ok(false);

@@ -213,6 +213,14 @@ impl Checkpoint {
             );
         }
         convert_into(bytes, info.dtype, out);
+        // A NaN or Inf weight would only show up later as a null loss or garbage text.
+        if let Some(i) = out.iter().position(|x| !x.is_finite()) {
+            bail!(
+                "{}: tensor {name} holds a non-finite value ({}) at element {i}",
+                path.display(),
+                out[i]
+            );
+        }
         Ok(())
     }
 

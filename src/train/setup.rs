@@ -155,8 +155,20 @@ pub fn save_outputs<B: Backend>(
     base: &Path,
 ) -> Result<std::path::PathBuf> {
     let host = model.download_params()?;
-    let finite = host.trainable.iter().all(|x| x.is_finite());
-    ensure!(finite, "refusing to write non-finite weights");
+    let bad = host.trainable.iter().position(|x| !x.is_finite());
+    if let Some(i) = bad {
+        let name = model
+            .layout()
+            .entries()
+            .iter()
+            .find(|e| e.group == crate::model::params::Group::Trainable && e.range.contains(&i))
+            .map_or("?".to_string(), |e| e.name.clone());
+        anyhow::bail!(
+            "refusing to write non-finite weights: tensor {name} went non-finite during training; the likely cause is learning_rate = {} (with max_grad_norm = {}): lower it",
+            cfg.learning_rate,
+            cfg.max_grad_norm
+        );
+    }
     if model.lora().is_some() {
         let dir = output.join("adapter");
         crate::model::peft::save_adapter(
