@@ -9,15 +9,33 @@ use std::path::{Path, PathBuf};
 
 pub const LOCK_FILE: &str = ".lock";
 
-/// Held for as long as the value lives.
+/// Held for as long as the value lives. Dropped before the run wrote anything (an input failed
+/// its checks), it removes the lock file, and the directory if the lock created it, so a refused
+/// run leaves nothing behind.
 pub struct RunLock {
     _file: std::fs::File,
     path: PathBuf,
+    dir: PathBuf,
+    created_dir: bool,
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let only_lock = std::fs::read_dir(&self.dir)
+            .is_ok_and(|mut it| it.all(|e| e.is_ok_and(|e| e.file_name() == LOCK_FILE)));
+        if only_lock {
+            let _ = std::fs::remove_file(&self.path);
+            if self.created_dir {
+                let _ = std::fs::remove_dir(&self.dir);
+            }
+        }
+    }
 }
 
 impl RunLock {
     /// Create `dir` if needed and lock it, or fail naming the directory and the holder's pid.
     pub fn acquire(dir: &Path) -> Result<RunLock> {
+        let created_dir = !dir.exists();
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let path = dir.join(LOCK_FILE);
         let mut file = std::fs::OpenOptions::new()
@@ -46,7 +64,12 @@ impl RunLock {
         file.rewind()?;
         write!(file, "{}", std::process::id())?;
         file.sync_all().ok();
-        Ok(RunLock { _file: file, path })
+        Ok(RunLock {
+            _file: file,
+            path,
+            dir: dir.to_path_buf(),
+            created_dir,
+        })
     }
 
     pub fn path(&self) -> &Path {
