@@ -57,7 +57,7 @@ fn main() {
     };
     if let Err(e) = result {
         // One line: the context chain joined by ": ", naming the file/line/tensor at fault.
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", zhllama::util::error_line(&e));
         std::process::exit(1);
     }
 }

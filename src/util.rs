@@ -40,3 +40,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     guard.disarm();
     Ok(())
 }
+
+/// An error as the one line the binaries print: the context chain joined by ": ", with the
+/// line breaks some parsers put in their messages (TOML, JSON excerpts) folded into " | ".
+pub fn error_line(e: &anyhow::Error) -> String {
+    format!("{e:#}")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" | ")
+}

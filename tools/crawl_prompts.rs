@@ -243,7 +243,7 @@ fn main() {
     let cfg = match config(&args) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", zhllama::util::error_line(&e));
             std::process::exit(2);
         }
     };
@@ -298,7 +298,7 @@ fn main() {
         }
         Err(e) => {
             eprintln!("{}", last_stats.lock().unwrap().summary());
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", zhllama::util::error_line(&e));
             std::process::exit(1);
         }
     }

@@ -61,7 +61,7 @@ fn main() {
             );
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", zhllama::util::error_line(&e));
             std::process::exit(1);
         }
     }

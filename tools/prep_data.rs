@@ -179,7 +179,7 @@ fn main() {
         eprintln!("warning: {e:#}");
     }
     if let Err(e) = run(Args::parse()) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", zhllama::util::error_line(&e));
         std::process::exit(1);
     }
 }

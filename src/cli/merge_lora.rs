@@ -1,6 +1,6 @@
 //! `zhllama merge-lora --base DIR --adapter DIR [--adapter DIR ...] --output DIR`.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -36,6 +36,8 @@ pub fn run(args: Args) -> Result<()> {
         &inputs,
         args.overwrite,
     )?;
+    zhllama::model::llama::check_model_dir(&args.base)
+        .with_context(|| format!("--base {}", args.base.display()))?;
     let adapters = args
         .adapter
         .iter()

@@ -276,6 +276,9 @@ fn train<B: zhllama::backend::Backend>(
     // Held until the run ends: no second run writes this directory meanwhile.
     let _run_lock = zhllama::train::rundir::prepare(output, &inputs, start, comm.rank() == 0)?;
     let data = Data::open(data_dir)?;
+    if let Some(t) = &args.tokenizer {
+        zhllama::train::identity::check_tokenizer_matches_data(t, data_dir)?;
+    }
     if (args.stage == Stage::Sft) != data.is_sft() {
         bail!(
             "stage {} needs {} data, {} holds {} data",
@@ -342,6 +345,12 @@ fn train<B: zhllama::backend::Backend>(
             comm.world_size(),
             cfg.accumulation_steps(comm.world_size())?
         );
+    }
+    // Recorded (fresh run) or compared (resume) once every input has loaded.
+    if comm.rank() == 0 {
+        use zhllama::train::identity::{RunIdentity, record_or_check};
+        let now = RunIdentity::compute(model_dir, args.tokenizer.as_deref(), data_dir)?;
+        record_or_check(output, &now, start == zhllama::train::rundir::Start::Resume)?;
     }
     let mut t = trainer::Trainer::new(
         model,

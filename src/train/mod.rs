@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod dryrun;
+pub mod identity;
 pub mod loss_scale;
 pub mod metrics;
 pub mod plot;

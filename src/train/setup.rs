@@ -93,6 +93,8 @@ pub fn load_model<B: Backend>(
     tok_vocab: usize,
     tokenizers: Option<ResizeTokenizers<'_>>,
 ) -> Result<Llama<B>> {
+    // config.json against the tensors before anything is allocated (enormous sizes, wrong shapes).
+    crate::model::llama::check_model_dir(dir)?;
     let mut config = LlamaConfig::load(&dir.join("config.json"))?;
     check_vocab_pair(stage, config.vocab_size, tok_vocab)?;
     let old_vocab = config.vocab_size;

@@ -1,10 +1,10 @@
 //! The run lock: an exclusive advisory lock (`flock`) on `<run dir>/.lock`, held for the whole
 //! training run, so two runs never write one output directory. The kernel drops the lock when its
-//! process dies, so a stale lock file of a dead run is simply taken over; the pid written into the
-//! file only serves the error message.
+//! process dies, so a stale lock file of a dead run is simply taken over. The file stays empty and
+//! is never rewritten (a resumed run leaves it byte-identical); it is removed only when the run
+//! that created it wrote nothing else.
 
 use anyhow::{Context, Result, bail};
-use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 pub const LOCK_FILE: &str = ".lock";
@@ -38,7 +38,7 @@ impl RunLock {
         let created_dir = !dir.exists();
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let path = dir.join(LOCK_FILE);
-        let mut file = std::fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
@@ -48,22 +48,15 @@ impl RunLock {
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
                 bail!(
-                    "{} is in use by another training run (pid {}); wait for it to finish or choose another --output",
-                    dir.display(),
-                    holder.trim()
+                    "{} is in use by another training run; wait for it to finish or choose another --output",
+                    dir.display()
                 );
             }
             Err(std::fs::TryLockError::Error(e)) => {
                 return Err(e).with_context(|| format!("cannot lock {}", path.display()));
             }
         }
-        file.set_len(0)?;
-        file.rewind()?;
-        write!(file, "{}", std::process::id())?;
-        file.sync_all().ok();
         Ok(RunLock {
             _file: file,
             path,

@@ -80,6 +80,7 @@ pub fn is_run_dir(dir: &Path) -> bool {
     entries.filter_map(|e| e.ok()).any(|e| {
         let n = e.file_name().to_string_lossy().into_owned();
         n == "metrics.jsonl"
+            || n == "run_identity.json"
             || n == "adapter"
             || n == "model"
             || n.strip_prefix("checkpoint-")
