@@ -112,9 +112,12 @@ pub fn read(path: &Path) -> Result<Vec<Record>> {
     Ok(out)
 }
 
-/// Every parseable record of a `metrics.jsonl`, and the (1-based line, reason) of each line that
-/// is not one (a torn last line, a line some other program appended).
-pub fn read_lenient(path: &Path) -> Result<(Vec<Record>, Vec<(usize, String)>)> {
+/// (1-based line number, why it is not a record) of each line [`read_lenient`] dropped.
+pub type DroppedLines = Vec<(usize, String)>;
+
+/// Every parseable record of a `metrics.jsonl`, and the lines that are not one (a torn last line,
+/// a line some other program appended).
+pub fn read_lenient(path: &Path) -> Result<(Vec<Record>, DroppedLines)> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let text = String::from_utf8_lossy(&bytes);
     let mut out = Vec::new();

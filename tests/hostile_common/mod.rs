@@ -362,7 +362,7 @@ pub fn check(fx: &Fixture, c: &Case) {
         c.name
     );
     assert_eq!(
-        stderr.lines().filter(|l| !l.trim().is_empty()).last(),
+        stderr.lines().rfind(|l| !l.trim().is_empty()),
         Some(errors[0]),
         "[{}] the error is not the last line: {stderr}",
         c.name
