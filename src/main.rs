@@ -42,6 +42,10 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    // SIGINT/SIGTERM remove every temp file and directory still being written, then exit.
+    if let Err(e) = zhllama::util::cleanup::install_signal_cleanup() {
+        eprintln!("warning: {e:#}");
+    }
     let result = match cli.command {
         Command::Demo(a) => cli::demo::run(a),
         Command::Train(a) => cli::train::run(a),
@@ -56,7 +60,7 @@ fn main() {
     };
     if let Err(e) = result {
         // One line: the context chain joined by ": ", naming the file/line/tensor at fault.
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", zhllama::util::error_line(&e));
         std::process::exit(1);
     }
 }

@@ -127,7 +127,63 @@ fn secs(name: &str, v: f64) -> Result<Duration> {
         .map_err(|_| anyhow::anyhow!("--{name} must be a non-negative number of seconds, got {v}"))
 }
 
+/// Every numeric flag against its range, and the output against the inputs, before any request.
+fn validate(a: &Args) -> Result<()> {
+    let count = |name: &str, v: u64| -> Result<()> {
+        if v == 0 {
+            bail!("--{name} 0 is out of range: expected an integer ≥ 1");
+        }
+        Ok(())
+    };
+    let real = |name: &str, v: f64, lo: f64, lo_open: bool, hi: f64| -> Result<()> {
+        let ok = v.is_finite() && (if lo_open { v > lo } else { v >= lo }) && v <= hi;
+        if !ok {
+            bail!(
+                "--{name} {v} is out of range: expected a finite number in {}{lo}, {hi}]",
+                if lo_open { "(" } else { "[" }
+            );
+        }
+        Ok(())
+    };
+    count("target", a.target)?;
+    count("concurrency", a.concurrency as u64)?;
+    count("items-per-request", a.items_per_request as u64)?;
+    if let Some(m) = a.max_tokens {
+        count("max-tokens", m as u64)?;
+    }
+    if let Some(r) = a.rpm {
+        real("rpm", r, 0.0, true, f64::MAX)?;
+    }
+    if let Some(t) = a.tpm {
+        real("tpm", t, 0.0, true, f64::MAX)?;
+    }
+    real("temperature", a.temperature, 0.0, false, 2.0)?;
+    real("rouge-threshold", a.rouge_threshold, 0.0, true, 1.0)?;
+    let mut inputs: Vec<(&str, &std::path::Path)> = Vec::new();
+    for (flag, p) in [
+        ("--api-key-file", &a.api_key_file),
+        ("--prompt-template", &a.prompt_template),
+        ("--topics-file", &a.topics_file),
+        ("--blacklist-file", &a.blacklist_file),
+    ] {
+        if let Some(p) = p {
+            inputs.push((flag, p.as_path()));
+        }
+    }
+    zhllama::util::output::check_output_file("--output", &a.output, &inputs)?;
+    if let Some(r) = &a.raw_log {
+        zhllama::util::output::check_output_file("--raw-log", r, &inputs)?;
+        anyhow::ensure!(
+            zhllama::util::output::resolve(r) != zhllama::util::output::resolve(&a.output),
+            "--raw-log {} is the same file as --output; give two paths",
+            r.display()
+        );
+    }
+    Ok(())
+}
+
 fn config(a: &Args) -> Result<CrawlConfig> {
+    validate(a)?;
     let mut c = CrawlConfig::new(&a.base_url, &a.model, &a.output);
     c.api_key = match &a.api_key_file {
         Some(p) => {
@@ -187,7 +243,7 @@ fn main() {
     let cfg = match config(&args) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", zhllama::util::error_line(&e));
             std::process::exit(2);
         }
     };
@@ -242,7 +298,7 @@ fn main() {
         }
         Err(e) => {
             eprintln!("{}", last_stats.lock().unwrap().summary());
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", zhllama::util::error_line(&e));
             std::process::exit(1);
         }
     }

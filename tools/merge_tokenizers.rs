@@ -22,16 +22,35 @@ struct Args {
     /// Append a `[PAD]` piece (the Chinese-Alpaca tokenizer, 49954 pieces).
     #[arg(long)]
     add_pad: bool,
+    /// Replace an existing --output-dir that does not hold a tokenizer.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 fn main() {
     let a = Args::parse();
-    match zhllama::vocab::merge_tokenizers(
-        &a.llama_tokenizer_dir,
-        &a.chinese_sp_model_file,
-        &a.output_dir,
-        a.add_pad,
-    ) {
+    let result = zhllama::util::cleanup::install_signal_cleanup()
+        .and_then(|()| {
+            zhllama::util::check_output(
+                "--output-dir",
+                &a.output_dir,
+                zhllama::util::OutputKind::Tokenizer,
+                &[
+                    ("--llama-tokenizer-dir", &a.llama_tokenizer_dir),
+                    ("--chinese-sp-model-file", &a.chinese_sp_model_file),
+                ],
+                a.overwrite,
+            )
+        })
+        .and_then(|()| {
+            zhllama::vocab::merge_tokenizers(
+                &a.llama_tokenizer_dir,
+                &a.chinese_sp_model_file,
+                &a.output_dir,
+                a.add_pad,
+            )
+        });
+    match result {
         Ok(st) => {
             println!(
                 "appended {} pieces, skipped {} already present; final size {} -> {}",
@@ -42,7 +61,7 @@ fn main() {
             );
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", zhllama::util::error_line(&e));
             std::process::exit(1);
         }
     }

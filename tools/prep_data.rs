@@ -119,6 +119,21 @@ fn run(a: Args) -> Result<()> {
         .stats
         .or(recipe.stats.clone())
         .unwrap_or_else(|| output.with_extension("stats.json"));
+    let mut inputs: Vec<(&str, &std::path::Path)> = recipe
+        .sources
+        .iter()
+        .flat_map(|s| s.files.iter().map(|f| (s.name.as_str(), f.as_path())))
+        .collect();
+    if let Some(c) = &a.config {
+        inputs.push(("--config", c));
+    }
+    zhllama::util::output::check_output_file("--output", &output, &inputs)?;
+    zhllama::util::output::check_output_file("--stats", &stats_path, &inputs)?;
+    anyhow::ensure!(
+        zhllama::util::output::resolve(&stats_path) != zhllama::util::output::resolve(&output),
+        "--stats {} is the same file as --output; give two paths",
+        stats_path.display()
+    );
     let cfg = MixConfig {
         seed: a.seed.or(recipe.seed).unwrap_or(42),
         skip_bad: a.skip_bad || recipe.skip_bad.unwrap_or(false),
@@ -159,8 +174,12 @@ fn run(a: Args) -> Result<()> {
 }
 
 fn main() {
+    // SIGINT/SIGTERM remove every temp file still being written, then exit.
+    if let Err(e) = zhllama::util::cleanup::install_signal_cleanup() {
+        eprintln!("warning: {e:#}");
+    }
     if let Err(e) = run(Args::parse()) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", zhllama::util::error_line(&e));
         std::process::exit(1);
     }
 }

@@ -74,6 +74,23 @@ fn read_text(p: &Path) -> Result<String> {
 }
 
 fn run(a: Args) -> Result<()> {
+    let inputs: Vec<(&str, &std::path::Path)> =
+        a.input.iter().map(|p| ("input", p.as_path())).collect();
+    zhllama::util::output::check_output_file("--output", &a.output, &inputs)?;
+    anyhow::ensure!(
+        a.character_coverage > 0.0 && a.character_coverage <= 1.0,
+        "--character-coverage {} is out of range: expected a number in (0, 1]",
+        a.character_coverage
+    );
+    anyhow::ensure!(
+        a.max_piece_length >= 1,
+        "--max-piece-length 0 is out of range: expected an integer ≥ 1"
+    );
+    anyhow::ensure!(
+        a.vocab_size >= 4,
+        "--vocab-size {} is out of range: expected an integer ≥ 4 (3 special pieces and one more)",
+        a.vocab_size
+    );
     let files = corpus_files(&a.input)?;
     let texts = files
         .iter()
@@ -114,8 +131,12 @@ fn run(a: Args) -> Result<()> {
 }
 
 fn main() {
+    // SIGINT/SIGTERM remove every temp file still being written, then exit.
+    if let Err(e) = zhllama::util::cleanup::install_signal_cleanup() {
+        eprintln!("warning: {e:#}");
+    }
     if let Err(e) = run(Args::parse()) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", zhllama::util::error_line(&e));
         std::process::exit(1);
     }
 }

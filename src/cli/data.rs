@@ -66,9 +66,37 @@ struct SftArgs {
     quiet: bool,
 }
 
+/// The output must be a new directory, never one of the inputs.
+fn check_io(
+    output: &std::path::Path,
+    tokenizer: &std::path::Path,
+    input: &[PathBuf],
+) -> Result<()> {
+    let mut inputs: Vec<(&str, &std::path::Path)> = vec![("--tokenizer", tokenizer)];
+    inputs.extend(input.iter().map(|p| ("--input", p.as_path())));
+    zhllama::util::output::check_not_input("--output", output, &inputs)?;
+    anyhow::ensure!(
+        !output.exists(),
+        "--output {} already exists; remove it or choose another path",
+        output.display()
+    );
+    Ok(())
+}
+
 pub fn run(args: Args) -> Result<()> {
     match args.command {
         Command::Pretrain(a) => {
+            anyhow::ensure!(
+                a.block_size >= 2,
+                "--block-size {} is out of range: expected an integer ≥ 2 (a block trains on next-token pairs)",
+                a.block_size
+            );
+            anyhow::ensure!(
+                (0.0..1.0).contains(&a.validation_fraction),
+                "--validation-fraction {} is out of range: expected a number in [0, 1)",
+                a.validation_fraction
+            );
+            check_io(&a.output, &a.tokenizer, &a.input)?;
             let enc = TokenizerEncoder::load(&a.tokenizer)?;
             let files = pretrain::collect_inputs(&a.input)?;
             let cfg = PretrainConfig {
@@ -113,6 +141,12 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
         Command::Sft(a) => {
+            anyhow::ensure!(
+                a.max_len >= 2,
+                "--max-len {} is out of range: expected an integer ≥ 2 (a prompt token and a target)",
+                a.max_len
+            );
+            check_io(&a.output, &a.tokenizer, &a.input)?;
             let enc = TokenizerEncoder::load(&a.tokenizer)?;
             let cfg = SftConfig {
                 max_len: a.max_len,
@@ -125,7 +159,7 @@ pub fn run(args: Args) -> Result<()> {
             let m = sft::build_sft(&enc, &a.input, &a.output, &cfg)?;
             let skipped: u64 = m.files.iter().flat_map(|f| f.skipped.values()).sum();
             eprintln!(
-                "{}: {} examples, {} tokens ({} with labels), {} truncated to {}, pad id {}{}",
+                "{}: {} examples, {} tokens ({} with labels), {} truncated to {}, pad id {}{}{}",
                 a.output.display(),
                 m.examples,
                 m.tokens,
@@ -133,6 +167,14 @@ pub fn run(args: Args) -> Result<()> {
                 m.truncated_examples,
                 m.max_len,
                 m.pad_id,
+                if m.no_target_dropped > 0 {
+                    format!(
+                        "; dropped {} examples with no target token left after truncation",
+                        m.no_target_dropped
+                    )
+                } else {
+                    String::new()
+                },
                 if skipped > 0 {
                     format!("; skipped {skipped} malformed records (see manifest.json)")
                 } else {

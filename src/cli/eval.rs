@@ -66,6 +66,13 @@ fn run_on<B: Backend>(backend: Arc<B>, args: &Args) -> Result<()> {
     let seqs = read_tokens(&args.tokens, model.config().vocab_size)?;
     let (loss, tokens) =
         eval_loss(&model, &seqs).with_context(|| format!("{}", args.tokens.display()))?;
+    if !loss.is_finite() {
+        bail!(
+            "{}: the loss of model {} on these tokens is non-finite ({loss}); its weights are finite, so the activations overflowed",
+            args.tokens.display(),
+            args.model.display()
+        );
+    }
     println!("{}", serde_json::json!({"loss": loss, "tokens": tokens}));
     Ok(())
 }

@@ -14,6 +14,8 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let png = args.output.unwrap_or_else(|| args.run_dir.join("loss.png"));
+    let metrics = args.run_dir.join(zhllama::train::metrics::METRICS_FILE);
+    zhllama::util::output::check_output_file("--output", &png, &[("metrics", &metrics)])?;
     zhllama::train::plot::plot_run(&args.run_dir, &png)?;
     println!("{}", png.display());
     Ok(())

@@ -34,6 +34,13 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if let Some(out) = &args.output {
+        zhllama::util::output::check_output_file(
+            "--output",
+            out,
+            &[("--input", &args.input), ("--tokenizer", &args.tokenizer)],
+        )?;
+    }
     let tok = Tokenizer::load(&args.tokenizer)?;
     let bytes = std::fs::read(&args.input)
         .with_context(|| format!("cannot read {}", args.input.display()))?;

@@ -42,6 +42,9 @@ pub struct Args {
     /// Continue from this checkpoint directory (e.g. an older one when the newest is damaged).
     #[arg(long)]
     pub resume_from: Option<PathBuf>,
+    /// Start over in an --output that holds an earlier run (its checkpoints and metrics are removed).
+    #[arg(long)]
+    pub overwrite: bool,
     #[arg(long)]
     pub seed: Option<u64>,
     /// Start from this PEFT LoRA adapter (pt2, sft): its LoRA factors and its modules saved in
@@ -124,7 +127,7 @@ fn take_named_options(args: &mut Args) -> Result<()> {
             Some((n, v)) => (n.to_string(), Some(v.to_string())),
             None => (flag.clone(), None),
         };
-        let is_flag = matches!(name.as_str(), "--resume" | "--dry-run");
+        let is_flag = matches!(name.as_str(), "--resume" | "--dry-run" | "--overwrite");
         let named = matches!(
             name.as_str(),
             "--model"
@@ -147,6 +150,7 @@ fn take_named_options(args: &mut Args) -> Result<()> {
         if is_flag {
             match name.as_str() {
                 "--resume" => args.resume = true,
+                "--overwrite" => args.overwrite = true,
                 _ => args.dry_run = true,
             }
             continue;
@@ -260,7 +264,28 @@ fn train<B: zhllama::backend::Backend>(
         comm
     };
     let comm: &dyn zhllama::distributed::Comm = &*comm;
+    if args.overwrite && (args.resume || args.resume_from.is_some()) {
+        bail!("--overwrite starts over and --resume continues: give one of them");
+    }
+    let start = match (args.overwrite, args.resume || args.resume_from.is_some()) {
+        (true, _) => zhllama::train::rundir::Start::Overwrite,
+        (false, true) => zhllama::train::rundir::Start::Resume,
+        (false, false) => zhllama::train::rundir::Start::Fresh,
+    };
+    let mut inputs: Vec<(&str, &std::path::Path)> =
+        vec![("--model", model_dir), ("--data", data_dir)];
+    if let Some(t) = &args.tokenizer {
+        inputs.push(("--tokenizer", t));
+    }
+    if let Some(t) = &args.base_tokenizer {
+        inputs.push(("--base-tokenizer", t));
+    }
+    // Held until the run ends: no second run writes this directory meanwhile.
+    let _run_lock = zhllama::train::rundir::prepare(output, &inputs, start, comm.rank() == 0)?;
     let data = Data::open(data_dir)?;
+    if let Some(t) = &args.tokenizer {
+        zhllama::train::identity::check_tokenizer_matches_data(t, data_dir)?;
+    }
     if (args.stage == Stage::Sft) != data.is_sft() {
         bail!(
             "stage {} needs {} data, {} holds {} data",
@@ -349,6 +374,12 @@ fn train<B: zhllama::backend::Backend>(
             comm.world_size(),
             cfg.accumulation_steps(comm.world_size())?
         );
+    }
+    // Recorded (fresh run) or compared (resume) once every input has loaded.
+    if comm.rank() == 0 {
+        use zhllama::train::identity::{RunIdentity, record_or_check};
+        let now = RunIdentity::compute(model_dir, args.tokenizer.as_deref(), data_dir)?;
+        record_or_check(output, &now, start == zhllama::train::rundir::Start::Resume)?;
     }
     let mut t = trainer::Trainer::new(
         model,

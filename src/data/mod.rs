@@ -264,16 +264,15 @@ pub fn write_dir_atomic(
             .with_context(|| format!("cannot create {}", parent.display()))?;
     }
     let tmp = crate::util::temp_path(dir);
+    // Removed on an error return, a panic unwinding through here, or SIGINT/SIGTERM.
+    let guard = crate::util::TempGuard::new(&tmp);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).ok();
     }
     std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    match build(&tmp) {
-        Ok(()) => std::fs::rename(&tmp, dir)
-            .with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display())),
-        Err(e) => {
-            std::fs::remove_dir_all(&tmp).ok();
-            Err(e)
-        }
-    }
+    build(&tmp)?;
+    std::fs::rename(&tmp, dir)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
+    guard.disarm();
+    Ok(())
 }

@@ -153,6 +153,10 @@ pub struct SftManifest {
     /// Tokens with a label (not -100).
     pub target_tokens: u64,
     pub truncated_examples: u64,
+    /// Examples with no target token left after truncation (the prompt fills `max_len`): they
+    /// would train nothing, so they are counted here and dropped.
+    #[serde(default)]
+    pub no_target_dropped: u64,
     pub max_len: usize,
     /// `len(tokenizer)`, the pad included.
     pub vocab_size: usize,
@@ -191,6 +195,7 @@ pub fn build_sft<E: Encoder + ?Sized>(
             tokens: 0,
             target_tokens: 0,
             truncated_examples: 0,
+            no_target_dropped: 0,
             max_len: cfg.max_len,
             vocab_size,
             token_dtype: if token_bytes_for(vocab_size) == 2 {
@@ -220,24 +225,38 @@ pub fn build_sft<E: Encoder + ?Sized>(
                 .par_iter()
                 .map(|r| build_example(&hf, &r.value, cfg.max_len))
                 .collect();
+            let mut kept = 0u64;
             for (e, r) in examples.iter().zip(&records) {
+                if e.input_ids.len() <= e.source_len {
+                    m.no_target_dropped += 1;
+                    continue;
+                }
+                kept += 1;
                 w.push_example(&e.input_ids, e.source_len)
                     .with_context(|| format!("{}:{}", path.display(), r.line))?;
                 m.tokens += e.input_ids.len() as u64;
                 m.target_tokens += (e.input_ids.len() - e.source_len) as u64;
                 m.truncated_examples += e.truncated as u64;
             }
-            st.examples = examples.len() as u64;
+            st.examples = kept;
             m.examples += st.examples;
             m.files.push(st);
             bar.inc(1);
         }
         bar.finish_and_clear();
-        ensure!(m.examples > 0, "no examples in the input files");
         ensure!(
-            m.target_tokens > 0,
-            "no target tokens: at max length {} every example is all prompt (every label -100, \
-             so training would run at loss 0 and learn nothing); raise --max-len",
+            m.examples + m.no_target_dropped > 0,
+            "no examples in the input files"
+        );
+        ensure!(
+            m.examples > 0,
+            "{}: no trainable example: {} examples have no target token left after truncation to --max-len {}",
+            inputs
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            m.no_target_dropped,
             cfg.max_len
         );
         w.finish()?;

@@ -253,6 +253,13 @@ pub fn generate<B: Backend>(
     };
     let mut step = Activations::new_inference(model, 1, 1)?;
     loop {
+        if let Some(i) = logits.iter().position(|x| !x.is_finite()) {
+            bail!(
+                "non-finite logit ({}) for token id {i} at position {}: the model's activations overflowed",
+                logits[i],
+                t0 + out.len()
+            );
+        }
         let next = sampler.sample(&mut logits, &seen);
         if Some(next) == eos {
             break;

@@ -267,6 +267,7 @@ impl<B: Backend> Llama<B> {
                 );
             }
         }
+        check_tensor_shapes(dir, &layout, &ck)?;
         Self::new(backend, config, spec, |e, out| {
             if matches!(e.kind, Kind::LoraA { .. } | Kind::LoraB { .. }) {
                 return Ok(false);
@@ -1660,4 +1661,40 @@ pub fn eval_loss<B: Backend>(model: &Llama<B>, seqs: &[Vec<i32>]) -> Result<(f64
         "no predicted positions (every sequence has fewer than 2 tokens)"
     );
     Ok((sum / count as f64, count))
+}
+
+/// Every tensor the config implies must be present in `ck` with its shape, checked before anything
+/// is allocated: a config.json with enormous sizes fails here, naming the tensor.
+fn check_tensor_shapes(dir: &Path, layout: &ParamLayout, ck: &Checkpoint) -> Result<()> {
+    for e in layout.entries() {
+        if matches!(e.kind, Kind::LoraA { .. } | Kind::LoraB { .. }) {
+            continue;
+        }
+        match ck.info(&e.name) {
+            None => bail!(
+                "{}: missing tensor {} (config.json implies shape {:?})",
+                dir.display(),
+                e.name,
+                e.shape
+            ),
+            Some(info) if info.shape != e.shape => bail!(
+                "{}: tensor {} has shape {:?}, config.json implies {:?}",
+                ck.file_of(&e.name).unwrap().display(),
+                e.name,
+                info.shape,
+                e.shape
+            ),
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Check a model directory's config.json against its tensors (names, shapes, sizes) without
+/// loading or allocating the weights.
+pub fn check_model_dir(dir: &Path) -> Result<()> {
+    let config = LlamaConfig::load(&dir.join("config.json"))?;
+    let ck = Checkpoint::open(dir)?;
+    let layout = ParamLayout::new(&config, &TrainSpec::frozen())?;
+    check_tensor_shapes(dir, &layout, &ck)
 }

@@ -213,6 +213,14 @@ impl Checkpoint {
             );
         }
         convert_into(bytes, info.dtype, out);
+        // A NaN or Inf weight would only show up later as a null loss or garbage text.
+        if let Some(i) = out.iter().position(|x| !x.is_finite()) {
+            bail!(
+                "{}: tensor {name} holds a non-finite value ({}) at element {i}",
+                path.display(),
+                out[i]
+            );
+        }
         Ok(())
     }
 
@@ -374,8 +382,8 @@ pub fn write_safetensors(dir: &Path, tensors: &[HostTensor<'_>], opts: SaveOptio
 }
 
 /// Write a model directory atomically: `config.json` + the weights (see [`SaveOptions`]) go to a
-/// temp sibling directory which then replaces `dir` (an existing `dir` is renamed aside first and
-/// removed after, so a crash leaves the old or the new directory, never a mix). Files other than
+/// temp sibling directory (removed on failure or signal) which then replaces `dir` through
+/// [`crate::util::replace_dir`] (the old content stays until the new is complete). Files other than
 /// config and weights already in `dir` (tokenizer files) are carried over.
 pub fn save_model_dir(
     dir: &Path,
@@ -384,6 +392,7 @@ pub fn save_model_dir(
     opts: SaveOptions,
 ) -> Result<()> {
     let tmp = crate::util::temp_path(dir);
+    let guard = crate::util::TempGuard::new(&tmp);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)
             .with_context(|| format!("cannot remove stale {}", tmp.display()))?;
@@ -417,25 +426,8 @@ pub fn save_model_dir(
         }
         Ok(())
     };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if dir.exists() {
-        let old = dir.with_file_name(format!(
-            ".{}.old.{}",
-            dir.file_name().unwrap_or_default().to_string_lossy(),
-            std::process::id()
-        ));
-        std::fs::rename(dir, &old)
-            .with_context(|| format!("cannot move {} aside", dir.display()))?;
-        std::fs::rename(&tmp, dir)
-            .with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
-        std::fs::remove_dir_all(&old)
-            .with_context(|| format!("cannot remove {}", old.display()))?;
-    } else {
-        std::fs::rename(&tmp, dir)
-            .with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
-    }
+    write()?;
+    crate::util::replace_dir(&tmp, dir)?;
+    guard.disarm();
     Ok(())
 }

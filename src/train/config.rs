@@ -303,6 +303,62 @@ impl TrainConfig {
             .join(", ")
     }
 
+    /// Every numeric key against its valid range; the message names the key, the value and the
+    /// range (`--key value` flags and TOML keys are the same names).
+    pub fn check_ranges(&self) -> Result<()> {
+        fn int(key: &str, v: u64, min: u64) -> Result<()> {
+            if v < min {
+                bail!("config key {key} = {v} is out of range: expected an integer ≥ {min}");
+            }
+            Ok(())
+        }
+        // `lo_open`/`hi_open`: whether the bound itself is excluded.
+        fn real(key: &str, v: f64, lo: f64, lo_open: bool, hi: f64, hi_open: bool) -> Result<()> {
+            let ok = v.is_finite()
+                && (if lo_open { v > lo } else { v >= lo })
+                && (if hi_open { v < hi } else { v <= hi });
+            if !ok {
+                let range = format!(
+                    "{}{lo}, {}{}",
+                    if lo_open { "(" } else { "[" },
+                    if hi == f64::INFINITY {
+                        "∞".to_string()
+                    } else {
+                        hi.to_string()
+                    },
+                    if hi_open { ")" } else { "]" }
+                );
+                bail!(
+                    "config key {key} = {v} is out of range: expected a finite number in {range}"
+                );
+            }
+            Ok(())
+        }
+        let inf = f64::INFINITY;
+        int("batch_size", self.batch_size as u64, 1)?;
+        int("micro_batch_size", self.micro_batch_size as u64, 1)?;
+        int("max_steps", self.max_steps, 1)?;
+        int("max_length", self.max_length as u64, 2)?;
+        int("world_size", self.world_size as u64, 1)?;
+        int("max_consecutive_skips", self.max_consecutive_skips, 1)?;
+        int("logging_steps", self.logging_steps, 1)?;
+        int("reduce_bucket_size", self.reduce_bucket_size as u64, 1)?;
+        // 0 is allowed: a run at learning rate 0 returns its initial weights (`--init-adapter` checks).
+        real("learning_rate", self.learning_rate, 0.0, false, inf, true)?;
+        real("warmup_ratio", self.warmup_ratio, 0.0, false, 1.0, false)?;
+        real("weight_decay", self.weight_decay, 0.0, false, inf, true)?;
+        real("adam_beta1", self.adam_beta1, 0.0, false, 1.0, true)?;
+        real("adam_beta2", self.adam_beta2, 0.0, false, 1.0, true)?;
+        real("adam_epsilon", self.adam_epsilon, 0.0, true, inf, true)?;
+        // 0 turns clipping off.
+        real("max_grad_norm", self.max_grad_norm, 0.0, false, inf, true)?;
+        real("lora_dropout", self.lora_dropout, 0.0, false, 1.0, true)?;
+        if self.lora_rank > 0 {
+            real("lora_alpha", self.lora_alpha, 0.0, true, inf, true)?;
+        }
+        Ok(())
+    }
+
     /// Micro-batches per rank per optimizer step: `batch_size / (micro_batch_size × world)`;
     /// an error when the batch does not divide evenly.
     pub fn accumulation_steps(&self, world: usize) -> Result<usize> {
@@ -330,18 +386,7 @@ impl TrainConfig {
 
     /// Check values that would otherwise fail deep inside the run.
     pub fn validate(&self) -> Result<()> {
-        if self.max_steps == 0 {
-            bail!("max_steps must be > 0");
-        }
-        if self.max_length < 2 {
-            bail!("max_length must be ≥ 2");
-        }
-        if self.reduce_bucket_size == 0 {
-            bail!("reduce_bucket_size must be > 0");
-        }
-        if !(0.0..1.0).contains(&self.lora_dropout) {
-            bail!("lora_dropout {} must be in [0, 1)", self.lora_dropout);
-        }
+        self.check_ranges()?;
         if self.lora_rank == 0 && !self.lora_targets.is_empty() {
             bail!("lora_targets set but lora_rank is 0");
         }

@@ -73,7 +73,18 @@ impl Data {
         let is_pt = v.get("block_size").is_some() && v.get("train_blocks").is_some();
         match (is_pt, is_sft) {
             (true, _) => Ok(Data::Pretrain(PretrainShards::open(dir)?)),
-            (_, true) => Ok(Data::Sft(SftShards::open(dir)?)),
+            (_, true) => {
+                let s = SftShards::open(dir)?;
+                // Training on it would run at loss 0 and learn nothing.
+                if s.manifest.target_tokens == 0 {
+                    bail!(
+                        "{}: no example has a target token (all {} are prompt only); rebuild it with a larger `data sft --max-len`",
+                        dir.display(),
+                        s.manifest.examples
+                    );
+                }
+                Ok(Data::Sft(s))
+            }
             _ => bail!(
                 "{}: neither a pre-training nor an SFT data manifest",
                 mpath.display()

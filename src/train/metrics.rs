@@ -53,12 +53,18 @@ impl MetricsWriter {
     pub fn open(dir: &Path, keep_until: Option<u64>) -> Result<Self> {
         let path = dir.join(METRICS_FILE);
         let kept = match keep_until {
-            Some(step) => read(&path)
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|r| r.step <= step)
-                .collect(),
-            None => Vec::new(),
+            // A torn or foreign line is dropped with a warning; the rest of the history is kept.
+            Some(step) if path.exists() => {
+                let (records, dropped) = read_lenient(&path)?;
+                for (line, why) in dropped {
+                    eprintln!(
+                        "warning: {}:{line}: dropped a line that is not a metrics record ({why})",
+                        path.display()
+                    );
+                }
+                records.into_iter().filter(|r| r.step <= step).collect()
+            }
+            _ => Vec::new(),
         };
         let mut text = String::new();
         for r in &kept {
@@ -107,6 +113,28 @@ pub fn read(path: &Path) -> Result<Vec<Record>> {
         }
     }
     Ok(out)
+}
+
+/// (1-based line number, why it is not a record) of each line [`read_lenient`] dropped.
+pub type DroppedLines = Vec<(usize, String)>;
+
+/// Every parseable record of a `metrics.jsonl`, and the lines that are not one (a torn last line,
+/// a line some other program appended).
+pub fn read_lenient(path: &Path) -> Result<(Vec<Record>, DroppedLines)> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let mut out = Vec::new();
+    let mut dropped = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Record>(line) {
+            Ok(r) => out.push(r),
+            Err(e) => dropped.push((i + 1, e.to_string())),
+        }
+    }
+    Ok((out, dropped))
 }
 
 /// The progress bar: `step/total`, loss, LR, tokens/s, ETA (hidden when stderr is no terminal).

@@ -187,6 +187,8 @@ pub fn load_model_init<B: Backend>(
     tokenizers: Option<ResizeTokenizers<'_>>,
     init: Option<&Adapter>,
 ) -> Result<Llama<B>> {
+    // config.json against the tensors before anything is allocated (enormous sizes, wrong shapes).
+    crate::model::llama::check_model_dir(dir)?;
     let mut config = LlamaConfig::load(&dir.join("config.json"))?;
     check_vocab_pair(stage, config.vocab_size, tok_vocab)?;
     let old_vocab = config.vocab_size;
@@ -291,8 +293,20 @@ pub fn save_outputs<B: Backend>(
     base: &Path,
 ) -> Result<std::path::PathBuf> {
     let host = model.download_params()?;
-    let finite = host.trainable.iter().all(|x| x.is_finite());
-    ensure!(finite, "refusing to write non-finite weights");
+    let bad = host.trainable.iter().position(|x| !x.is_finite());
+    if let Some(i) = bad {
+        let name = model
+            .layout()
+            .entries()
+            .iter()
+            .find(|e| e.group == crate::model::params::Group::Trainable && e.range.contains(&i))
+            .map_or("?".to_string(), |e| e.name.clone());
+        anyhow::bail!(
+            "refusing to write non-finite weights: tensor {name} went non-finite during training; the likely cause is learning_rate = {} (with max_grad_norm = {}): lower it",
+            cfg.learning_rate,
+            cfg.max_grad_norm
+        );
+    }
     if model.lora().is_some() {
         let dir = output.join("adapter");
         crate::model::peft::save_adapter(

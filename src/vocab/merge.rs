@@ -43,8 +43,9 @@ pub fn merge_models(base: &mut ModelProto, extra: &ModelProto, add_pad: bool) ->
 }
 
 /// Write `files` (name → bytes) as directory `out_dir`, whole or not at all: everything goes into
-/// a temp directory beside it (fsynced), which is then renamed into place. An existing `out_dir`
-/// is replaced (moved aside first, removed after the swap).
+/// a temp directory beside it (fsynced, removed on failure or signal), which then replaces
+/// `out_dir` through [`crate::util::replace_dir`] (the old content stays until the new is complete).
+/// Callers check the output first with [`crate::util::check_output`].
 pub fn write_dir_atomic(out_dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
     let name = out_dir
         .file_name()
@@ -58,37 +59,22 @@ pub fn write_dir_atomic(out_dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<()>
     std::fs::create_dir_all(&parent)
         .with_context(|| format!("cannot create {}", parent.display()))?;
     let tmp = parent.join(format!(".{name}.tmp.{}", std::process::id()));
-    let result = (|| -> Result<()> {
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
-        }
-        std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        for (file, bytes) in files {
-            let p = tmp.join(file);
-            let mut f = std::fs::File::create(&p)
-                .with_context(|| format!("cannot create {}", p.display()))?;
-            f.write_all(bytes)
-                .with_context(|| format!("cannot write {}", p.display()))?;
-            f.sync_all()?;
-        }
-        if out_dir.exists() {
-            let old = parent.join(format!(".{name}.old.{}", std::process::id()));
-            std::fs::rename(out_dir, &old)
-                .with_context(|| format!("cannot move aside {}", out_dir.display()))?;
-            std::fs::rename(&tmp, out_dir)
-                .with_context(|| format!("cannot rename into {}", out_dir.display()))?;
-            std::fs::remove_dir_all(&old)
-                .with_context(|| format!("cannot remove {}", old.display()))?;
-        } else {
-            std::fs::rename(&tmp, out_dir)
-                .with_context(|| format!("cannot rename into {}", out_dir.display()))?;
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
+    let guard = crate::util::TempGuard::new(&tmp);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
     }
-    result
+    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    for (file, bytes) in files {
+        let p = tmp.join(file);
+        let mut f =
+            std::fs::File::create(&p).with_context(|| format!("cannot create {}", p.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+        f.sync_all()?;
+    }
+    crate::util::replace_dir(&tmp, out_dir)?;
+    guard.disarm();
+    Ok(())
 }
 
 /// Read a SentencePiece model from a `.model` file or a directory holding `tokenizer.model`.
