@@ -178,6 +178,14 @@ __device__ void attention_forward_v1(T* __restrict__ out, float* __restrict__ ls
                                      int hkv, const float* inv_freq, int pos_offset) {
     __shared__ __align__(16) float Ks[ATT_ROWS * D];
     __shared__ __align__(16) float Vs[ATT_ROWS * D];
+    // The frequency table in shared memory: the K tiles of the main loop read it from there, so no
+    // global pointer stays live across the loop (it cost 3 spilled registers on sm_80).
+    __shared__ float invf[D / 2];
+    const bool rope = inv_freq != nullptr;
+    if (rope) {
+        for (int i = threadIdx.x; i < D / 2; i += ATT_THREADS) invf[i] = inv_freq[i];
+        __syncthreads();
+    }
     constexpr int NE = D / 16;
     const int q0 = blockIdx.x * ATT_ROWS;
     const int bi = blockIdx.y / h, hi = blockIdx.y % h, kvh = hi / (h / hkv);
@@ -189,7 +197,7 @@ __device__ void attention_forward_v1(T* __restrict__ out, float* __restrict__ ls
     zero_row<D>(acc);
     if (qi < t) {
         load_row<T, D>(qr, q + (((long long)bi * t + qi) * h + hi) * D, sub);
-        if (inv_freq != nullptr) rope_row<D>(qr, sub, pos_offset + qi, inv_freq, 1.0f);
+        if (rope) rope_row<D>(qr, sub, pos_offset + qi, invf, 1.0f);
     } else {
         zero_row<D>(qr);
     }
@@ -207,7 +215,11 @@ __device__ void attention_forward_v1(T* __restrict__ out, float* __restrict__ ls
     const int kend = min(t, q0 + ATT_ROWS);
     for (int k0 = 0; k0 < kend; k0 += ATT_ROWS) {
         __syncthreads();
-        load_tile<T, D>(Ks, kbase, kv_ld, k0, t, inv_freq, pos_offset);
+        if (rope) {
+            load_tile<T, D>(Ks, kbase, kv_ld, k0, t, invf, pos_offset);
+        } else {
+            load_tile<T, D>(Ks, kbase, kv_ld, k0, t, nullptr, 0);
+        }
         load_tile<T, D>(Vs, vbase, kv_ld, k0, t, nullptr, 0);
         __syncthreads();
         float s[ATT_ROWS];

@@ -38,7 +38,7 @@ fi
 python3 -m pip install -q sentencepiece==0.2.3
 # NCCL's clear-error and version tests (tests/cuda_nccl.rs) open the library of PyTorch's wheel.
 python3 -m pip install -q --disable-pip-version-check nvidia-nccl-cu13==2.32.3
-# data (issue 4): the pinned Python oracle for the data parity tests, in its own venv so other
+# data: the pinned Python oracle for the data parity tests, in its own venv so other
 # pins cannot clash.
 if [ ! -x .venv/data-oracle/bin/python ]; then python3 -m venv .venv/data-oracle; fi
 .venv/data-oracle/bin/pip install -q -r tools/oracle/data_requirements.txt
@@ -55,11 +55,16 @@ if [ ! -f "$peft_venv/.complete" ]; then
     touch "$peft_venv/.complete"
 fi
 export ZHLLAMA_PEFT_PYTHON="$peft_venv/bin/python"
+# export: llama.cpp's `gguf` package reads every exported GGUF key and tensor back (tests/export_gguf.rs;
+# tools/oracle/gguf_requirements.txt). The llama.cpp run itself (logits, greedy ids, tokenizer) builds
+# llama.cpp from source and is a separate command: tools/oracle/llamacpp_check.sh.
+if [ ! -x .venv/gguf-oracle/bin/python ]; then python3 -m venv .venv/gguf-oracle; fi
+.venv/gguf-oracle/bin/pip install -q -r tools/oracle/gguf_requirements.txt
 # ---- end installs ------------------------------------------------------------------------------------
 
 cargo test --release --all-targets --no-fail-fast
 
-# --- distributed (issue 8): OpenMPI from the system packages, then the multi-process tests ---
+# ---- distributed: OpenMPI from the system packages, then the multi-process tests ---
 # (the `mpi` crate needs libopenmpi-dev + libclang-dev for bindgen; the tests call mpirun themselves)
 if ! command -v mpirun >/dev/null 2>&1 || ! command -v mpicc >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -67,7 +72,7 @@ if ! command -v mpirun >/dev/null 2>&1 || ! command -v mpicc >/dev/null 2>&1; th
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y libopenmpi-dev openmpi-bin libclang-dev pkg-config
 fi
 cargo test --release --features mpi --test distributed_mpi --test distributed_train
-# ---- cuda: CUDA backend CI without a GPU (owner: cuda helper) ---------------------------------------
+# ---- cuda: the CUDA backend's CI without a GPU -------------------------------------------------------
 # Builds with `--features cuda` and compiles every kernels/*.cu with NVRTC for sm_80 and sm_90 (fails on
 # any compile error or register spill; prints registers/spills per kernel). NVRTC and the CUDA headers
 # come from the pinned PyPI wheels; nothing here needs a GPU or nvcc.
@@ -112,11 +117,3 @@ fake_cuda_ci() {
 }
 fake_cuda_ci
 # ---- end fake-cuda ---------------------------------------------------------------------------------------
-# ---- export (GGUF): llama.cpp's `gguf` package reads every exported key and tensor back ------------
-# The oracle venv (tools/oracle/gguf_requirements.txt: gguf, numpy, sentencepiece + protobuf); the
-# test fails rather than skips here. The llama.cpp run itself (logits, greedy, tokenizer) builds
-# llama.cpp from source and is a separate command: tools/oracle/llamacpp_check.sh.
-if [ ! -x .venv/gguf-oracle/bin/python ]; then python3 -m venv .venv/gguf-oracle; fi
-.venv/gguf-oracle/bin/pip install -q -r tools/oracle/gguf_requirements.txt
-ZHLLAMA_REQUIRE_GGUF_ORACLE=1 cargo test --release --test export_gguf -- --nocapture
-# ---- end export ------------------------------------------------------------------------------------
