@@ -2,7 +2,7 @@
 //! read from PyTorch's `nvidia-nccl-cu13` wheel when it is installed. On a GPU (one is enough, world
 //! 1): every collective, host and device level, equals `LocalComm`'s result bit for bit (at world 1
 //! NCCL adds nothing, so equality is exact), and a `Zero2` step over NCCL equals the same step over
-//! `LocalComm` bit for bit (issue 10). The GPU test skips with a message here; `ZHLLAMA_REQUIRE_GPU=1`
+//! `LocalComm` bit for bit. The GPU test skips with a message here; `ZHLLAMA_REQUIRE_GPU=1`
 //! (tools/gpu-check.sh) turns the skip into a failure.
 
 mod skip_common;

@@ -10,7 +10,7 @@
 //! get those same values, so the comparison measures the kernels, not the input rounding.
 //!
 //! Error metric: `max|gpu − cpu| / max|cpu|` over the tensor (normalised max error; element-wise
-//! relative error is meaningless near zero crossings of long sums). Tolerances, from issue 9:
+//! relative error is meaningless near zero crossings of long sums). Tolerances:
 //! - `f32` mode: 1e-5 — both sides accumulate in fp32 in different orders (blocks, warps, FMA
 //!   contraction); for sums of ≤ 10⁴ terms the order-dependent error stays near 1e-6.
 //! - `mixed` mode: 1e-2 — outputs stored in bf16 carry up to 2⁻⁹ ≈ 2e-3 relative rounding each, and
@@ -23,7 +23,7 @@
 //!
 //! Without a GPU the GPU tests print why and return (unless `ZHLLAMA_REQUIRE_GPU=1`); the host-side
 //! tests (CSR grouping, dropout mask, the no-GPU error) run everywhere. `tools/gpu-check.sh` runs
-//! this binary on a lent GPU and keeps its table.
+//! this binary on a GPU and keeps its table.
 
 mod skip_common;
 

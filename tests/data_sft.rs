@@ -1,4 +1,4 @@
-//! SFT example building and batching without Python, against the recipe text (RECIPE.md §4)
+//! SFT example building and batching without Python, against the recipe text (docs/RECIPE.md §4)
 //! written out by hand, with a one-id-per-character encoder. (Exact parity with HF is
 //! `data_oracle.rs`.)
 

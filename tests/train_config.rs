@@ -1,4 +1,4 @@
-//! Recipe presets (RECIPE.md §3 tables), TOML and `--key value` overrides, and the HF warmup rule.
+//! Recipe presets (docs/RECIPE.md §3 tables), TOML and `--key value` overrides, and the HF warmup rule.
 
 use zhllama::train::config::{Stage, TrainConfig};
 

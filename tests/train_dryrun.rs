@@ -1,5 +1,5 @@
 //! `zhllama train --dry-run` on LLaMA-7B's public config.json (no weights): the trainable shares
-//! RECIPE.md §3 reports (2.97 / 6.06 / 6.22 %) and the per-rank memory plan.
+//! docs/RECIPE.md §3 reports (2.97 / 6.06 / 6.22 %) and the per-rank memory plan.
 
 use serde_json::Value;
 use std::path::Path;
@@ -44,7 +44,7 @@ fn model_dir() -> tempfile::TempDir {
 #[test]
 fn llama_7b_trainable_shares_match_the_recipe() {
     let dir = model_dir();
-    // Expected values are RECIPE.md §3's derivations, written out independently of the code.
+    // Expected values are docs/RECIPE.md §3's derivations, written out independently of the code.
     let emb_49953 = 49953u64 * 4096;
     let emb_49954 = 49954u64 * 4096;
     let base_49953 = 6_885_486_592u64; // published parameter count at vocab 49953

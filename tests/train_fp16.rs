@@ -144,7 +144,7 @@ fn config_defaults_are_deepspeeds_and_presets_the_recipes() {
             float(&d["min_loss_scale"])
         )
     );
-    // RECIPE.md §3 / ds_zero2_no_offload.json: initial 2^16, window 100, hysteresis 2, min 1e-10.
+    // docs/RECIPE.md §3 / ds_zero2_no_offload.json: initial 2^16, window 100, hysteresis 2, min 1e-10.
     for stage in [Stage::Pt1, Stage::Pt2, Stage::Sft] {
         let p = TrainConfig::preset(stage);
         assert_eq!(

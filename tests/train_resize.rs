@@ -1,4 +1,4 @@
-//! The vocabulary resize at model load (RECIPE.md §1): LLaMA's 32000 rows grow to the merged
+//! The vocabulary resize at model load (docs/RECIPE.md §1): LLaMA's 32000 rows grow to the merged
 //! tokenizer's 49953 with the mean-of-old-pieces init; disallowed pairs are a clear error.
 //! Uses the real tokenizers from ../shared/data (skipped when absent).
 

@@ -1,4 +1,4 @@
-//! The vocabulary merge against the published facts (RECIPE.md §1): the official sha256 of the
+//! The vocabulary merge against the published facts (docs/RECIPE.md §1): the official sha256 of the
 //! merged Chinese-LLaMA/Alpaca `tokenizer.model`, the 17953/2047 counts, and byte-identical
 //! read→write round trips of every input model.
 
@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use zhllama::vocab::{ModelProto, merge_models};
 
-/// Published sha256 of the official merged files (RECIPE.md §1).
+/// Published sha256 of the official merged files (docs/RECIPE.md §1).
 const LLAMA_49953: &str = "e2676d4ca29ca1750f6ff203328d73b189321dc5776ceede037cbd36541d70c0";
 const ALPACA_49954: &str = "2d967e855b1213a439df6c8ce2791f869c84b4f3b6cfacf22b86440b8192a2f8";
 

@@ -1,4 +1,4 @@
-//! crawl-prompts: self-instruct data from any OpenAI-compatible chat API (RECIPE.md §5).
+//! crawl-prompts: self-instruct data from any OpenAI-compatible chat API (docs/RECIPE.md §5).
 //! Thin main: flags, environment and files in; the crawl lives in `zhllama::instruct::crawl`.
 //!
 //! The API key comes from `OPENAI_API_KEY` or `--api-key-file`, never from a flag value (flags end

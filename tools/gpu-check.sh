@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check and benchmark: the one prepared run on a lent H100/H200, inside 8 minutes with a margin.
+# GPU check and benchmark: the one prepared run on an H100/H200, inside 8 minutes with a margin.
 #
 # Here (x86-64, no GPU):   tools/gpu-check.sh --prepare
 #   builds the `--features cuda` binaries and copies them (stripped) to gpu-bin/ (git-ignored).
@@ -162,7 +162,7 @@ summary() {
 # ---- 0. the machine -----------------------------------------------------------------------------
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >"$OUT/nvidia-smi.txt" 2>&1 \
     || ! grep -q "^GPU " "$OUT/nvidia-smi.txt"; then
-    die "no usable NVIDIA GPU (nvidia-smi missing or lists no GPU); this script runs on a lent GPU machine"
+    die "no usable NVIDIA GPU (nvidia-smi missing or lists no GPU); this script runs on a GPU machine"
 fi
 if [ "${ZHLLAMA_GPU_CHECK_NO_BUILD:-0}" != 1 ] && [ ! -x "$BIN/cuda-bench" ]; then
     die "no $BIN/cuda-bench: run 'tools/gpu-check.sh --prepare' on the build machine and carry $BIN"

@@ -1,4 +1,4 @@
-//! `merge-tokenizers`: the Chinese-LLaMA vocabulary merge (RECIPE.md §1), mirroring the original
+//! `merge-tokenizers`: the Chinese-LLaMA vocabulary merge (docs/RECIPE.md §1), mirroring the original
 //! `merge_tokenizers.py` interface. Thin main; the work is `zhllama::vocab::merge_tokenizers`.
 
 use clap::Parser;

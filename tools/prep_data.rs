@@ -1,4 +1,4 @@
-//! `prep-data`: build the instruction-tuning mixture (RECIPE.md §4) as one Alpaca JSON file plus
+//! `prep-data`: build the instruction-tuning mixture (docs/RECIPE.md §4) as one Alpaca JSON file plus
 //! a stats report. Thin main; the work is `zhllama::instruct::{convert, filter, mix}`.
 //!
 //! The recipe's mixture in one command: `prep-data --config tools/prep_data_recipe.toml`.

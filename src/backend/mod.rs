@@ -5,7 +5,7 @@
 //! kernel is tested against. The CUDA backend (`cuda`, feature `cuda`) implements the same trait with
 //! kernels from `kernels/`; built without the feature, `cuda::CudaBackend::new` returns a clear error.
 //!
-//! Conventions (llm.c style, see DESIGN.md):
+//! Conventions (llm.c style):
 //! - argument order: outputs, inputs, saved statistics, sizes;
 //! - sizes: `n` rows (= B·T), `c` channels, `b` batch, `t` sequence, `h` query heads, `hkv` key/value
 //!   heads, `d` head dim, `v` vocab;

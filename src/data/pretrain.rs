@@ -1,4 +1,4 @@
-//! Pre-training data (RECIPE.md §2): every line of every text file tokenized with BOS and no EOS,
+//! Pre-training data (docs/RECIPE.md §2): every line of every text file tokenized with BOS and no EOS,
 //! grouped per batch of 1000 lines exactly as the original `group_texts` under
 //! `datasets.map(batched=True, batch_size=1000)`, written as fixed-length block shards plus a
 //! seeded validation split.

@@ -1,4 +1,4 @@
-//! SFT examples (RECIPE.md §4), as the original `build_dataset.py` builds them:
+//! SFT examples (docs/RECIPE.md §4), as the original `build_dataset.py` builds them:
 //! - `instruction += "\n" + input` when `input` is non-empty;
 //! - source = [`PROMPT_TEMPLATE`] with the instruction, tokenized with BOS;
 //! - target = `output + "</s>"`, tokenized without special tokens — with the slow

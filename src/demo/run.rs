@@ -217,7 +217,7 @@ fn vocab(
 }
 
 /// A copy of the HF model in `src` with embedding and lm_head grown to `new_tok`'s size, new rows
-/// initialised from the old tokenizer's pieces (RECIPE.md §1's resize, `model::resize`).
+/// initialised from the old tokenizer's pieces (docs/RECIPE.md §1's resize, `model::resize`).
 fn resize_model(src: &Path, dst: &Path, old_tok: &Tokenizer, new_tok: &Tokenizer) -> Result<()> {
     let mut config = LlamaConfig::load(&src.join("config.json"))?;
     let ck = Checkpoint::open(src)?;

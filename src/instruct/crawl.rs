@@ -1,4 +1,4 @@
-//! The self-instruct crawler (RECIPE.md §5): asks an OpenAI-compatible chat API for batches of
+//! The self-instruct crawler (docs/RECIPE.md §5): asks an OpenAI-compatible chat API for batches of
 //! instruction items, parses and filters them, and appends clean Alpaca records to a JSONL file.
 //!
 //! Durability model (what makes kill -9 safe):

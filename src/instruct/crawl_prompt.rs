@@ -1,4 +1,4 @@
-//! The self-instruct request prompt (RECIPE.md §5): a replaceable template with `{{name}}`
+//! The self-instruct request prompt (docs/RECIPE.md §5): a replaceable template with `{{name}}`
 //! placeholders, filled per request with topics, task types and length bounds drawn at random.
 
 use anyhow::{Result, bail};

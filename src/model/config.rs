@@ -384,7 +384,7 @@ mod tests {
 
     #[test]
     fn param_count_matches_hand_count() {
-        // LLaMA-7B at vocab 49953: 6,885,486,592 (RECIPE.md §3).
+        // LLaMA-7B at vocab 49953: 6,885,486,592 (docs/RECIPE.md §3).
         let c = LlamaConfig::new(49953, 4096, 11008, 32, 32, 32);
         assert_eq!(c.num_params(), 6_885_486_592);
     }

@@ -337,7 +337,7 @@ mod tests {
 
     #[test]
     fn recipe_trainable_shares() {
-        // RECIPE.md §3, LLaMA-7B at vocab 49953 (and 49954 for SFT).
+        // docs/RECIPE.md §3, LLaMA-7B at vocab 49953 (and 49954 for SFT).
         let c = LlamaConfig::new(49953, 4096, 11008, 32, 32, 32);
         let all = c.num_params() as f64;
         let l = ParamLayout::new(&c, &TrainSpec::embeddings_only()).unwrap();

@@ -7,7 +7,7 @@
 //! `modules_to_save`: `model.embed_tokens`, `lm_head`). `PeftModel.from_pretrained` loads it onto
 //! the base model (resized to the adapter's vocab first, as the original scripts do).
 //!
-//! Merging (RECIPE.md §6, PEFT's `merge_and_unload`): `W += (B·A)·(alpha/r)` for every adapted
+//! Merging (docs/RECIPE.md §6, PEFT's `merge_and_unload`): `W += (B·A)·(alpha/r)` for every adapted
 //! projection; modules saved in full replace the base ones; the config's `vocab_size` becomes the
 //! embedding's row count.
 

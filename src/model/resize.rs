@@ -1,5 +1,5 @@
 //! Grow an embedding (or lm_head) matrix to a larger vocabulary, as the recipe does after the
-//! vocabulary merge (RECIPE.md §1: 32000 → 49953/49954 rows).
+//! vocabulary merge (docs/RECIPE.md §1: 32000 → 49953/49954 rows).
 //!
 //! Matrices are plain row-major `[vocab, dim]` f32 slices; no model struct. Old rows are copied
 //! unchanged. New rows are initialised one of two ways:

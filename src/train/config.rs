@@ -1,5 +1,5 @@
 //! Flat training configuration (nanoGPT style): defaults in code, one preset per recipe stage
-//! (RECIPE.md §3), then a TOML file, then `--key value` overrides, in that order.
+//! (docs/RECIPE.md §3), then a TOML file, then `--key value` overrides, in that order.
 //!
 //! Every field is a plain scalar or a list of strings so that the TOML file and the command-line
 //! overrides use the same keys (`lora_rank = 8` in the file, `--lora-rank 8` or `--lora_rank 8` on
@@ -166,7 +166,7 @@ fn strings(v: &[&str]) -> Vec<String> {
 }
 
 impl TrainConfig {
-    /// The recipe's settings for `stage` (RECIPE.md §3, the released scripts' defaults).
+    /// The recipe's settings for `stage` (docs/RECIPE.md §3, the released scripts' defaults).
     pub fn preset(stage: Stage) -> TrainConfig {
         let base = TrainConfig {
             micro_batch_size: 4,

@@ -7,9 +7,9 @@ use std::path::Path;
 
 /// An opened data directory.
 pub enum Data {
-    /// Fixed-length blocks; labels = ids (RECIPE.md §2).
+    /// Fixed-length blocks; labels = ids (docs/RECIPE.md §2).
     Pretrain(PretrainShards),
-    /// Prompt + response examples, labels -100 on the prompt, right-padded (RECIPE.md §4).
+    /// Prompt + response examples, labels -100 on the prompt, right-padded (docs/RECIPE.md §4).
     Sft(SftShards),
     /// Fixed-length blocks held in memory, labels = ids, no validation split (`zhllama bench`
     /// trains on random tokens through the same loop, with no files).

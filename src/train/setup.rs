@@ -1,5 +1,5 @@
 //! Turning a config into a model ready to train: the [`TrainSpec`] of a stage, the vocabulary
-//! resize to the tokenizer's size (RECIPE.md §1 allowed pairs), and the run's final outputs.
+//! resize to the tokenizer's size (docs/RECIPE.md §1 allowed pairs), and the run's final outputs.
 
 use super::config::{Stage, TrainConfig};
 use crate::backend::Backend;
@@ -43,7 +43,7 @@ pub fn train_spec(cfg: &TrainConfig) -> Result<TrainSpec> {
 }
 
 /// Whether the recipe allows training a model of `model_vocab` with a tokenizer of `tok_vocab`
-/// (RECIPE.md §1: the pre-training script's pairs; SFT also moves a 32000 or 49953 model to the
+/// (docs/RECIPE.md §1: the pre-training script's pairs; SFT also moves a 32000 or 49953 model to the
 /// Alpaca tokenizer's 49954). Equal sizes are always allowed.
 pub fn check_vocab_pair(stage: Stage, model_vocab: usize, tok_vocab: usize) -> Result<()> {
     let ok = model_vocab == tok_vocab
@@ -66,7 +66,7 @@ pub struct ResizeTokenizers<'a> {
     /// The tokenizer being trained for (its size is the new vocab).
     pub new: &'a Tokenizer,
     /// The model's original tokenizer; `None`: the new tokenizer's first `old_vocab` pieces
-    /// (a merged tokenizer extends the original, RECIPE.md §1, so this is the original).
+    /// (a merged tokenizer extends the original, docs/RECIPE.md §1, so this is the original).
     pub old: Option<&'a Tokenizer>,
 }
 

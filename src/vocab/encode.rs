@@ -3,7 +3,7 @@
 //! `chinese_sp.model`, with its `nmt_nfkc` character map).
 //!
 //! Why our own encoder: HF `tokenizers` BPE applies merges by rank, which cannot express
-//! sentencepiece's rule once thousands of appended pieces share score 0 (RECIPE.md §1). Here the
+//! sentencepiece's rule once thousands of appended pieces share score 0 (docs/RECIPE.md §1). Here the
 //! rule is sentencepiece's own: repeatedly merge the adjacent pair whose concatenation is a piece
 //! with the highest score, ties to the leftmost pair; a priority queue over a linked list of
 //! symbols, with stale queue entries skipped on pop.

@@ -5,7 +5,7 @@
 //! The `tokenizer.json` is a faithful description of the model in HF's terms (BPE with byte
 //! fallback, merges derived from the pieces the way HF's `SentencePieceExtractor` does), but HF's
 //! rank-based BPE does not reproduce sentencepiece's ids once many pieces share a score
-//! (RECIPE.md §1). zhllama itself always encodes with [`super::Tokenizer`].
+//! (docs/RECIPE.md §1). zhllama itself always encodes with [`super::Tokenizer`].
 
 use super::encode::SPACE;
 use super::proto::{ModelProto, PieceType, trainer};

@@ -1,4 +1,4 @@
-//! The Chinese-LLaMA vocabulary merge (RECIPE.md §1): append every piece of a second model whose
+//! The Chinese-LLaMA vocabulary merge (docs/RECIPE.md §1): append every piece of a second model whose
 //! string the base model lacks, with `score = 0` written explicitly and the type left unset.
 
 use super::proto::{ModelProto, Piece};

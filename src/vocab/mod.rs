@@ -1,4 +1,4 @@
-//! Vocabulary work (RECIPE.md §1): SentencePiece `ModelProto` read/write ([`proto`]), the
+//! Vocabulary work (docs/RECIPE.md §1): SentencePiece `ModelProto` read/write ([`proto`]), the
 //! Chinese-LLaMA merge ([`merge`]), an encoder/decoder with python-sentencepiece parity
 //! ([`Tokenizer`]), HF `tokenizer.json` export ([`hf`]) and BPE/unigram vocabulary trainers ([`mod@train`]).
 //! Never touches a backend.

@@ -10,7 +10,7 @@ scripts used), the two pieces of logic zhllama reimplements:
   and `tokenizer(targets, add_special_tokens=False)`, truncation, labels; plus the collator's padding
   on consecutive batches (pure Python in place of torch's pad_sequence: same values).
 
-The logic below is written from the recipe (RECIPE.md §2, §4) to match those scripts; nothing is
+The logic below is written from the recipe (docs/RECIPE.md §2, §4) to match those scripts; nothing is
 copied from them. Pinned versions: tools/oracle/data_requirements.txt.
 
 Usage:
