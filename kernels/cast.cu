@@ -24,16 +24,16 @@ __device__ void scale_v1(T* out, float alpha, long long len) {
     GRID_LOOP(i, len) st(out, i, ld(out, i) * alpha);
 }
 
-// partial[blockIdx.x] = Σ x² over this block's grid-stride elements (squares summed in fp32 per
-// thread, fp64 across threads). Stage 2 (sum_squares_finish) sums the partials in a fixed order, so
-// the result is deterministic for a given grid size.
-template <typename T>
-__device__ void sum_squares_partial_v1(double* __restrict__ partial, const T* __restrict__ x, long long len) {
+// partial[blockIdx.x] = Σ x² (SQ) or Σ x over this block's grid-stride elements (summed in fp32
+// per thread, fp64 across threads). Stage 2 (sum_squares_finish) sums the partials in a fixed order,
+// so the result is deterministic for a given grid size. CPU reference: ops::sum_squares / ops::sum.
+template <bool SQ, typename T>
+__device__ void reduce_partial_v1(double* __restrict__ partial, const T* __restrict__ x, long long len) {
     __shared__ double scratch[32];
     float acc = 0.0f;
     GRID_LOOP(i, len) {
         const float v = ld(x, i);
-        acc += v * v;
+        acc += SQ ? v * v : v;
     }
     double d = warp_sum_d((double)acc);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -74,11 +74,20 @@ extern "C" __global__ void scale_v1_bf16(bf16* out, float alpha, long long len) 
 extern "C" __global__ void scale_v1_f32(float* out, float alpha, long long len) { scale_v1(out, alpha, len); }
 extern "C" __global__ void scale_v1_f16(f16* out, float alpha, long long len) { scale_v1(out, alpha, len); }
 extern "C" __global__ void sum_squares_partial_v1_f16(double* partial, const f16* x, long long len) {
-    sum_squares_partial_v1(partial, x, len);
+    reduce_partial_v1<true>(partial, x, len);
 }
 extern "C" __global__ void sum_squares_partial_v1_bf16(double* partial, const bf16* x, long long len) {
-    sum_squares_partial_v1(partial, x, len);
+    reduce_partial_v1<true>(partial, x, len);
 }
 extern "C" __global__ void sum_squares_partial_v1_f32(double* partial, const float* x, long long len) {
-    sum_squares_partial_v1(partial, x, len);
+    reduce_partial_v1<true>(partial, x, len);
+}
+extern "C" __global__ void sum_partial_v1_f32(double* partial, const float* x, long long len) {
+    reduce_partial_v1<false>(partial, x, len);
+}
+extern "C" __global__ void sum_partial_v1_bf16(double* partial, const bf16* x, long long len) {
+    reduce_partial_v1<false>(partial, x, len);
+}
+extern "C" __global__ void sum_partial_v1_f16(double* partial, const f16* x, long long len) {
+    reduce_partial_v1<false>(partial, x, len);
 }

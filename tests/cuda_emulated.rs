@@ -736,7 +736,23 @@ fn kernels_match_the_cpu_backend_under_emulation() {
             32,
             &[p(out), p(part), i(5)],
         );
-        let r = e.run(&[ip, im, iv, icopy, out]);
+        // Σ x over positive values (per-token losses), same two-stage grid as sum_squares.
+        let xs: Vec<f32> = rand(len, 3.0).iter().map(|v| v.abs()).collect();
+        let ixs = e.f32(&xs);
+        let (part2, out2) = (e.zeros_f64(5), e.zeros_f64(1));
+        e.launch(
+            "sum_partial_v1_f32",
+            (5, 1, 1),
+            256,
+            &[p(part2), p(ixs), format!("l{len}")],
+        );
+        e.launch(
+            "sum_squares_finish_v1_f64",
+            (1, 1, 1),
+            32,
+            &[p(out2), p(part2), i(5)],
+        );
+        let r = e.run(&[ip, im, iv, icopy, out, out2]);
         check(&mut fails, "adamw_step param", &r[0], &pw, 1e-5);
         check(&mut fails, "adamw_step m", &r[1], &mw, 1e-5);
         check(&mut fails, "adamw_step v", &r[2], &vw, 1e-5);
@@ -746,6 +762,13 @@ fn kernels_match_the_cpu_backend_under_emulation() {
             "sum_squares",
             &r[4],
             &[cpu.sum_squares(&x).unwrap() as f32],
+            1e-5,
+        );
+        check(
+            &mut fails,
+            "sum",
+            &r[5],
+            &[cpu.sum(&xs).unwrap() as f32],
             1e-5,
         );
     }

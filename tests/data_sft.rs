@@ -138,7 +138,7 @@ fn a_set_without_target_tokens_is_refused() {
     let e = build_sft(&CharEnc, std::slice::from_ref(&src), &out, &cfg(longest)).unwrap_err();
     let msg = format!("{e:#}");
     assert!(
-        msg.contains("no target tokens") && msg.contains(&longest.to_string()),
+        msg.contains("no target token") && msg.contains(&longest.to_string()),
         "{msg}"
     );
     assert!(!out.exists(), "output written despite the error");

@@ -339,10 +339,20 @@ fn write_adapter(dir: &Path, r: usize, alpha: f32, tensors: &[(String, Vec<usize
         &dir.join("adapter_model.safetensors"),
     )
     .unwrap();
+    // target_modules / modules_to_save: the modules that have tensors (PEFT writes no others).
+    let has = |m: &str| tensors.iter().any(|(n, _, _)| n.contains(m));
+    let targets: Vec<&str> = ["q_proj", "k_proj", "down_proj"]
+        .into_iter()
+        .filter(|m| has(&format!("{m}.lora_A")))
+        .collect();
+    let saved: Vec<&str> = ["embed_tokens", "lm_head"]
+        .into_iter()
+        .filter(|m| has(&format!("{m}.weight")))
+        .collect();
     let cfg = serde_json::json!({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
-        "lora_dropout": 0.0, "target_modules": ["q_proj", "k_proj", "down_proj"],
-        "modules_to_save": ["embed_tokens", "lm_head"], "bias": "none",
+        "lora_dropout": 0.0, "target_modules": targets,
+        "modules_to_save": saved, "bias": "none",
     });
     std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
 }

@@ -120,6 +120,9 @@ impl Backend for CudaBackend {
     fn sum_squares(&self, _x: Never) -> Result<f64> {
         match self.never {}
     }
+    fn sum(&self, _x: Never) -> Result<f64> {
+        match self.never {}
+    }
     fn matmul(
         &self,
         _out: Never,

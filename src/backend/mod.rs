@@ -124,6 +124,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Sum of squares of `x`, accumulated in f64 (for the global gradient norm and NaN checks:
     /// a NaN/Inf anywhere gives a non-finite result).
     fn sum_squares(&self, x: Self::View<'_>) -> Result<f64>;
+    /// Sum of `x`, accumulated in f64; only the scalar crosses to the host (the loss of a forward
+    /// from its per-token losses). A NaN/Inf anywhere gives a non-finite result.
+    fn sum(&self, x: Self::View<'_>) -> Result<f64>;
     /// In place: `out[i] = keep_i ? out[i] / (1 - p) : 0` with `keep_i = uniform(key, i) >= p`, the
     /// stateless mask of `crate::ops::dropout` (`i` counts from the start of the view); `p = 0` is a
     /// no-op. The same call on the gradient is the backward.

@@ -768,9 +768,8 @@ impl<B: Backend> Llama<B> {
             self.config.hidden_size,
             vsz,
         );
-        let mut losses = vec![0.0f32; n];
-        be.download(&acts.losses, &mut losses)?;
-        acts.loss_sum = losses.iter().map(|&x| x as f64).sum();
+        // Only the sum comes back: one f64, whatever the batch.
+        acts.loss_sum = be.sum(v(be, &acts.losses))?;
         Ok(if count == 0 {
             0.0
         } else {

@@ -56,6 +56,12 @@ pub fn sum_squares(x: &[f32]) -> f64 {
     partial.iter().sum()
 }
 
+/// `Σ x` accumulated in f64, left to right (the per-token losses of a forward: their sum is the
+/// one number the loss needs on the host).
+pub fn sum(x: &[f32]) -> f64 {
+    x.iter().map(|&v| v as f64).sum()
+}
+
 /// `Σ x²` in f64 over the canonical pairwise tree of `x`'s indices: split `n` leaves at the
 /// largest power of two strictly below `n`, sum both sides the same way, add. Squares of f32 are
 /// exact in f64, so the value depends only on the tree, which depends only on `x.len()`; a tree

@@ -26,7 +26,7 @@ pub use attention::{attention_backward, attention_forward};
 pub use attention_cached::attention_cached_forward;
 pub use cross_entropy::{cross_entropy_backward, cross_entropy_forward};
 pub use dropout::dropout;
-pub use elementwise::{axpy, copy, scale, sum_squares, sum_squares_tree, zero};
+pub use elementwise::{axpy, copy, scale, sum, sum_squares, sum_squares_tree, zero};
 pub use embedding::{embedding_backward, embedding_forward};
 pub use fill::fill_uniform;
 pub use matmul::matmul;

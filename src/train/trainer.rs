@@ -15,8 +15,8 @@
 //! The step stays on the backend: micro-batch gradients are summed on the device
 //! ([`DeviceAccumulator`], the canonical pairwise order), and ZeRO-2 ([`DeviceZero2`]: reduce-
 //! scatter, norm, clipping, AdamW writing the weights, all-gather) runs on backend buffers. What
-//! crosses host↔device in a plain step is the token ids, the per-token losses and the norm's
-//! tree-node sums (see [`Trainer::step`]). On the last micro-batch of a step at world > 1, each
+//! crosses host↔device in a plain step is the token ids, one loss sum per micro-batch and the
+//! norm's tree-node sums (see [`Trainer::step`]). On the last micro-batch of a step at world > 1, each
 //! gradient range the backward finishes is summed and handed to the reduce-scatter at once
 //! (overlap; see ARCHITECTURE.md).
 //!

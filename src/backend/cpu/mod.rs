@@ -107,6 +107,10 @@ impl Backend for CpuBackend {
         self.count(8);
         Ok(ops::sum_squares(x))
     }
+    fn sum(&self, x: &[f32]) -> Result<f64> {
+        self.count(8);
+        Ok(ops::sum(x))
+    }
     fn dropout(&self, out: &mut [f32], p: f32, key: u64) {
         ops::dropout(out, p, key)
     }

@@ -1630,6 +1630,42 @@ pub fn compile_all(
     })
 }
 
+impl CudaBackend {
+    /// `Σ x` (`what` = "sum") or `Σ x²` ("sum_squares") in f64: per-block partials, then one
+    /// block sums them in a fixed order (deterministic for a given grid); one f64 comes back.
+    fn reduce_f64(&self, x: DView<'_>, what: &str) -> Result<f64> {
+        self.take_error()?;
+        if x.len == 0 {
+            return Ok(0.0);
+        }
+        let nparts = blocks(x.len, 256).min(self.sm_count.max(1) * 8) as usize;
+        let partial = self.scratch("ss_partial", nparts * 8)?;
+        let out = self.scratch("ss_out", 8)?;
+        self.launch(
+            &format!("{what}_partial_v1_{}", suffix(x.dtype)),
+            (nparts as u32, 1, 1),
+            256,
+            0,
+            &[KArg::P(partial), KArg::P(x.ptr), KArg::L(x.len as i64)],
+        )?;
+        self.launch(
+            "sum_squares_finish_v1_f64",
+            (1, 1, 1),
+            32,
+            0,
+            &[KArg::P(out), KArg::P(partial), KArg::I(nparts as i32)],
+        )?;
+        let mut h = [0f64; 1];
+        self.count_transfer(8);
+        self.bind()?;
+        // SAFETY: `out` holds one f64; the copy is stream-ordered after the kernels, then synced.
+        unsafe { drv::memcpy_dtoh_async(&mut h, out, self.stream.cu_stream()) }
+            .map_err(|e| anyhow!("{what}: {e:?}"))?;
+        self.synchronize()?;
+        Ok(h[0])
+    }
+}
+
 impl Backend for CudaBackend {
     type Buf = CudaBuf;
     type Ids = CudaIds;
@@ -1927,35 +1963,10 @@ impl Backend for CudaBackend {
         self.record(r);
     }
     fn sum_squares(&self, x: DView<'_>) -> Result<f64> {
-        self.take_error()?;
-        if x.len == 0 {
-            return Ok(0.0);
-        }
-        let nparts = blocks(x.len, 256).min(self.sm_count.max(1) * 8) as usize;
-        let partial = self.scratch("ss_partial", nparts * 8)?;
-        let out = self.scratch("ss_out", 8)?;
-        self.launch(
-            &format!("sum_squares_partial_v1_{}", suffix(x.dtype)),
-            (nparts as u32, 1, 1),
-            256,
-            0,
-            &[KArg::P(partial), KArg::P(x.ptr), KArg::L(x.len as i64)],
-        )?;
-        self.launch(
-            "sum_squares_finish_v1_f64",
-            (1, 1, 1),
-            32,
-            0,
-            &[KArg::P(out), KArg::P(partial), KArg::I(nparts as i32)],
-        )?;
-        let mut h = [0f64; 1];
-        self.count_transfer(8);
-        self.bind()?;
-        // SAFETY: `out` holds one f64; the copy is stream-ordered after the kernels, then synced.
-        unsafe { drv::memcpy_dtoh_async(&mut h, out, self.stream.cu_stream()) }
-            .map_err(|e| anyhow!("sum_squares: {e:?}"))?;
-        self.synchronize()?;
-        Ok(h[0])
+        self.reduce_f64(x, "sum_squares")
+    }
+    fn sum(&self, x: DView<'_>) -> Result<f64> {
+        self.reduce_f64(x, "sum")
     }
     fn dropout(&self, out: DViewMut<'_>, p: f32, key: u64) {
         let r = (|| {
