@@ -190,7 +190,7 @@ fn worlds_2_and_3_train_bit_identically_to_world_1() {
         );
         assert_eq!(lens.iter().sum::<usize>(), w1.len());
         // The weights moved (LoRA B starts at zero, so any change shows training happened).
-        let init = f.root.join("w0");
+        let init = f.root.join(format!("w0-{world}"));
         run_ok(0, &train_args(&f, &init, batch, 1, 1, None));
         assert_ne!(bits(&final_master(&init)), bits(&w1));
     }

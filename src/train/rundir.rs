@@ -20,8 +20,8 @@ pub enum Start {
     Overwrite,
 }
 
-/// Check `output` against the rules (every rank: reads only) and, on the writing rank, take the
-/// lock and clear an earlier run under [`Start::Overwrite`]. The lock lives as long as the value.
+/// On the writing rank: check `output` against the rules, take the lock and clear an earlier run
+/// under [`Start::Overwrite`] (every rank checks that the output is not an input). The lock lives as long as the value.
 pub fn prepare(
     output: &Path,
     inputs: &[(&str, &Path)],
@@ -29,6 +29,12 @@ pub fn prepare(
     writer: bool,
 ) -> Result<Option<RunLock>> {
     check_not_input("--output", output, inputs)?;
+    if !writer {
+        // Only the writing rank judges the directory: under mpirun it may already have created the
+        // lock file and the run identity by the time another rank looks, which would read as an
+        // earlier run. A refusal on the writer ends the job on every rank.
+        return Ok(None);
+    }
     match std::fs::symlink_metadata(output) {
         Ok(m) if !m.is_dir() => bail!(
             "--output {} exists and is not a directory; choose another path",
@@ -54,9 +60,6 @@ pub fn prepare(
             }
         }
         Err(_) => {}
-    }
-    if !writer {
-        return Ok(None);
     }
     let lock = RunLock::acquire(output)?;
     if start == Start::Overwrite {
