@@ -433,6 +433,38 @@ API CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
     }
     return SUCCESS;
 }
+// The default memory pool: one per device. Allocation does not go through it here (cuMemAlloc is
+// the backend's path); what the backend sets is its release threshold (attribute 4,
+// CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, a u64), which is stored and read back.
+static unsigned long long pool_release_threshold[DEVICES];
+static int pool_dummy[DEVICES];
+API CUresult cuDeviceGetDefaultMemPool(void** pool, CUdevice d) {
+    FORCED("cuDeviceGetDefaultMemPool");
+    if (d < 0 || d >= DEVICES) return INVALID_DEVICE;
+    *pool = &pool_dummy[d];
+    return SUCCESS;
+}
+static int pool_device(void* pool) {
+    for (int d = 0; d < DEVICES; d++)
+        if (pool == &pool_dummy[d]) return d;
+    return -1;
+}
+API CUresult cuMemPoolSetAttribute(void* pool, int attr, void* v) {
+    FORCED("cuMemPoolSetAttribute");
+    const int d = pool_device(pool);
+    if (d < 0 || v == nullptr) return INVALID_VALUE;
+    if (attr != 4) return NOT_SUPPORTED;
+    pool_release_threshold[d] = *static_cast<unsigned long long*>(v);
+    return SUCCESS;
+}
+API CUresult cuMemPoolGetAttribute(void* pool, int attr, void* v) {
+    FORCED("cuMemPoolGetAttribute");
+    const int d = pool_device(pool);
+    if (d < 0 || v == nullptr) return INVALID_VALUE;
+    if (attr != 4) return NOT_SUPPORTED;
+    *static_cast<unsigned long long*>(v) = pool_release_threshold[d];
+    return SUCCESS;
+}
 API CUresult cuDevicePrimaryCtxRetain(CUcontext* c, CUdevice d) {
     FORCED("cuDevicePrimaryCtxRetain");
     if (d < 0 || d >= DEVICES) return INVALID_DEVICE;
