@@ -21,6 +21,12 @@ use anyhow::bail;
 use anyhow::{Result, ensure};
 use std::ops::Range;
 
+#[derive(Clone, Copy)]
+enum Op {
+    ReduceScatter,
+    AllGather,
+}
+
 /// Collectives over backend buffers on top of a [`Comm`] (see the module docs).
 #[derive(Clone, Copy)]
 pub struct BufComm<'a> {
@@ -46,25 +52,7 @@ impl<'a> BufComm<'a> {
         recv: &mut B::Buf,
         recv_r: Range<usize>,
     ) -> Result<()> {
-        let w = self.comm.world_size();
-        ensure!(
-            send_r.len() == recv_r.len() * w,
-            "reduce-scatter over {w} ranks: send {} elements, receive {}",
-            send_r.len(),
-            recv_r.len()
-        );
-        if w == 1 {
-            be.copy(be.view_mut(recv, recv_r), be.view(send, send_r));
-            return Ok(());
-        }
-        if let Some(s) = be.host_floats(send) {
-            let s = &s[send_r];
-            let r = be
-                .host_floats_mut(recv)
-                .expect("a host-memory backend gives every buffer's floats");
-            return self.comm.reduce_scatter_sum(s, &mut r[recv_r]);
-        }
-        transport::reduce_scatter(self.comm, be, send, send_r, recv, recv_r)
+        self.collective(Op::ReduceScatter, be, send, send_r, recv, recv_r)
     }
 
     /// `recv[recv_r] =` every rank's `send[send_r]` in rank order (`recv_r.len() ==
@@ -77,10 +65,28 @@ impl<'a> BufComm<'a> {
         recv: &mut B::Buf,
         recv_r: Range<usize>,
     ) -> Result<()> {
+        self.collective(Op::AllGather, be, send, send_r, recv, recv_r)
+    }
+
+    /// The one dispatch of both collectives: the size rule, then world 1 (a copy), a host-memory
+    /// backend (the transport's own collective in place), or the device transport.
+    fn collective<B: Backend>(
+        &self,
+        op: Op,
+        be: &B,
+        send: &B::Buf,
+        send_r: Range<usize>,
+        recv: &mut B::Buf,
+        recv_r: Range<usize>,
+    ) -> Result<()> {
         let w = self.comm.world_size();
+        let (big, small, name) = match op {
+            Op::ReduceScatter => (send_r.len(), recv_r.len(), "reduce-scatter"),
+            Op::AllGather => (recv_r.len(), send_r.len(), "all-gather"),
+        };
         ensure!(
-            recv_r.len() == send_r.len() * w,
-            "all-gather over {w} ranks: send {} elements, receive {}",
+            big == small * w,
+            "{name} over {w} ranks: send {} elements, receive {}",
             send_r.len(),
             recv_r.len()
         );
@@ -93,9 +99,17 @@ impl<'a> BufComm<'a> {
             let r = be
                 .host_floats_mut(recv)
                 .expect("a host-memory backend gives every buffer's floats");
-            return self.comm.all_gather(s, &mut r[recv_r]);
+            return match op {
+                Op::ReduceScatter => self.comm.reduce_scatter_sum(s, &mut r[recv_r]),
+                Op::AllGather => self.comm.all_gather(s, &mut r[recv_r]),
+            };
         }
-        transport::all_gather(self.comm, be, send, send_r, recv, recv_r)
+        match op {
+            Op::ReduceScatter => {
+                transport::reduce_scatter(self.comm, be, send, send_r, recv, recv_r)
+            }
+            Op::AllGather => transport::all_gather(self.comm, be, send, send_r, recv, recv_r),
+        }
     }
 
     /// Make the backend's queue wait for every device collective queued so far (NCCL); a no-op
