@@ -5,11 +5,19 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 fn main() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    // The manifest directory as cargo sets it for this run, not as it was when this script was
+    // compiled (`env!`): a target directory reused from another checkout would otherwise read a
+    // kernels/ that no longer exists and embed nothing.
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let dir = Path::new(&manifest).join("kernels");
     println!("cargo:rerun-if-changed={}", dir.display());
     let mut entries: Vec<_> = std::fs::read_dir(&dir)
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-        .unwrap_or_default();
+        .unwrap_or_else(|e| panic!("cannot read the kernel directory {}: {e}", dir.display()))
+        .map(|e| {
+            e.unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+                .path()
+        })
+        .collect();
     entries.sort();
     let mut sources = String::new();
     let mut headers = String::new();
@@ -26,6 +34,11 @@ fn main() {
             headers.push_str(&line);
         }
     }
+    assert!(
+        !sources.is_empty(),
+        "no kernel sources (*.cu) in {}",
+        dir.display()
+    );
     let mut out = String::new();
     writeln!(out, "/// Kernel sources: (file name, CUDA C++ source).").unwrap();
     writeln!(out, "pub const SOURCES: &[(&str, &str)] = &[\n{sources}];").unwrap();

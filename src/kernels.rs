@@ -217,3 +217,46 @@ pub fn group_positions(ids: &[i32]) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
     offsets.push(order.len() as i32);
     (uniq, offsets, order)
 }
+
+#[cfg(test)]
+mod tests {
+    /// The embedded table is exactly the kernels/ directory of the checkout under test, file by
+    /// file and byte for byte. A build script run against another (or a vanished) checkout embeds
+    /// a different or empty table, and the CUDA backend then starts with kernels missing.
+    #[test]
+    fn embedded_sources_are_this_checkouts_kernels() {
+        let root = std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR");
+        let dir = std::path::Path::new(&root).join("kernels");
+        let mut on_disk: Vec<(String, String)> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "cu" || x == "cuh"))
+            .map(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                (name, std::fs::read_to_string(&p).unwrap())
+            })
+            .collect();
+        on_disk.sort();
+        let mut embedded: Vec<(String, String)> = super::SOURCES
+            .iter()
+            .chain(super::HEADERS.iter())
+            .map(|(n, s)| (n.to_string(), s.to_string()))
+            .collect();
+        embedded.sort();
+        let names = |v: &[(String, String)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            names(&embedded),
+            names(&on_disk),
+            "embedded kernel files differ from {}",
+            dir.display()
+        );
+        for ((n, a), (_, b)) in embedded.iter().zip(&on_disk) {
+            assert!(
+                a == b,
+                "embedded {n} differs from {}",
+                dir.join(n).display()
+            );
+        }
+        assert!(super::SOURCES.iter().any(|(n, _)| n.ends_with(".cu")));
+    }
+}

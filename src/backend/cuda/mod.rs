@@ -1556,6 +1556,10 @@ pub fn compile_all(
     include_dirs: &[PathBuf],
     cache_dir: Option<&std::path::Path>,
 ) -> Result<Vec<CompiledFile>> {
+    ensure!(
+        !kernels::SOURCES.is_empty(),
+        "this binary embeds no kernel sources (its build script read no kernels/ directory): rebuild it"
+    );
     let (maj, min) = nvrtc::version()?;
     let opts = nvrtc::options(arch, include_dirs, false);
     let headers: String = kernels::HEADERS
