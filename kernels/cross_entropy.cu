@@ -24,7 +24,9 @@ __device__ void cross_entropy_forward_v1(float* __restrict__ losses, const T* __
     lse_state st_ = {-ZH_INF, 0.0f};
     for (int j = threadIdx.x; j < v; j += blockDim.x) st_ = lse_push(st_, ld(logits, base + j));
     st_ = block_lse(st_, sm, ss);
-    if (threadIdx.x == 0) losses[row] = st_.m + logf(st_.s) - ld(logits, base + tgt);
+    // log Σ − (x_t − m), not (m + log Σ) − x_t: x_t − m is exact, so a confident row (loss ≪ |m|)
+    // keeps its digits instead of losing them to the rounding of m + log Σ (the CPU's order too).
+    if (threadIdx.x == 0) losses[row] = logf(st_.s) - (ld(logits, base + tgt) - st_.m);
 }
 
 // dlogits[n,v] = scale·(softmax(logits) − onehot(target)), 0 on ignored rows.
@@ -86,9 +88,9 @@ extern "C" __global__ void lmhead_ce_finish_v1_f32(float* losses, float* lse, co
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const float2 s = stats[i];
-    const float l = s.x + logf(s.y);
-    lse[i] = l;
-    losses[i] = targets[i] == -100 ? 0.0f : l - tlogit[i];
+    lse[i] = s.x + logf(s.y);
+    // As cross_entropy_forward: log Σ − (x_t − m) keeps a confident row's digits.
+    losses[i] = targets[i] == -100 ? 0.0f : logf(s.y) - (tlogit[i] - s.x);
 }
 
 // In place: logits chunk [n, vc] → dlogits chunk = scale·(exp(x − lse) − onehot), 0 on ignored rows.

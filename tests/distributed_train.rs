@@ -314,6 +314,61 @@ fn a_killed_rank_ends_the_job_and_the_last_checkpoint_resumes_bit_exactly() {
     assert_eq!(bits(&final_master(&out)), bits(&final_master(&full)));
 }
 
+/// A rank that fails on its own (here rank 1's `--data` does not exist, an MPMD launch) says why and
+/// ends the whole job at once; the other rank must not be left waiting in a collective (its next
+/// barrier would only give up after ten times `--comm-timeout`, 600 s by default).
+#[test]
+fn a_rank_that_fails_alone_ends_the_job() {
+    if !have_mpi() {
+        return;
+    }
+    let f = fixture();
+    let out = f.root.join("alone");
+    let good = train_args(&f, &out, 2, 4, 2, None);
+    let missing = f.root.join("no-such-data");
+    let bad: Vec<String> = good
+        .iter()
+        .map(|a| {
+            if *a == f.data.display().to_string() {
+                missing.display().to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    let _one = MPIRUN.lock().unwrap_or_else(|e| e.into_inner());
+    let bin = env!("CARGO_BIN_EXE_zhllama");
+    let mut c = Command::new("mpirun");
+    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .args(["--oversubscribe", "--mca", "mpi_yield_when_idle", "1"])
+        .args(["-np", "1", bin])
+        .args(&good)
+        .args([":", "-np", "1", bin])
+        .args(&bad)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let t0 = Instant::now();
+    let mut job = c.spawn().unwrap();
+    let status = loop {
+        if let Some(s) = job.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            job.kill().ok();
+            panic!("the job still runs 120 s after rank 1 failed: rank 0 hangs in a collective");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let o = job.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!status.success(), "the job must fail: {stderr}");
+    assert!(
+        stderr.contains("rank 1 of 2") && stderr.contains("no-such-data"),
+        "the failing rank names itself and the cause: {stderr}"
+    );
+}
+
 /// Save at world 2, resume at world 3 and at world 1: the continued runs match the uninterrupted
 /// world-2 run. Global batch 6: world 2 accumulates 3 micro-batches (not a power of two), so
 /// its gradient sums associate differently from world 3's (2) and world 1's (6) — equal within

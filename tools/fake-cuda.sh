@@ -21,6 +21,10 @@ CU13="${FAKE_CUDA_CU13:-$(python3 -c 'import nvidia, os; print(os.path.join(list
 [ -f "$CU13/include/cuda_bf16.h" ] || { echo "fake-cuda: the NVRTC wheel (nvidia-cuda-nvrtc, cu13) is not installed" >&2; exit 2; }
 
 key="$(cat "$0" "$SRC"/*.cpp "$SRC"/*.h "$SRC"/*.py "$EMU"/*.h "$ROOT"/kernels/* | sha256sum | cut -c1-16)-asan$ASAN"
+# One builder at a time (the ranks of an `mpirun` all start here); the others wait, then reuse it.
+mkdir -p "$(dirname "$OUT")"
+exec 9>"$OUT.lock"
+flock 9
 if [ "$(cat "$OUT/stamp" 2>/dev/null)" != "$key" ]; then
     echo "fake-cuda: building the stand-in into $OUT" >&2
     rm -rf "$OUT.tmp"; mkdir -p "$OUT.tmp/lib"
@@ -46,6 +50,8 @@ if [ "$(cat "$OUT/stamp" 2>/dev/null)" != "$key" ]; then
     echo "$key" > "$B/stamp"
     rm -rf "$OUT"; mv "$B" "$OUT"
 fi
+flock -u 9
+exec 9>&-
 [ "$#" -gt 0 ] || exit 0
 export LD_LIBRARY_PATH="$OUT/lib:$CU13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export ZHLLAMA_CUDA_INCLUDE="${ZHLLAMA_CUDA_INCLUDE:-$CU13/include}"

@@ -240,13 +240,12 @@ fn tokenizer_size(path: &std::path::Path) -> Result<usize> {
 fn train<B: zhllama::backend::Backend>(
     backend: std::sync::Arc<B>,
     args: Args,
-    mut cfg: TrainConfig,
+    cfg: TrainConfig,
     model_dir: &std::path::Path,
 ) -> Result<()> {
-    use zhllama::train::{checkpoint, data::Data, setup, trainer};
     cfg.validate()?;
-    let data_dir = args.data.as_ref().context("--data DIR is required")?;
-    let output = args.output.as_ref().context("--output DIR is required")?;
+    let data_dir = args.data.clone().context("--data DIR is required")?;
+    let output = args.output.clone().context("--output DIR is required")?;
     let vars: std::collections::HashMap<String, String> = std::env::vars().collect();
     let launch = zhllama::distributed::launch_info(&vars)?;
     let watchdog =
@@ -264,6 +263,31 @@ fn train<B: zhllama::backend::Backend>(
         comm
     };
     let comm: &dyn zhllama::distributed::Comm = &*comm;
+    let result = train_rank(backend, args, cfg, model_dir, &data_dir, &output, comm);
+    // A rank that fails alone must not leave the others waiting in a collective: say why and end
+    // the whole job (MPI_Abort; NCCL's communicator is aborted first).
+    if let (Err(e), true) = (&result, comm.world_size() > 1) {
+        eprintln!(
+            "error: rank {} of {}: {e:#}",
+            comm.rank(),
+            comm.world_size()
+        );
+        comm.abort(1);
+    }
+    result
+}
+
+/// The run on one rank once the communicator is up (see [`train`]).
+fn train_rank<B: zhllama::backend::Backend>(
+    backend: std::sync::Arc<B>,
+    args: Args,
+    mut cfg: TrainConfig,
+    model_dir: &std::path::Path,
+    data_dir: &std::path::Path,
+    output: &std::path::Path,
+    comm: &dyn zhllama::distributed::Comm,
+) -> Result<()> {
+    use zhllama::train::{checkpoint, data::Data, setup, trainer};
     if args.overwrite && (args.resume || args.resume_from.is_some()) {
         bail!("--overwrite starts over and --resume continues: give one of them");
     }

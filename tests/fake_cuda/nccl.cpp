@@ -2,7 +2,9 @@
 // caller's stream like device work. World 1 is a copy; a larger world (the processes of one mpirun on
 // one machine) exchanges through a POSIX shared-memory segment named by the unique id, in fixed-size
 // chunks between two barriers. Sums are taken in fp32 (fp64 for ncclFloat64) in rank order, rounded
-// once to the buffer's type, so every rank gets the same bits. Other entry points: "not supported".
+// once to the buffer's type, so every rank gets the same bits. ncclCommGetAsyncError reports a peer
+// whose process is gone (ncclRemoteError); ncclCommAbort ends this rank's waits at once.
+// Other entry points: "not supported".
 #include "fake.h"
 #include "half_conv.h"
 #include <atomic>
@@ -11,13 +13,15 @@
 #include <cstring>
 #include <fcntl.h>
 #include <random>
+#include <cerrno>
+#include <csignal>
 #include <sched.h>
 #include <sys/mman.h>
 #include <thread>
 #include <unistd.h>
 
 #define API extern "C" __attribute__((visibility("default")))
-enum { OK = 0, SYSTEM_ERROR = 2, INTERNAL = 3, INVALID_ARG = 4, INVALID_USAGE = 5 };
+enum { OK = 0, SYSTEM_ERROR = 2, INTERNAL = 3, INVALID_ARG = 4, INVALID_USAGE = 5, REMOTE_ERROR = 6 };
 enum { I8 = 0, U8 = 1, I32 = 2, U32 = 3, I64 = 4, U64 = 5, F16 = 6, F32 = 7, F64 = 8, BF16 = 9 };
 enum { SUM = 0, AVG = 4 };
 static const size_t CHUNK = 1 << 20;  // bytes per rank per round
@@ -25,15 +29,19 @@ static const size_t CHUNK = 1 << 20;  // bytes per rank per round
 struct UniqueId {
     char internal[128];
 };
-struct Shm {
+static const int MAX_RANKS = 256;
+struct Shm {  // fits the 4096-byte header page
     std::atomic<uint32_t> arrive, gen;
+    std::atomic<int32_t> pid[MAX_RANKS];  // each rank's process, for the async-error check
 };
+static_assert(sizeof(Shm) <= 4096, "the header page holds Shm");
 struct Comm {
     int rank, n;
     std::string name;
     Shm* hdr = nullptr;
     char* slots = nullptr;
     size_t bytes = 0;
+    std::atomic<bool> aborted{false};
 };
 #define FORCED(name)                                                                                     \
     do {                                                                                                 \
@@ -66,7 +74,7 @@ API int ncclGetUniqueId(UniqueId* id) {
 }
 API int ncclCommInitRank(Comm** out, int n, UniqueId id, int rank) {
     FORCED("ncclCommInitRank");
-    if (n < 1 || rank < 0 || rank >= n) return INVALID_ARG;
+    if (n < 1 || rank < 0 || rank >= n || n > MAX_RANKS) return INVALID_ARG;
     Comm* c = new Comm{rank, n, std::string(id.internal, strnlen(id.internal, sizeof id.internal))};
     if (n > 1) {
         if (c->name.rfind("/zhllama-fake-nccl-", 0) != 0) {
@@ -84,6 +92,7 @@ API int ncclCommInitRank(Comm** out, int n, UniqueId id, int rank) {
         if (p == MAP_FAILED) return SYSTEM_ERROR;
         c->hdr = (Shm*)p;
         c->slots = (char*)p + 4096;
+        c->hdr->pid[rank].store((int32_t)getpid());
     }
     *out = c;
     return OK;
@@ -98,10 +107,31 @@ static void barrier(Comm* c, const char* op) {
     }
     const auto t0 = std::chrono::steady_clock::now();
     while (c->hdr->gen.load() == g) {
+        if (c->aborted.load()) return;  // ncclCommAbort: the caller has given up on this collective
         std::this_thread::sleep_for(std::chrono::microseconds(20));
         if (std::chrono::steady_clock::now() - t0 > std::chrono::seconds(600))
             fake_fault("%s: rank %d waited 600 s for its peers (mismatched collectives?)", op, c->rank);
     }
+}
+// A peer whose process no longer exists is a remote error (what NCCL reports for a dead peer).
+API int ncclCommGetAsyncError(Comm* c, int* err) {
+    FORCED("ncclCommGetAsyncError");
+    *err = OK;
+    for (int r = 0; c->hdr && r < c->n; r++) {
+        const int32_t pid = c->hdr->pid[r].load();
+        if (r != c->rank && pid > 0 && kill(pid, 0) != 0 && errno == ESRCH) {
+            fprintf(stderr, "fake-cuda: nccl rank %d: peer rank %d (pid %d) is gone\n", c->rank, r, pid);
+            *err = REMOTE_ERROR;
+        }
+    }
+    return OK;
+}
+// Ends this rank's waits; the communicator (and its mapping, which a stream worker may still be
+// reading) is left for process exit, as a real abort's caller must not use it again either.
+API int ncclCommAbort(Comm* c) {
+    FORCED("ncclCommAbort");
+    c->aborted.store(true);
+    return OK;
 }
 API int ncclCommDestroy(Comm* c) {
     if (c->hdr) {
