@@ -159,12 +159,11 @@ fn bench_losses_match_cpu() {
         if stage == "full" {
             // no optimizer: every step sees the same weights and data
             assert!(g.iter().all(|&x| x == g[0]), "full: losses change: {g:?}");
-        } else {
-            assert!(
-                g[g.len() - 1] < g[0],
-                "{stage}: cuda loss does not decrease: {g:?}"
-            );
         }
+        // The recipe stages draw fresh random blocks every step, so their loss need not fall
+        // within three steps (the CPU's does not either); the steps after the first are checked
+        // against the CPU above, and that the CUDA updates move the weights as the CPU's do is
+        // `train_matches_cpu`'s adapter comparison (lora_B starts at zero).
     }
 }
 
