@@ -5,7 +5,7 @@
 
 mod hostile_common;
 
-use hostile_common::{Case, Fixture, case, check_all};
+use hostile_common::{Case, Fixture, case, check_all, check_env};
 
 /// Common `train` flags: a tiny SFT run on the fixture's model and data.
 macro_rules! sft {
@@ -943,6 +943,68 @@ fn hostile_merge_lora() {
     check_all(&Fixture::new(), MERGE_LORA);
 }
 
+/// A model that does not fit the memory budget (`ZHLLAMA_MEMORY_LIMIT` stands in for a small
+/// machine: the fixture model needs ~40 KB) is refused before anything is allocated.
+const MEMORY: &[Case] = &[
+    case(
+        "eval over budget",
+        "zhllama",
+        "eval --model {model} --tokens {tokens.json}",
+        &[
+            "model {model} needs at least",
+            "for eval",
+            "ZHLLAMA_MEMORY_LIMIT",
+        ],
+    ),
+    case(
+        "generate over budget",
+        "zhllama",
+        "generate --model {model} --tokenizer {tok__en.model} --prompt the",
+        &["model {model} needs at least", "for generate"],
+    ),
+    case(
+        "merge-lora over budget",
+        "zhllama",
+        "merge-lora --base {model} --adapter {run__adapter} --output {new}",
+        &["model {model} needs at least", "for merge-lora"],
+    ),
+    case(
+        "train over budget",
+        "zhllama",
+        sft!("--output {new}"),
+        &["model {model} needs at least", "for training"],
+    ),
+];
+
+#[test]
+fn hostile_memory() {
+    let fx = Fixture::new();
+    for c in MEMORY {
+        check_env(&fx, c, &[("ZHLLAMA_MEMORY_LIMIT", "1000")]);
+    }
+    check_env(
+        &fx,
+        &case(
+            "memory limit not a number",
+            "zhllama",
+            "eval --model {model} --tokens {tokens.json}",
+            &["ZHLLAMA_MEMORY_LIMIT=\"lots\""],
+        ),
+        &[("ZHLLAMA_MEMORY_LIMIT", "lots")],
+    );
+    // The same commands within budget (or with the check off) get past the check.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_zhllama"))
+        .args(["eval", "--model"])
+        .arg(fx.path("model"))
+        .arg("--tokens")
+        .arg(fx.path("tokens.json"))
+        .env("ZHLLAMA_MEMORY_LIMIT", "off")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    eprintln!("{} hostile cases passed", MEMORY.len() + 1);
+}
+
 #[test]
 fn hostile_export() {
     check_all(&Fixture::new(), EXPORT);
@@ -982,6 +1044,8 @@ fn at_least_80_cases() {
         + EVAL_GENERATE.len()
         + MERGE_LORA.len()
         + EXPORT.len()
+        + MEMORY.len()
+        + 1
         + DATA.len()
         + TOOLS.len()
         + 1;

@@ -384,10 +384,16 @@ pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
 
 /// Run one case and assert every promise (see the module header).
 pub fn check(fx: &Fixture, c: &Case) {
+    check_env(fx, c, &[]);
+}
+
+/// [`check`] with extra environment variables for the binary.
+pub fn check_env(fx: &Fixture, c: &Case, env: &[(&str, &str)]) {
     let before = snapshot(fx.root());
     let args: Vec<String> = c.args.split_whitespace().map(|a| fx.expand(a)).collect();
     let o = Command::new(bin_path(c.bin))
         .args(&args)
+        .envs(env.iter().copied())
         .env_remove("OPENAI_API_KEY")
         .env("RUST_BACKTRACE", "0")
         .current_dir(fx.root())
