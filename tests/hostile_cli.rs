@@ -5,7 +5,7 @@
 
 mod hostile_common;
 
-use hostile_common::{Case, Fixture, case, check_all};
+use hostile_common::{Case, Fixture, case, check_all, check_env};
 
 /// Common `train` flags: a tiny SFT run on the fixture's model and data.
 macro_rules! sft {
@@ -239,6 +239,26 @@ const TRAIN: &[Case] = &[
         &["{pt}", "SFT"],
     ),
     case(
+        "damaged shard payload",
+        "zhllama",
+        "train --stage pt1 --model {model} --data {pt_damaged} --output {new} --max-steps 1 --batch-size 2 --micro-batch-size 2",
+        &[
+            "{pt_damaged__train.tok}",
+            "payload checksum mismatch",
+            "blocks 0..=",
+        ],
+    ),
+    case(
+        "shard not the manifest's",
+        "zhllama",
+        "train --stage pt1 --model {model} --data {pt_swapped} --output {new} --max-steps 1 --batch-size 2 --micro-batch-size 2",
+        &[
+            "{pt_swapped__train.tok}",
+            "{pt_swapped__manifest.json}",
+            "payload digest",
+        ],
+    ),
+    case(
         "no data flag",
         "zhllama",
         "train --stage sft --model {model} --output {new}",
@@ -283,6 +303,18 @@ const TRAIN: &[Case] = &[
 ];
 
 const EVAL_GENERATE: &[Case] = &[
+    case(
+        "eval overflowing activations",
+        "zhllama",
+        "eval --model {hot_model} --tokens {tokens.json}",
+        &["{hot_model}", "non-finite", "overflowed"],
+    ),
+    case(
+        "generate overflowing activations",
+        "zhllama",
+        "generate --model {hot_model} --tokenizer {tok__en.model} --prompt the",
+        &["non-finite logit", "overflowed"],
+    ),
     case(
         "eval NaN weight",
         "zhllama",
@@ -484,6 +516,121 @@ const MERGE_LORA: &[Case] = &[
         "zhllama",
         "merge-lora --base {huge_model} --adapter {run__adapter} --output {new}",
         &["{huge_model}"],
+    ),
+    case(
+        "merged tensor overflows",
+        "zhllama",
+        "merge-lora --base {model} --adapter {overflow_adapter} --output {new}",
+        &[
+            "merged tensor model.layers.",
+            "non-finite",
+            "nothing written to {new}",
+        ],
+    ),
+];
+
+const EXPORT: &[Case] = &[
+    case(
+        "missing model dir",
+        "zhllama",
+        "export --model {nope} --tokenizer {tok__en.model} --output {new.gguf}",
+        &["{nope}"],
+    ),
+    case(
+        "model dir without config",
+        "zhllama",
+        "export --model {foreign} --tokenizer {tok__en.model} --output {new.gguf}",
+        &["{foreign__config.json}"],
+    ),
+    case(
+        "garbage safetensors",
+        "zhllama",
+        "export --model {garbage_model} --tokenizer {tok__en.model} --output {new.gguf}",
+        &["{garbage_model__model.safetensors}"],
+    ),
+    case(
+        "garbage tokenizer",
+        "zhllama",
+        "export --model {model} --tokenizer {garbage.bin} --output {new.gguf}",
+        &["{garbage.bin}"],
+    ),
+    case(
+        "output is the weights",
+        "zhllama",
+        "export --model {model} --tokenizer {tok__en.model} --output {model__model.safetensors}",
+        &["--output {model__model.safetensors}", "--model {model}"],
+    ),
+    case(
+        "output is the tokenizer",
+        "zhllama",
+        "export --model {model} --tokenizer {tok__en.model} --output {tok__en.model} --overwrite",
+        &["--tokenizer {tok__en.model}", "input"],
+    ),
+    case(
+        "output inside the adapter",
+        "zhllama",
+        "export --model {model} --adapter {run__adapter} --tokenizer {tok__en.model} --output {run__adapter__m.gguf}",
+        &["--adapter {run__adapter}"],
+    ),
+    case(
+        "output exists",
+        "zhllama",
+        "export --model {model} --tokenizer {tok__en.model} --output {file.txt}",
+        &["--output {file.txt}", "--overwrite"],
+    ),
+    case(
+        "output is a directory",
+        "zhllama",
+        "export --model {model} --tokenizer {tok__en.model} --output {empty_dir} --overwrite",
+        &["--output {empty_dir}", "directory"],
+    ),
+    case(
+        "bad outtype",
+        "zhllama",
+        "export --model {model} --tokenizer {tok__en.model} --output {new.gguf} --outtype q4_k",
+        &["--outtype", "q4_k", "q8_0"],
+    ),
+    case(
+        "NaN weight",
+        "zhllama",
+        "export --model {nan_model} --tokenizer {tok__en.model} --output {new.gguf}",
+        &["model.norm.weight", "non-finite"],
+    ),
+    case(
+        "huge config",
+        "zhllama",
+        "export --model {huge_model} --tokenizer {tok__en.model} --output {new.gguf}",
+        &["{huge_model}"],
+    ),
+    case(
+        "tokenizer of another vocabulary",
+        "zhllama",
+        "export --model {model} --tokenizer {merged} --output {new.gguf}",
+        &["{merged}", "vocabulary"],
+    ),
+    case(
+        "missing adapter",
+        "zhllama",
+        "export --model {model} --adapter {nope} --tokenizer {tok__en.model} --output {new.gguf}",
+        &["{nope}"],
+    ),
+    case(
+        "adapter r disagrees with its tensors",
+        "zhllama",
+        "export --model {model} --adapter {r3_adapter} --tokenizer {tok__en.model} --output {new.gguf}",
+        &["{r3_adapter}"],
+    ),
+    case(
+        "adapter for another model",
+        "zhllama",
+        "export --model {huge_model} --adapter {run__adapter} --tokenizer {tok__en.model} --output {new.gguf}",
+        &["{huge_model}"],
+    ),
+    case(
+        "merged tensor overflows",
+        "zhllama",
+        "export --model {model} --adapter {overflow_adapter} --tokenizer {tok__en.model} --output {new.gguf}",
+        &["non-finite", "{overflow_adapter}", "tensor model.layers."],
     ),
 ];
 
@@ -796,6 +943,73 @@ fn hostile_merge_lora() {
     check_all(&Fixture::new(), MERGE_LORA);
 }
 
+/// A model that does not fit the memory budget (`ZHLLAMA_MEMORY_LIMIT` stands in for a small
+/// machine: the fixture model needs ~40 KB) is refused before anything is allocated.
+const MEMORY: &[Case] = &[
+    case(
+        "eval over budget",
+        "zhllama",
+        "eval --model {model} --tokens {tokens.json}",
+        &[
+            "model {model} needs at least",
+            "for eval",
+            "ZHLLAMA_MEMORY_LIMIT",
+        ],
+    ),
+    case(
+        "generate over budget",
+        "zhllama",
+        "generate --model {model} --tokenizer {tok__en.model} --prompt the",
+        &["model {model} needs at least", "for generate"],
+    ),
+    case(
+        "merge-lora over budget",
+        "zhllama",
+        "merge-lora --base {model} --adapter {run__adapter} --output {new}",
+        &["model {model} needs at least", "for merge-lora"],
+    ),
+    case(
+        "train over budget",
+        "zhllama",
+        sft!("--output {new}"),
+        &["model {model} needs at least", "for training"],
+    ),
+];
+
+#[test]
+fn hostile_memory() {
+    let fx = Fixture::new();
+    for c in MEMORY {
+        check_env(&fx, c, &[("ZHLLAMA_MEMORY_LIMIT", "1000")]);
+    }
+    check_env(
+        &fx,
+        &case(
+            "memory limit not a number",
+            "zhllama",
+            "eval --model {model} --tokens {tokens.json}",
+            &["ZHLLAMA_MEMORY_LIMIT=\"lots\""],
+        ),
+        &[("ZHLLAMA_MEMORY_LIMIT", "lots")],
+    );
+    // The same commands within budget (or with the check off) get past the check.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_zhllama"))
+        .args(["eval", "--model"])
+        .arg(fx.path("model"))
+        .arg("--tokens")
+        .arg(fx.path("tokens.json"))
+        .env("ZHLLAMA_MEMORY_LIMIT", "off")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    eprintln!("{} hostile cases passed", MEMORY.len() + 1);
+}
+
+#[test]
+fn hostile_export() {
+    check_all(&Fixture::new(), EXPORT);
+}
+
 #[test]
 fn hostile_data() {
     check_all(&Fixture::new(), DATA);
@@ -826,6 +1040,14 @@ fn hostile_locked_run_dir() {
 
 #[test]
 fn at_least_80_cases() {
-    let n = TRAIN.len() + EVAL_GENERATE.len() + MERGE_LORA.len() + DATA.len() + TOOLS.len() + 1;
+    let n = TRAIN.len()
+        + EVAL_GENERATE.len()
+        + MERGE_LORA.len()
+        + EXPORT.len()
+        + MEMORY.len()
+        + 1
+        + DATA.len()
+        + TOOLS.len()
+        + 1;
     assert!(n >= 80, "only {n} hostile cases");
 }

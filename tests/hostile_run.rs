@@ -199,3 +199,72 @@ fn sigterm_mid_build_leaves_no_temp_dir() {
     }
     assert!(!tmp_dir.exists(), "temp dir {} left", tmp_dir.display());
 }
+
+#[test]
+fn sigterm_mid_checkpoint_leaves_no_temp_dir_and_the_previous_checkpoint() {
+    use std::sync::Arc;
+    use zhllama::model::{Llama, LlamaConfig, TrainSpec};
+    let fx = Fixture::new();
+    // A wider model than the fixture's (hidden 256, LoRA rank 64 on every projection: 0.6M
+    // trainable parameters, 7.5 MB of optimizer state per checkpoint), so a checkpoint write
+    // lasts long enough for the signal to land inside it.
+    let model = fx.path("wide_model");
+    let cfg = LlamaConfig::new(hostile_common::VOCAB, 256, 688, 2, 4, 4);
+    Llama::random(
+        Arc::new(zhllama::backend::cpu::CpuBackend::new()),
+        cfg,
+        TrainSpec::frozen(),
+        5,
+    )
+    .unwrap()
+    .save_hf(
+        &model,
+        zhllama::model::weights::SaveOptions {
+            dtype: zhllama::tensor::DType::F32,
+            max_shard_bytes: None,
+        },
+    )
+    .unwrap();
+    let out = fx.path("killed_run");
+    let (m, d, o) = (s(&model), fx.path("sft"), s(&out).to_string());
+    let mut args = sft_args(m, s(&d), &o, "1000");
+    let r = args.iter().position(|a| *a == "--lora-rank").unwrap();
+    args[r + 1] = "64";
+    args.extend([
+        "--lora-targets",
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    ]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zhllama"))
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait for the temp directory of the second checkpoint (the first is then complete).
+    let t0 = std::time::Instant::now();
+    let tmp = out.join(".checkpoint-2.tmp");
+    while !tmp.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before its second checkpoint"
+        );
+        assert!(
+            t0.elapsed().as_secs() < 120,
+            "no checkpoint temp dir after 120 s"
+        );
+    }
+    // SAFETY: plain kill(2) on our own child's pid.
+    let rc = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
+    let left: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp") || n.contains(".tmp."))
+        .collect();
+    assert!(left.is_empty(), "temp paths left: {left:?}");
+    // The previous checkpoint is whole: every file matches its manifest.
+    let state = zhllama::train::checkpoint::verify(&out.join("checkpoint-1")).unwrap();
+    assert_eq!(state.step, 1);
+}

@@ -55,7 +55,12 @@ fn read_tokens(path: &Path, vocab: usize) -> Result<Vec<Vec<i32>>> {
 
 pub fn run(args: Args) -> Result<()> {
     match args.backend {
-        BackendKind::Cpu => run_on(Arc::new(CpuBackend::new()), &args),
+        BackendKind::Cpu => {
+            zhllama::model::llama::check_model_dir(&args.model)
+                .with_context(|| format!("cannot load model {}", args.model.display()))?;
+            super::memory::check_inference(&args.model, "eval")?;
+            run_on(Arc::new(CpuBackend::new()), &args)
+        }
         BackendKind::Cuda => run_on(Arc::new(open_cuda(local_rank()?, false, false)?), &args),
     }
 }

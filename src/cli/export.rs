@@ -1,18 +1,9 @@
 //! `zhllama export --model DIR [--adapter DIR ...] --tokenizer PATH --output FILE.gguf
 //! --outtype f32|f16|bf16|q8_0`: a GGUF file for llama.cpp (and the tools built on it).
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use std::path::PathBuf;
 use zhllama::export::{ExportOptions, OutType, export_gguf};
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum OutTypeArg {
-    F32,
-    F16,
-    Bf16,
-    #[value(name = "q8_0")]
-    Q8_0,
-}
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -28,18 +19,33 @@ pub struct Args {
     /// The GGUF file to write (atomically).
     #[arg(long)]
     output: PathBuf,
-    /// Element type of the weight matrices (norms stay f32).
-    #[arg(long, value_enum, default_value = "f16")]
-    outtype: OutTypeArg,
+    /// Element type of the weight matrices (norms stay f32): f32, f16, bf16 or q8_0.
+    #[arg(long, default_value = "f16")]
+    outtype: String,
+    /// Replace an existing --output file.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let outtype = match args.outtype {
-        OutTypeArg::F32 => OutType::F32,
-        OutTypeArg::F16 => OutType::F16,
-        OutTypeArg::Bf16 => OutType::BF16,
-        OutTypeArg::Q8_0 => OutType::Q8_0,
+    // Parsed here rather than by clap so a bad value is one error line like every refusal.
+    let outtype = match args.outtype.as_str() {
+        "f32" => OutType::F32,
+        "f16" => OutType::F16,
+        "bf16" => OutType::BF16,
+        "q8_0" => OutType::Q8_0,
+        other => bail!("--outtype {other:?}: expected one of f32, f16, bf16, q8_0"),
     };
+    let mut inputs: Vec<(&str, &std::path::Path)> =
+        vec![("--model", &args.model), ("--tokenizer", &args.tokenizer)];
+    inputs.extend(args.adapter.iter().map(|a| ("--adapter", a.as_path())));
+    zhllama::util::output::check_output_file("--output", &args.output, &inputs)?;
+    if args.output.exists() && !args.overwrite {
+        bail!(
+            "--output {} exists; pass --overwrite to replace it",
+            args.output.display()
+        );
+    }
     let s = export_gguf(&ExportOptions {
         model_dir: args.model,
         adapter_dirs: args.adapter,

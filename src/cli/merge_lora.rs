@@ -38,6 +38,7 @@ pub fn run(args: Args) -> Result<()> {
     )?;
     zhllama::model::llama::check_model_dir(&args.base)
         .with_context(|| format!("--base {}", args.base.display()))?;
+    super::memory::check_inference(&args.base, "merge-lora")?;
     let adapters = args
         .adapter
         .iter()

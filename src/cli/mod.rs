@@ -5,6 +5,7 @@ pub mod demo;
 pub mod eval;
 pub mod export;
 pub mod generate;
+pub mod memory;
 pub mod merge_lora;
 pub mod plot;
 pub mod tokenize;

@@ -377,6 +377,14 @@ fn train_rank<B: zhllama::backend::Backend>(
         }
         None => None,
     };
+    if args.backend == BackendKind::Cpu {
+        zhllama::model::llama::check_model_dir(model_dir)?;
+        let stage = args.stage.to_string();
+        super::memory::check(model_dir, "training", |d| {
+            let plan = dryrun::plan(d, &cfg, &stage, tok_vocab, cfg.world_size, "f32")?;
+            Ok(plan["total_bytes_per_rank"].as_u64().unwrap_or(u64::MAX))
+        })?;
+    }
     let model = setup::load_model_init(
         backend,
         model_dir,

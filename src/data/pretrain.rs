@@ -109,6 +109,10 @@ pub struct PretrainManifest {
     pub empty_files_skipped: u64,
     pub bad_lines_skipped: u64,
     pub files: Vec<FileStats>,
+    /// Shard file name → `crc32:<hex>`, the digest of its payload checksums (shard version 2;
+    /// absent for older data). It ties this manifest, whose sha256 a run records, to the tokens.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub payload_digests: std::collections::BTreeMap<String, String>,
 }
 
 /// The text files of `inputs`: a directory contributes its `*.txt` files (sorted by name, not
@@ -284,6 +288,7 @@ fn build_into<E: Encoder + ?Sized>(
         empty_files_skipped: 0,
         bad_lines_skipped: 0,
         files: Vec::new(),
+        payload_digests: Default::default(),
     };
     let window_lines = cfg.window_batches.max(1) * GROUP_BATCH_LINES;
     let mut bytes_done = 0u64;
@@ -415,8 +420,15 @@ fn build_into<E: Encoder + ?Sized>(
         }
     }
     drop(src);
-    m.train_blocks = train.finish()?.records;
-    m.validation_blocks = val.finish()?.records;
+    let (th, vh) = (train.finish()?, val.finish()?);
+    m.train_blocks = th.records;
+    m.validation_blocks = vh.records;
+    for (name, h) in [(TRAIN_FILE, th), (VALIDATION_FILE, vh)] {
+        if let Some(d) = h.payload_digest {
+            m.payload_digests
+                .insert(name.to_string(), super::shard::digest_string(d));
+        }
+    }
     std::fs::remove_file(&all_path)
         .with_context(|| format!("cannot remove {}", all_path.display()))?;
     m.tokens = (m.train_blocks + m.validation_blocks) * cfg.block_size as u64;
@@ -442,6 +454,9 @@ impl PretrainShards {
             .with_context(|| format!("{}: not a pre-training manifest", mpath.display()))?;
         let train = BlockShard::open(&dir.join(TRAIN_FILE))?;
         let validation = BlockShard::open(&dir.join(VALIDATION_FILE))?;
+        for (s, name) in [(&train, TRAIN_FILE), (&validation, VALIDATION_FILE)] {
+            super::shard::check_digest(s.header(), &manifest.payload_digests, dir, name)?;
+        }
         for (s, want, name) in [
             (&train, manifest.train_blocks, TRAIN_FILE),
             (&validation, manifest.validation_blocks, VALIDATION_FILE),

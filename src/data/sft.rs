@@ -166,6 +166,10 @@ pub struct SftManifest {
     pub eos_id: u32,
     pub tokenizer_sha256: String,
     pub files: Vec<SftFileStats>,
+    /// Shard file name → `crc32:<hex>`, the digest of its payload checksums (shard version 2;
+    /// absent for older data). It ties this manifest, whose sha256 a run records, to the tokens.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub payload_digests: std::collections::BTreeMap<String, String>,
 }
 
 /// Tokenize the Alpaca files `inputs` (in order) into `output` (which must not exist).
@@ -209,6 +213,7 @@ pub fn build_sft<E: Encoder + ?Sized>(
             eos_id: enc.eos_id(),
             tokenizer_sha256: cfg.tokenizer_sha256.clone(),
             files: Vec::new(),
+            payload_digests: Default::default(),
         };
         let bar = if cfg.progress {
             indicatif::ProgressBar::new(inputs.len() as u64)
@@ -259,7 +264,10 @@ pub fn build_sft<E: Encoder + ?Sized>(
             m.no_target_dropped,
             cfg.max_len
         );
-        w.finish()?;
+        if let Some(d) = w.finish()?.payload_digest {
+            m.payload_digests
+                .insert(EXAMPLES_FILE.to_string(), super::shard::digest_string(d));
+        }
         crate::util::write_atomic(&dir.join(MANIFEST_FILE), &serde_json::to_vec_pretty(&m)?)?;
         manifest = Some(m);
         Ok(())
@@ -282,6 +290,12 @@ impl SftShards {
         let manifest: SftManifest = serde_json::from_str(&text)
             .with_context(|| format!("{}: not an SFT manifest", mpath.display()))?;
         let examples = ExampleShard::open(&dir.join(EXAMPLES_FILE))?;
+        super::shard::check_digest(
+            examples.header(),
+            &manifest.payload_digests,
+            dir,
+            EXAMPLES_FILE,
+        )?;
         ensure!(
             examples.len() as u64 == manifest.examples
                 && examples.header().tokens == manifest.tokens

@@ -10,6 +10,14 @@
 //!
 //! Tokens are u16 when every id fits (`vocab_size <= 65536`), else u32. The file size must equal
 //! what the header implies, so a truncated or foreign file is rejected on open.
+//!
+//! Version 2 (written since) adds checksums: the header's last 4 bytes are the crc32 of its first
+//! 60, and the payload (everything after the header) is followed by a table of one crc32 per
+//! [`CHECKSUM_CHUNK`]-byte chunk of it (the last chunk may be shorter); header bytes 28..32 hold
+//! the chunk size and 48..52 the crc32 of the table (a digest of the whole payload, which the data
+//! manifests record). Every chunk is verified at open, in parallel: one pass over the file, which
+//! a training run reads whole anyway, and a damaged byte is named by its offset and the blocks or
+//! examples it belongs to before any step runs. Version 1 files (no checksums) are still read.
 
 use anyhow::{Context, Result, bail, ensure};
 use memmap2::Mmap;
@@ -19,8 +27,13 @@ use std::path::{Path, PathBuf};
 
 /// First 8 bytes of every shard.
 pub const MAGIC: [u8; 8] = *b"ZHLTOKS\0";
-/// Bumped on any layout change; readers reject other versions.
-pub const VERSION: u32 = 1;
+/// The version this build writes; bumped on any layout change.
+pub const VERSION: u32 = 2;
+/// The oldest version this build still reads (version 1: no checksums).
+pub const OLDEST_READ_VERSION: u32 = 1;
+/// Payload bytes per checksum (version 2): small enough that a damaged byte is placed within a
+/// few blocks, large enough that the table is 1/16384 of the payload.
+pub const CHECKSUM_CHUNK: u32 = 1 << 16;
 /// Header size in bytes (the payload starts here, 8-byte aligned).
 pub const HEADER_LEN: usize = 64;
 
@@ -46,6 +59,10 @@ pub struct Header {
     pub records: u64,
     /// Tokens in the payload.
     pub tokens: u64,
+    /// The format version the file was written with.
+    pub version: u32,
+    /// Version 2: the crc32 of the payload checksum table, a digest of the whole payload.
+    pub payload_digest: Option<u32>,
 }
 
 /// Token width for a vocabulary: u16 when every id fits.
@@ -58,12 +75,16 @@ impl Header {
         let mut b = [0u8; HEADER_LEN];
         b[0..8].copy_from_slice(&MAGIC);
         b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[28..32].copy_from_slice(&CHECKSUM_CHUNK.to_le_bytes());
+        b[48..52].copy_from_slice(&self.payload_digest.unwrap_or(0).to_le_bytes());
         b[12..16].copy_from_slice(&(self.kind as u32).to_le_bytes());
         b[16..20].copy_from_slice(&self.token_bytes.to_le_bytes());
         b[20..24].copy_from_slice(&self.vocab_size.to_le_bytes());
         b[24..28].copy_from_slice(&self.block_size.to_le_bytes());
         b[32..40].copy_from_slice(&self.records.to_le_bytes());
         b[40..48].copy_from_slice(&self.tokens.to_le_bytes());
+        let crc = crc32fast::hash(&b[..60]);
+        b[60..64].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
@@ -82,9 +103,23 @@ impl Header {
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
         let version = u32_at(8);
         ensure!(
-            version == VERSION,
-            "token shard version {version}, this build reads version {VERSION}"
+            (OLDEST_READ_VERSION..=VERSION).contains(&version),
+            "token shard version {version}, this build reads versions {OLDEST_READ_VERSION} to \
+             {VERSION}"
         );
+        if version >= 2 {
+            let (want, have) = (u32_at(60), crc32fast::hash(&b[..60]));
+            ensure!(
+                want == have,
+                "header checksum mismatch (stored {want:08x}, computed {have:08x}): the header \
+                 is damaged"
+            );
+            ensure!(
+                u32_at(28) == CHECKSUM_CHUNK,
+                "checksum chunk of {} bytes, this build writes and reads {CHECKSUM_CHUNK}",
+                u32_at(28)
+            );
+        }
         let kind = match u32_at(12) {
             1 => ShardKind::Blocks,
             2 => ShardKind::Examples,
@@ -102,6 +137,8 @@ impl Header {
             block_size: u32_at(24),
             records: u64_at(32),
             tokens: u64_at(40),
+            version,
+            payload_digest: (version >= 2).then(|| u32_at(48)),
         };
         ensure!(
             h.token_bytes == token_bytes_for(h.vocab_size as usize),
@@ -123,11 +160,51 @@ impl Header {
         }
     }
 
-    /// The exact file size this header implies (None on overflow: a corrupt header).
-    fn file_len(&self) -> Option<u64> {
+    /// The end of the payload (None on overflow: a corrupt header).
+    fn payload_end(&self) -> Option<u64> {
         self.tokens_offset()?
             .checked_add(self.tokens.checked_mul(self.token_bytes as u64)?)
     }
+
+    /// Payload checksums in the table (0 for version 1).
+    fn checksum_chunks(&self) -> Option<u64> {
+        if self.version < 2 {
+            return Some(0);
+        }
+        Some((self.payload_end()? - HEADER_LEN as u64).div_ceil(CHECKSUM_CHUNK as u64))
+    }
+
+    /// The exact file size this header implies (None on overflow: a corrupt header).
+    fn file_len(&self) -> Option<u64> {
+        self.payload_end()?
+            .checked_add(self.checksum_chunks()?.checked_mul(4)?)
+    }
+}
+
+/// How manifests write a payload digest.
+pub fn digest_string(d: u32) -> String {
+    format!("crc32:{d:08x}")
+}
+
+/// A shard's payload digest against the one its manifest (in `dir`) records for `name`: both
+/// absent (version 1 data) or equal.
+pub fn check_digest(
+    h: &Header,
+    recorded: &std::collections::BTreeMap<String, String>,
+    dir: &Path,
+    name: &str,
+) -> Result<()> {
+    let have = h.payload_digest.map(digest_string);
+    let want = recorded.get(name).cloned();
+    ensure!(
+        have == want,
+        "{}: payload digest {} but {} records {}: the shard is not the one this manifest describes",
+        dir.join(name).display(),
+        have.as_deref().unwrap_or("none (version 1)"),
+        dir.join("manifest.json").display(),
+        want.as_deref().unwrap_or("none")
+    );
+    Ok(())
 }
 
 /// Token ids stored at their on-disk width.
@@ -180,8 +257,16 @@ pub struct ShardFile {
 }
 
 impl ShardFile {
-    /// Open and validate `path`; `kind` must match the header.
+    /// Open and validate `path`; `kind` must match the header. Version 2 payloads are verified
+    /// against their checksums.
     pub fn open(path: &Path, kind: ShardKind) -> Result<ShardFile> {
+        Self::open_with(path, kind, true)
+    }
+
+    /// [`ShardFile::open`], verifying the payload checksums only when `verify` (the header's own
+    /// checksum and every size check always run). Unverified opening exists to measure what the
+    /// verification costs (`benches/shard.rs`).
+    pub fn open_with(path: &Path, kind: ShardKind, verify: bool) -> Result<ShardFile> {
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         // SAFETY: the shard is opened read-only and never modified while mapped by us; writers
         // create shards under a temporary name and rename them into place.
@@ -224,6 +309,9 @@ impl ShardFile {
             header,
             map,
         };
+        if verify {
+            shard.verify_payload()?;
+        }
         if kind == ShardKind::Examples {
             shard.check_offsets()?;
         }
@@ -240,7 +328,7 @@ impl ShardFile {
     /// All tokens of the payload.
     pub fn tokens(&self) -> Tokens<'_> {
         let off = self.header.tokens_offset().unwrap() as usize;
-        let bytes = &self.map[off..];
+        let bytes = &self.map[off..self.header.payload_end().unwrap() as usize];
         // The map is page-aligned and `off` is a multiple of 4, so the casts cannot fail.
         match self.header.token_bytes {
             2 => Tokens::U16(bytemuck::cast_slice(bytes)),
@@ -256,6 +344,66 @@ impl ShardFile {
     fn source_lens(&self) -> &[u32] {
         let start = HEADER_LEN + 8 * (self.header.records as usize + 1);
         bytemuck::cast_slice(&self.map[start..start + 4 * self.header.records as usize])
+    }
+
+    /// Check every payload chunk against the table (version 2; version 1 has none). The first
+    /// damaged chunk is named by its byte range and what it holds.
+    fn verify_payload(&self) -> Result<()> {
+        use rayon::prelude::*;
+        let n = self.header.checksum_chunks().unwrap() as usize;
+        if n == 0 {
+            return Ok(());
+        }
+        let end = self.header.payload_end().unwrap() as usize;
+        let table = &self.map[end..end + 4 * n];
+        let digest = crc32fast::hash(table);
+        let chunk = CHECKSUM_CHUNK as usize;
+        let bad = (0..n).into_par_iter().find_first(|&i| {
+            let a = HEADER_LEN + i * chunk;
+            let b = (a + chunk).min(end);
+            let want = u32::from_le_bytes(table[4 * i..4 * i + 4].try_into().unwrap());
+            crc32fast::hash(&self.map[a..b]) != want
+        });
+        if let Some(i) = bad {
+            let a = HEADER_LEN + i * chunk;
+            let b = (a + chunk).min(end);
+            bail!(
+                "{}: payload checksum mismatch in bytes {a}..{b} ({}): the file is damaged",
+                self.path.display(),
+                self.describe_bytes(a as u64, b as u64)
+            );
+        }
+        ensure!(
+            Some(digest) == self.header.payload_digest,
+            "{}: the payload checksum table is damaged (digest {digest:08x}, header says {:08x})",
+            self.path.display(),
+            self.header.payload_digest.unwrap_or(0)
+        );
+        Ok(())
+    }
+
+    /// What the payload bytes `a..b` hold, in records: "blocks i..=j", "examples i..=j" or the
+    /// example tables.
+    fn describe_bytes(&self, a: u64, b: u64) -> String {
+        let h = &self.header;
+        let tok0 = h.tokens_offset().unwrap();
+        if a < tok0 {
+            return "the example offsets and source-length tables".into();
+        }
+        let w = h.token_bytes as u64;
+        let (t0, t1) = ((a - tok0) / w, (b - tok0).div_ceil(w).max(1) - 1);
+        match h.kind {
+            ShardKind::Blocks => {
+                let bs = h.block_size as u64;
+                format!("blocks {}..={} of {bs} tokens", t0 / bs, t1 / bs)
+            }
+            ShardKind::Examples => {
+                // The offsets were size-checked at open but not yet validated: clamp the search.
+                let offs = self.offsets();
+                let ex = |t: u64| offs.partition_point(|&o| o <= t).saturating_sub(1);
+                format!("examples {}..={}", ex(t0), ex(t1))
+            }
+        }
     }
 
     fn check_offsets(&self) -> Result<()> {
@@ -283,6 +431,46 @@ impl ShardFile {
     }
 }
 
+/// crc32 of every [`CHECKSUM_CHUNK`]-byte chunk of a byte stream, fed in pieces of any size.
+struct ChunkSums {
+    cur: crc32fast::Hasher,
+    in_cur: usize,
+    sums: Vec<u32>,
+}
+
+impl ChunkSums {
+    fn new() -> ChunkSums {
+        ChunkSums {
+            cur: crc32fast::Hasher::new(),
+            in_cur: 0,
+            sums: Vec::new(),
+        }
+    }
+
+    fn update(&mut self, mut bytes: &[u8]) {
+        let chunk = CHECKSUM_CHUNK as usize;
+        while !bytes.is_empty() {
+            let take = (chunk - self.in_cur).min(bytes.len());
+            self.cur.update(&bytes[..take]);
+            self.in_cur += take;
+            bytes = &bytes[take..];
+            if self.in_cur == chunk {
+                let h = std::mem::replace(&mut self.cur, crc32fast::Hasher::new());
+                self.sums.push(h.finalize());
+                self.in_cur = 0;
+            }
+        }
+    }
+
+    /// The table (little-endian crc32s, the short last chunk included).
+    fn finish(mut self) -> Vec<u8> {
+        if self.in_cur > 0 {
+            self.sums.push(self.cur.finalize());
+        }
+        self.sums.iter().flat_map(|c| c.to_le_bytes()).collect()
+    }
+}
+
 /// Appends records to `<path>` through a temporary file; `finish` patches the header, syncs and
 /// renames. Dropping an unfinished writer removes the temporary file.
 pub struct ShardWriter {
@@ -295,6 +483,8 @@ pub struct ShardWriter {
     source_lens: Vec<u32>,
     /// Examples only: tokens spooled to a second temporary file (the offsets table precedes them).
     spool: Option<(PathBuf, BufWriter<File>)>,
+    /// Checksums of the payload as it is written (blocks; examples sum theirs in `finish`).
+    sums: ChunkSums,
     finished: bool,
 }
 
@@ -335,23 +525,38 @@ impl ShardWriter {
                 block_size: block_size as u32,
                 records: 0,
                 tokens: 0,
+                version: VERSION,
+                payload_digest: None,
             },
             offsets: vec![0],
             source_lens: Vec::new(),
             spool,
+            sums: ChunkSums::new(),
             finished: false,
         })
     }
 
-    fn write_tokens(w: &mut BufWriter<File>, width: u32, vocab: u32, ids: &[u32]) -> Result<()> {
+    /// Write `ids` at `width`, feeding the bytes to `sums` when given.
+    fn write_tokens(
+        w: &mut BufWriter<File>,
+        sums: Option<&mut ChunkSums>,
+        width: u32,
+        vocab: u32,
+        ids: &[u32],
+    ) -> Result<()> {
         if let Some(&bad) = ids.iter().find(|&&t| t >= vocab) {
             bail!("token id {bad} out of range for vocab size {vocab}");
         }
-        if width == 2 {
-            let v: Vec<u16> = ids.iter().map(|&t| t as u16).collect();
-            w.write_all(bytemuck::cast_slice(&v))?;
+        let v: Vec<u16>;
+        let bytes: &[u8] = if width == 2 {
+            v = ids.iter().map(|&t| t as u16).collect();
+            bytemuck::cast_slice(&v)
         } else {
-            w.write_all(bytemuck::cast_slice(ids))?;
+            bytemuck::cast_slice(ids)
+        };
+        w.write_all(bytes)?;
+        if let Some(s) = sums {
+            s.update(bytes);
         }
         Ok(())
     }
@@ -369,7 +574,7 @@ impl ShardWriter {
             self.header.block_size
         );
         let (w, v) = (self.header.token_bytes, self.header.vocab_size);
-        Self::write_tokens(self.out.as_mut().unwrap(), w, v, ids)
+        Self::write_tokens(self.out.as_mut().unwrap(), Some(&mut self.sums), w, v, ids)
             .with_context(|| format!("writing {}", self.tmp.display()))?;
         self.header.records += 1;
         self.header.tokens += ids.len() as u64;
@@ -389,7 +594,7 @@ impl ShardWriter {
         );
         let (w, v) = (self.header.token_bytes, self.header.vocab_size);
         let (sp_path, sp) = self.spool.as_mut().unwrap();
-        Self::write_tokens(sp, w, v, input_ids)
+        Self::write_tokens(sp, None, w, v, input_ids)
             .with_context(|| format!("writing {}", sp_path.display()))?;
         self.header.records += 1;
         self.header.tokens += input_ids.len() as u64;
@@ -413,15 +618,30 @@ impl ShardWriter {
                 .map_err(|e| e.into_error())
                 .with_context(ctx)?;
             drop(f);
-            out.write_all(bytemuck::cast_slice(&self.offsets))
-                .with_context(ctx)?;
-            out.write_all(bytemuck::cast_slice(&self.source_lens))
-                .with_context(ctx)?;
+            for table in [
+                bytemuck::cast_slice::<u64, u8>(&self.offsets),
+                bytemuck::cast_slice::<u32, u8>(&self.source_lens),
+            ] {
+                out.write_all(table).with_context(ctx)?;
+                self.sums.update(table);
+            }
             let mut src = File::open(&sp_path)
                 .with_context(|| format!("cannot open {}", sp_path.display()))?;
-            std::io::copy(&mut src, &mut out).with_context(ctx)?;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = std::io::Read::read(&mut src, &mut buf)
+                    .with_context(|| format!("cannot read {}", sp_path.display()))?;
+                if n == 0 {
+                    break;
+                }
+                out.write_all(&buf[..n]).with_context(ctx)?;
+                self.sums.update(&buf[..n]);
+            }
             std::fs::remove_file(&sp_path).ok();
         }
+        let table = std::mem::replace(&mut self.sums, ChunkSums::new()).finish();
+        out.write_all(&table).with_context(ctx)?;
+        self.header.payload_digest = Some(crc32fast::hash(&table));
         let mut f = out
             .into_inner()
             .map_err(|e| e.into_error())
@@ -460,8 +680,12 @@ pub struct BlockShard {
 
 impl BlockShard {
     pub fn open(path: &Path) -> Result<BlockShard> {
+        Self::open_with(path, true)
+    }
+    /// Open, verifying the payload checksums only when `verify` (see [`ShardFile::open_with`]).
+    pub fn open_with(path: &Path, verify: bool) -> Result<BlockShard> {
         Ok(BlockShard {
-            file: ShardFile::open(path, ShardKind::Blocks)?,
+            file: ShardFile::open_with(path, ShardKind::Blocks, verify)?,
         })
     }
     pub fn len(&self) -> usize {

@@ -419,6 +419,8 @@ pub fn export_gguf(opts: &ExportOptions) -> Result<ExportSummary> {
     let meta = metadata(&cfg, &name, opts.outtype, &tok);
 
     let tmp = crate::util::temp_path(&opts.output);
+    // Removed on every error return and on SIGINT/SIGTERM; disarmed once renamed into place.
+    let guard = crate::util::TempGuard::new(&tmp);
     let result = (|| -> Result<u64> {
         let file = std::fs::File::create(&tmp)
             .with_context(|| format!("cannot create {}", tmp.display()))?;
@@ -427,6 +429,7 @@ pub fn export_gguf(opts: &ExportOptions) -> Result<ExportSummary> {
         let mut bytes = Vec::new();
         for ((hf, shape), desc) in expected.iter().zip(&descs) {
             let data = merged_tensor(&ck, hf, shape, &mut adapters, &opts.adapter_dirs)?;
+            check_finite_as(hf, &data, desc.ty, &opts.adapter_dirs)?;
             let data = if hf.ends_with("q_proj.weight") {
                 permute_qk_rows(&data, cfg.num_attention_heads, shape[1])
             } else if hf.ends_with("k_proj.weight") {
@@ -449,13 +452,7 @@ pub fn export_gguf(opts: &ExportOptions) -> Result<ExportSummary> {
             .with_context(|| format!("cannot sync {}", tmp.display()))?;
         Ok(file.metadata()?.len())
     })();
-    let bytes = match result {
-        Ok(b) => b,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-    };
+    let bytes = result?;
     std::fs::rename(&tmp, &opts.output).with_context(|| {
         format!(
             "cannot rename {} to {}",
@@ -463,12 +460,44 @@ pub fn export_gguf(opts: &ExportOptions) -> Result<ExportSummary> {
             opts.output.display()
         )
     })?;
+    guard.disarm();
     Ok(ExportSummary {
         tensors: descs.len(),
         vocab,
         bytes,
         q8_0_fallbacks: fallbacks,
     })
+}
+
+/// Refuse a tensor that is not finite after the adapters, or that would not be once stored as
+/// `ty` (f16 overflows past 65504; a Q8_0 block keeps its scale `max|x|/127` in f16). The base's
+/// own values were checked when read, so a value here names the adapters as the cause.
+fn check_finite_as(hf: &str, data: &[f32], ty: GgmlType, adapters: &[PathBuf]) -> Result<()> {
+    let ok = |x: f32| match ty {
+        GgmlType::F32 => x.is_finite(),
+        GgmlType::F16 => half::f16::from_f32(x).is_finite(),
+        GgmlType::BF16 => half::bf16::from_f32(x).is_finite(),
+        GgmlType::Q8_0 => x.is_finite() && half::f16::from_f32(x / 127.0).is_finite(),
+    };
+    if let Some(i) = data.iter().position(|&x| !ok(x)) {
+        bail!(
+            "tensor {hf} has a non-finite value at element {i} ({} in f32, written as {ty:?}){}",
+            data[i],
+            if adapters.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " after merging adapter {}",
+                    adapters
+                        .iter()
+                        .map(|a| a.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        );
+    }
+    Ok(())
 }
 
 /// Tensor `hf` read from `ck` with every adapter's changes to it applied in order (through

@@ -16,6 +16,7 @@ use super::llama::HostParams;
 use super::lora::LoraConfig;
 use super::params::Kind;
 use super::weights::{Checkpoint, HostTensor, SaveOptions, save_model_dir};
+use crate::tensor::DType;
 use anyhow::{Context, Result, bail, ensure};
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
@@ -605,6 +606,19 @@ pub fn merge_into_dir(
     for ad in adapters {
         merge_one(&mut weights, ad)?;
     }
+    // Finite adapters on finite weights can still overflow (large factors, or a value beyond the
+    // output dtype's range): refuse before writing anything.
+    for n in &order {
+        let (_, data) = &weights[n];
+        if let Some(i) = data.iter().position(|&x| !finite_in(dtype, x)) {
+            bail!(
+                "merged tensor {n} has a non-finite value at element {i} ({} in f32, stored as \
+                 {dtype:?}): the adapters overflow the base weights; nothing written to {}",
+                data[i],
+                output.display()
+            );
+        }
+    }
     let (emb_shape, _) = weights
         .get("model.embed_tokens.weight")
         .context("the base model has no model.embed_tokens.weight")?;
@@ -641,6 +655,15 @@ pub fn merge_into_dir(
             max_shard_bytes: Some(max_shard_bytes),
         },
     )
+}
+
+/// `x` is finite and stays finite when stored as `dtype` (f16 overflows past 65504).
+fn finite_in(dtype: DType, x: f32) -> bool {
+    match dtype {
+        DType::F32 => x.is_finite(),
+        DType::F16 => half::f16::from_f32(x).is_finite(),
+        DType::BF16 => half::bf16::from_f32(x).is_finite(),
+    }
 }
 
 /// Merge one adapter into `weights` (PEFT's `merge_and_unload`): modules saved in full replace

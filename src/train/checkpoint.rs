@@ -7,7 +7,8 @@
 //!
 //! Atomicity: everything is written into a hidden temporary sibling (`.checkpoint-<step>.tmp`),
 //! synced, and the directory is renamed into place; a crash leaves at most a temporary directory,
-//! which is ignored and removed by the next save. Old checkpoints are first renamed to a hidden
+//! which is ignored and removed by the next save. The temporary directory is held by a
+//! `util::TempGuard`: an error return or SIGINT/SIGTERM removes it. Old checkpoints are first renamed to a hidden
 //! name, then deleted, so a crash while pruning never leaves a half-deleted `checkpoint-*`.
 
 use super::config::TrainConfig;
@@ -89,11 +90,14 @@ fn sync_dir(dir: &Path) {
 pub fn save(comm: &dyn Comm, output: &Path, state: &TrainerState, zero: &Zero2) -> Result<PathBuf> {
     let final_dir = checkpoint_dir(output, state.step);
     let tmp = output.join(format!(".checkpoint-{}.tmp", state.step));
+    // Rank 0 owns the temp directory: removed on any error return and on SIGINT/SIGTERM.
+    let mut guard = None;
     if comm.rank() == 0 {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)
                 .with_context(|| format!("cannot remove stale {}", tmp.display()))?;
         }
+        guard = Some(crate::util::TempGuard::new(&tmp));
         std::fs::create_dir_all(&tmp)
             .with_context(|| format!("cannot create {}", tmp.display()))?;
     }
@@ -141,6 +145,9 @@ pub fn save(comm: &dyn Comm, output: &Path, state: &TrainerState, zero: &Zero2) 
             std::fs::rename(&tmp, &final_dir).with_context(|| {
                 format!("cannot rename {} to {}", tmp.display(), final_dir.display())
             })?;
+        }
+        if let Some(g) = guard.take() {
+            g.disarm();
         }
         sync_dir(output);
     }

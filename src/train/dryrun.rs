@@ -275,3 +275,47 @@ pub fn plan(
         "total_bytes_per_rank": weights + accumulation + opt_rank + acts,
     }))
 }
+
+/// Host bytes the CPU backend needs at least to run `dims` (vocab `vocab`) on `t` tokens without
+/// training: the f32 weights, the KV cache (2·L·t·K) and one layer's activations plus the logits,
+/// `4·t·(5C + 2K + 3F + V)`. What `eval`, `generate` and `merge-lora` check against the memory
+/// available before they load anything.
+pub fn inference_bytes(dims: &Dims, vocab: usize, t: usize) -> u64 {
+    let c = dims.hidden_size as u64;
+    let k = (dims.kv_heads() * dims.head_dim()) as u64;
+    let f = dims.intermediate_size as u64;
+    let l = dims.num_hidden_layers as u64;
+    let t = t as u64;
+    let weights = dims.base_params(vocab).saturating_mul(4);
+    let per_token = 2 * l * k + 5 * c + 2 * k + 3 * f + vocab as u64;
+    weights.saturating_add(t.saturating_mul(4).saturating_mul(per_token))
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes (None where there is no such file or line).
+pub fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Refuse to load `model_dir` when `need` bytes exceed `available` (`source` says where the
+/// figure comes from), naming the model, its size and how to override.
+pub fn check_fits(
+    model_dir: &Path,
+    purpose: &str,
+    need: u64,
+    available: u64,
+    source: &str,
+) -> Result<()> {
+    if need > available {
+        bail!(
+            "model {} needs at least {:.2} GiB for {purpose} (from its config.json), but {:.2} GiB \
+             is available ({source}); set ZHLLAMA_MEMORY_LIMIT=<bytes> or =off if you know better",
+            model_dir.display(),
+            need as f64 / (1u64 << 30) as f64,
+            available as f64 / (1u64 << 30) as f64
+        );
+    }
+    Ok(())
+}

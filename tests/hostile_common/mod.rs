@@ -207,6 +207,39 @@ impl Fixture {
                 "2",
             ],
         );
+        // Finite weights whose activations overflow (every f32 weight ×1e12: attention scores
+        // pass f32's 3.4e38), for eval's loss and generate's logits.
+        copy_dir(&r.join("model"), &r.join("hot_model"));
+        map_f32(&r.join("hot_model/model.safetensors"), |_, x| x * 1e12);
+        // An adapter with finite but huge factors: B·A overflows f32 when merged.
+        copy_dir(&r.join("run/adapter"), &r.join("overflow_adapter"));
+        map_f32(
+            &r.join("overflow_adapter/adapter_model.safetensors"),
+            |n, x| if n.contains(".lora_") { 1e30 } else { x },
+        );
+        // An adapter whose adapter_config.json disagrees with its tensors (r = 3 over rank-2).
+        copy_dir(&r.join("run/adapter"), &r.join("r3_adapter"));
+        let apath = r.join("r3_adapter/adapter_config.json");
+        let mut a: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&apath).unwrap()).unwrap();
+        a["r"] = serde_json::json!(3);
+        std::fs::write(&apath, serde_json::to_vec_pretty(&a).unwrap()).unwrap();
+        // Pre-training data with one payload bit flipped in train.tok (block 3), and data whose
+        // train.tok is another valid shard than the one its manifest describes.
+        copy_dir(&r.join("pt"), &r.join("pt_damaged"));
+        let tpath = r.join("pt_damaged/train.tok");
+        let mut t = std::fs::read(&tpath).unwrap();
+        t[64 + 3 * 16 * 2 + 1] ^= 0x04;
+        std::fs::write(&tpath, t).unwrap();
+        copy_dir(&r.join("pt"), &r.join("pt_swapped"));
+        std::fs::copy(r.join("pt/validation.tok"), r.join("pt_swapped/train.tok")).unwrap();
+        // A model directory whose safetensors file is garbage.
+        copy_dir(&r.join("model"), &r.join("garbage_model"));
+        std::fs::write(
+            r.join("garbage_model/model.safetensors"),
+            [0x13u8, 0x37, 0, 0].repeat(9),
+        )
+        .unwrap();
         // The same records cut at another length: other data of the same kind.
         must(
             "zhllama",
@@ -296,6 +329,27 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// Replace every element `x` of every f32 tensor `name` in the safetensors file `path` by
+/// `f(name, x)`, in place.
+fn map_f32(path: &Path, f: impl Fn(&str, f32) -> f32) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    for (name, t) in header.as_object().unwrap() {
+        if name == "__metadata__" {
+            continue;
+        }
+        assert_eq!(t["dtype"], "F32", "{name} is not f32");
+        let a = t["data_offsets"][0].as_u64().unwrap() as usize + 8 + n;
+        let b = t["data_offsets"][1].as_u64().unwrap() as usize + 8 + n;
+        for c in bytes[a..b].chunks_exact_mut(4) {
+            let x = f32::from_le_bytes(c.try_into().unwrap());
+            c.copy_from_slice(&f(name, x).to_le_bytes());
+        }
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
 /// Set the first element of f32 tensor `name` in `dir/model.safetensors` to NaN.
 fn poke_nan(dir: &Path, name: &str) {
     let path = dir.join("model.safetensors");
@@ -330,10 +384,16 @@ pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
 
 /// Run one case and assert every promise (see the module header).
 pub fn check(fx: &Fixture, c: &Case) {
+    check_env(fx, c, &[]);
+}
+
+/// [`check`] with extra environment variables for the binary.
+pub fn check_env(fx: &Fixture, c: &Case, env: &[(&str, &str)]) {
     let before = snapshot(fx.root());
     let args: Vec<String> = c.args.split_whitespace().map(|a| fx.expand(a)).collect();
     let o = Command::new(bin_path(c.bin))
         .args(&args)
+        .envs(env.iter().copied())
         .env_remove("OPENAI_API_KEY")
         .env("RUST_BACKTRACE", "0")
         .current_dir(fx.root())
