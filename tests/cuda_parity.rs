@@ -733,7 +733,10 @@ fn cross_entropy(c: &mut Ctx, mode: Mode) {
         c.gpu
             .cross_entropy_backward(gm!(c, gdl), gv!(c, gl), &gt, n, v, 0.25);
         let got = c.down(&gdl);
-        c.check("cross_entropy_backward", &shape, mode, &got, &dl);
+        // dlogits = 0.25·(softmax − onehot): on a confident row (p_t → 1, likely at v = 2 with
+        // logits of ±8) every entry is a difference of O(0.25) terms that cancel, and both sides
+        // hold ~1 ulp of p_t in it. Measured against the terms' size, 0.25, not max|want|.
+        c.check_scaled("cross_entropy_backward", &shape, mode, &got, &dl, 0.25);
     }
 }
 
