@@ -542,3 +542,32 @@ fn generate_greedy_matches_cpu() {
     assert!(c.chars().count() > 10, "too little text generated: {c:?}");
     assert_eq!(g, c, "greedy text differs");
 }
+
+/// `train --backend cuda` checks the run's memory plan against the device's free memory before it
+/// loads anything: a limit below the plan is refused with the model named and nothing written.
+#[test]
+fn gpu_memory_check_refuses_a_run_that_cannot_fit() {
+    if stand_in().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let r = tmp.path();
+    let model = cuda_model(&r.join("model"));
+    let pt = train_common::pretrain_data(&r.join("pt"), 64, 8);
+    let out = r.join("out");
+    let mut a = train_args("pt2", &model, &pt, &out);
+    a.extend(["--backend", "cuda"]);
+    let o = fake(&a, &[("ZHLLAMA_MEMORY_LIMIT", "100000")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "a 100 kB budget must be refused: {err}"
+    );
+    assert!(
+        err.contains("needs at least") && err.contains(&model.display().to_string()),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing may be written: {}", out.display());
+    // The same run within the device's free memory starts (and finishes its 4 steps).
+    ok("within the device's memory", &fake(&a, &[]));
+}

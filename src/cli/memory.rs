@@ -31,6 +31,27 @@ pub fn check(
     dryrun::check_fits(model_dir, purpose, need(&dims)?, available, &source)
 }
 
+/// Refuse `model_dir` when `need(dims)` bytes exceed a GPU's `free` memory (`ZHLLAMA_MEMORY_LIMIT`
+/// overrides as for the host check); `device` names the GPU in the message.
+pub fn check_device(
+    model_dir: &Path,
+    purpose: &str,
+    device: &str,
+    free: u64,
+    need: impl FnOnce(&dryrun::Dims) -> Result<u64>,
+) -> Result<()> {
+    let (available, source) = match std::env::var("ZHLLAMA_MEMORY_LIMIT") {
+        Ok(v) if v == "off" => return Ok(()),
+        Ok(_) => match budget()? {
+            Some(b) => b,
+            None => return Ok(()),
+        },
+        Err(_) => (free, format!("free memory on {device}")),
+    };
+    let dims = dryrun::Dims::from_model_dir(model_dir)?;
+    dryrun::check_fits(model_dir, purpose, need(&dims)?, available, &source)
+}
+
 /// The inference estimate on one token (the weights dominate).
 pub fn check_inference(model_dir: &Path, purpose: &str) -> Result<()> {
     check(model_dir, purpose, |d| {

@@ -223,13 +223,42 @@ pub fn run(mut args: Args) -> Result<()> {
             &model_dir,
         ),
         // fp16 mode: f16 storage on the device (the loss scaler keeps its gradients in range).
-        BackendKind::Cuda => train(
-            std::sync::Arc::new(open_cuda(local_rank()?, false, cfg.fp16)?),
-            args,
-            cfg,
-            &model_dir,
-        ),
+        BackendKind::Cuda => {
+            let be = open_cuda(local_rank()?, false, cfg.fp16)?;
+            check_device_memory(&be, &args, &cfg, &model_dir)?;
+            train(std::sync::Arc::new(be), args, cfg, &model_dir)
+        }
     }
+}
+
+/// Refuse a GPU run whose memory plan (the dry run's, bf16 storage, this launch's world size)
+/// exceeds the device's free memory, before any weight is loaded.
+fn check_device_memory(
+    be: &zhllama::backend::cuda::CudaBackend,
+    args: &Args,
+    cfg: &TrainConfig,
+    model_dir: &std::path::Path,
+) -> Result<()> {
+    zhllama::model::llama::check_model_dir(model_dir)?;
+    let vars: std::collections::HashMap<String, String> = std::env::vars().collect();
+    let world = zhllama::distributed::launch_info(&vars)?.map_or(1, |l| l.world_size);
+    let (free, _) = be.mem_info()?;
+    let stage = args.stage.to_string();
+    super::memory::check_device(
+        model_dir,
+        "training",
+        &be.device_name().to_string(),
+        free as u64,
+        |d| {
+            let vocab = match (args.vocab_size, &args.tokenizer) {
+                (Some(v), _) => v,
+                (None, Some(path)) => tokenizer_size(path)?,
+                (None, None) => d.vocab_size,
+            };
+            let plan = dryrun::plan(d, cfg, &stage, vocab, world, "bf16")?;
+            Ok(plan["total_bytes_per_rank"].as_u64().unwrap_or(u64::MAX))
+        },
+    )
 }
 
 /// Number of pieces in a SentencePiece model file.
