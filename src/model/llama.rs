@@ -27,6 +27,7 @@ use super::lora::{LoraConfig, Proj, init_lora_a};
 use super::params::{Group, Kind, Loc, ParamEntry, ParamLayout, TrainSpec, proj_shape};
 use super::weights::{Checkpoint, HostTensor, SaveOptions, save_model_dir};
 use crate::backend::{Backend, Role};
+use crate::util::hash::mix64;
 use anyhow::{Context, Result, bail, ensure};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -108,7 +109,7 @@ fn random_fill(e: &ParamEntry, index: usize, std: f32, seed: u64, out: &mut [f32
     match e.kind {
         Kind::Norm { .. } | Kind::FinalNorm => out.fill(1.0),
         _ => {
-            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ super::lora::mix64(index as u64));
+            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ mix64(index as u64));
             // Box–Muller: two uniforms give two independent standard normals.
             for pair in out.chunks_mut(2) {
                 let u1: f64 = 1.0 - rng.random::<f64>(); // (0, 1]
@@ -254,7 +255,7 @@ impl<B: Backend> Llama<B> {
                 Group::Frozen => &mut frozen,
                 Group::Trainable => &mut trainable,
             };
-            let s = seed ^ super::lora::mix64(index as u64);
+            let s = seed ^ mix64(index as u64);
             backend.fill_uniform(backend.view_mut(buf, e.range.clone()), s, lo, hi);
         }
         backend.synchronize()?;
