@@ -85,7 +85,8 @@ fn main() -> Result<()> {
             zhllama::util::write_atomic(Path::new(&a[3]), &bytes)
         }
         Some("greedy") if a.len() == 5 => {
-            use zhllama::model::generate::{SamplingConfig, Template, encode_prompt, generate};
+            use zhllama::data::sft::{Template, encode_prompt};
+            use zhllama::model::generate::{SamplingConfig, generate};
             let m = Llama::from_dir(
                 Arc::new(CpuBackend::new()),
                 Path::new(&a[1]),

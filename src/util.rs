@@ -2,6 +2,7 @@
 //! cleanup on error and on SIGINT/SIGTERM (`cleanup`), and the run lock (`lock`).
 
 pub mod cleanup;
+pub mod hash;
 pub mod lock;
 pub mod output;
 

@@ -10,9 +10,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use zhllama::backend::Backend;
 use zhllama::backend::cpu::CpuBackend;
-use zhllama::model::generate::{
-    SamplingConfig, StreamDecoder, Template, generate_text, load_merged_cpu,
-};
+use zhllama::data::sft::Template;
+use zhllama::model::generate::{SamplingConfig, StreamDecoder, generate_text, load_merged};
 use zhllama::model::{Activations, Llama, LlamaConfig, SaveOptions, TrainSpec};
 use zhllama::tensor::DType;
 use zhllama::vocab::proto::ModelType;
@@ -184,7 +183,7 @@ fn end_to_end_prompt_input_and_interactive() {
     }
     // The library's one-call form (what the demo uses) gives the same text.
     let enc = zhllama::data::TokenizerEncoder::load(&f.tok_path).unwrap();
-    let model = load_merged_cpu(&f.model_dir, &[], None).unwrap();
+    let model = load_merged(Arc::new(CpuBackend::new()), &f.model_dir, &[], None).unwrap();
     let got = generate_text(
         &model,
         &enc,

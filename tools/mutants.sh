@@ -18,7 +18,7 @@ export CARGO_PROFILE_RELEASE_INCREMENTAL=true
 # group | files (-f, globs allowed) | test targets
 GROUPS_SPEC=(
   "peft|src/model/peft.rs|train_parity generate_cli"
-  "model|src/model/config.rs src/model/generate.rs src/model/llama.rs src/model/lora.rs src/model/params.rs src/model/resize.rs src/model/weights.rs src/model/mod.rs|model_parity model_lora model_backward_hook model_checkpointing model_weights model_eval generate_model train_resize"
+  "model|src/model/config.rs src/model/generate.rs src/model/llama.rs src/model/llama/activations.rs src/model/llama/layer_backward.rs src/model/llama/layer_forward.rs src/model/lora.rs src/model/params.rs src/model/resize.rs src/model/weights.rs src/model/mod.rs|model_parity model_lora model_backward_hook model_checkpointing model_weights model_eval generate_model train_resize"
   "train|src/train/*.rs|train_parity train_config train_fp16 train_nonfinite train_world train_resume train_dryrun train_cli"
   "zero|src/distributed/zero.rs|distributed_zero distributed_overlap train_world"
   "data|src/data/*.rs|data_sft data_pretrain data_shard data_malformed data_oracle"

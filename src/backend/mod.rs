@@ -39,17 +39,8 @@ pub enum Role {
     Fp32,
 }
 
-/// Hyper-parameters of one AdamW step (as `torch.optim.AdamW`: decoupled decay, bias correction).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamW {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-    /// 1-based step number, for bias correction.
-    pub step: u64,
-}
+/// The AdamW hyper-parameters live with the op that uses them.
+pub use crate::ops::adamw::AdamW;
 
 /// Element counts of the buffers [`Backend::lm_head_cross_entropy_forward`] and its backward take
 /// for `n` rows and vocabulary `v` ([`Backend::lm_head_cross_entropy_buffers`]); a count may be 0

@@ -12,11 +12,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use zhllama::backend::Backend;
 use zhllama::backend::cpu::CpuBackend;
+use zhllama::data::sft::{Template, encode_prompt};
 use zhllama::data::{HfText, TokenizerEncoder};
 use zhllama::model::Llama;
-use zhllama::model::generate::{
-    ExpectVocab, SamplingConfig, StreamDecoder, Template, encode_prompt, generate, load_merged,
-};
+use zhllama::model::generate::{ExpectVocab, SamplingConfig, StreamDecoder, generate, load_merged};
 
 use super::backend::{BackendKind, local_rank, open_cuda};
 

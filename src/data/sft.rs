@@ -31,6 +31,36 @@ pub fn build_prompt(rec: &AlpacaRecord) -> String {
     PROMPT_TEMPLATE.replace("{instruction}", &instruction)
 }
 
+/// How a user prompt becomes the model's input text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Template {
+    /// Stanford Alpaca's instruction prompt, exactly as SFT training built it
+    /// ([`build_prompt`] with no `input`).
+    Alpaca,
+    /// The prompt text as is.
+    Raw,
+}
+
+/// The prompt ids the model sees: BOS, then `text` (through `template`) tokenized as HF's slow
+/// `LlamaTokenizer` does, the same encoding SFT training used for its sources.
+pub fn encode_prompt<E: Encoder + ?Sized>(
+    hf: &HfText<'_, E>,
+    text: &str,
+    template: Template,
+) -> Vec<u32> {
+    match template {
+        Template::Alpaca => {
+            let rec = AlpacaRecord {
+                instruction: text.to_string(),
+                input: String::new(),
+                output: String::new(),
+            };
+            hf.encode_with_bos(&build_prompt(&rec))
+        }
+        Template::Raw => hf.encode_with_bos(text),
+    }
+}
+
 /// One tokenized example.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SftExample {

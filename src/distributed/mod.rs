@@ -19,9 +19,10 @@
 //! micro-batch indices, with each rank holding a contiguous block of a power-of-two number of
 //! micro-batches summed by [`GradAccumulator`], composes into the same tree — so world 1 with
 //! accumulation `A·N` and world `N` with accumulation `A` give bit-identical gradients (and, since
-//! the norm is a tree over global element indices too, bit-identical steps). ARCHITECTURE.md has
+//! the norm is a tree over global element indices too, bit-identical steps). docs/DESIGN-NOTES.md has
 //! the argument.
 
+pub mod accumulate;
 pub mod collective;
 pub mod device;
 pub mod env;

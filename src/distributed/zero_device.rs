@@ -14,7 +14,7 @@
 //! give the same bits (and so worlds 1, 2, 3 stay bit-identical).
 //!
 //! Overlap ([`DeviceZero2::grads_ready`]): a chunk is reduce-scattered as soon as every element
-//! it gathers is final, exactly as [`super::Zero2::grads_ready`]; see ARCHITECTURE.md for the
+//! it gathers is final, exactly as [`super::Zero2::grads_ready`]; see docs/DESIGN-NOTES.md for the
 //! layout's limit.
 //!
 //! Checkpoints are [`super::Zero2`]'s files: [`DeviceZero2::to_host`] downloads the shard to save

@@ -7,6 +7,7 @@
 //! when their estimated Jaccard similarity reaches the threshold. The first occurrence wins.
 
 use super::convert::{AlpacaRecord, TranslationPair};
+use crate::util::hash::mix64;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 
@@ -86,14 +87,6 @@ pub fn normalize(s: &str) -> String {
 const NUM_HASHES: usize = 32;
 const BANDS: usize = 8;
 const ROWS: usize = NUM_HASHES / BANDS;
-
-fn mix64(mut x: u64) -> u64 {
-    // splitmix64 finalizer: a cheap, well-distributed 64-bit hash.
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
 
 /// MinHash signature of the character 3-grams of `norm` (the whole string when shorter).
 pub fn minhash(norm: &str) -> [u64; NUM_HASHES] {

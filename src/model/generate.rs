@@ -1,14 +1,17 @@
 //! Text generation with a KV cache: sampling (greedy / temperature / top-k / top-p / repetition
 //! penalty, HF `generate` semantics), the decode loop, incremental detokenization for streaming,
-//! and loading "model dir + PEFT adapters" merged into one ready model.
+//! and loading "model dir + PEFT adapters" merged into one ready model on any backend. Prompt
+//! templates and their encoding live with the SFT data they must match (`data::sft`).
 //!
 //! The demo and `zhllama generate` both go through:
 //! ```no_run
 //! # use zhllama::model::generate::*;
+//! # use zhllama::data::sft::Template;
 //! # fn main() -> anyhow::Result<()> {
 //! let enc = zhllama::data::TokenizerEncoder::load("tokenizer.model".as_ref())?;
 //! let expect = ExpectVocab::of_tokenizer(&enc.tokenizer, "tokenizer.model".as_ref());
-//! let model = load_merged_cpu("base".as_ref(), &["sft/adapter".into()], Some(&expect))?;
+//! let be = std::sync::Arc::new(zhllama::backend::cpu::CpuBackend::new());
+//! let model = load_merged(be, "base".as_ref(), &["sft/adapter".into()], Some(&expect))?;
 //! let cfg = SamplingConfig::greedy(64);
 //! let answer = generate_text(&model, &enc, "2+3=?", Template::Alpaca, &cfg)?;
 //! // Or by ids, streaming each new id to a callback (EOS stops and is not returned):
@@ -23,7 +26,7 @@ use super::params::{Kind, TrainSpec};
 use super::peft::{Adapter, load_adapter, merge_one};
 use super::weights::Checkpoint;
 use crate::backend::Backend;
-use crate::backend::cpu::CpuBackend;
+use crate::data::sft::{Template, encode_prompt};
 use anyhow::{Context, Result, bail, ensure};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -485,45 +488,6 @@ fn merged<B: Backend>(
         Ok(true)
     })
     .with_context(ctx)
-}
-
-/// [`load_merged`] on the CPU backend.
-pub fn load_merged_cpu(
-    model_dir: &Path,
-    adapter_dirs: &[PathBuf],
-    expect: Option<&ExpectVocab>,
-) -> Result<Llama<CpuBackend>> {
-    load_merged(Arc::new(CpuBackend::new()), model_dir, adapter_dirs, expect)
-}
-
-/// How a user prompt becomes the model's input text.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Template {
-    /// Stanford Alpaca's instruction prompt, exactly as SFT training built it
-    /// ([`crate::data::sft::build_prompt`] with no `input`).
-    Alpaca,
-    /// The prompt text as is.
-    Raw,
-}
-
-/// The prompt ids the model sees: BOS, then `text` (through `template`) tokenized as HF's slow
-/// `LlamaTokenizer` does, the same encoding SFT training used for its sources.
-pub fn encode_prompt<E: crate::data::Encoder + ?Sized>(
-    hf: &crate::data::HfText<'_, E>,
-    text: &str,
-    template: Template,
-) -> Vec<u32> {
-    match template {
-        Template::Alpaca => {
-            let rec = crate::instruct::convert::AlpacaRecord {
-                instruction: text.to_string(),
-                input: String::new(),
-                output: String::new(),
-            };
-            hf.encode_with_bos(&crate::data::sft::build_prompt(&rec))
-        }
-        Template::Raw => hf.encode_with_bos(text),
-    }
 }
 
 /// The decoded text `model` generates for `prompt` (wrapped by `template`, stopped at the

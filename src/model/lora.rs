@@ -5,6 +5,7 @@
 //! The dropout mask comes from a counter-based hash of (key, layer, projection, element), not from a
 //! stateful RNG: the same key gives the same mask, so a resumed run replays exactly.
 
+use crate::util::hash::mix64;
 use anyhow::{Result, bail};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -140,8 +141,6 @@ pub fn init_lora_a(a: &mut [f32], fan_in: usize, seed: u64, layer: usize, proj: 
         *x = rng.random_range(-bound..bound);
     }
 }
-
-pub use crate::ops::dropout::mix64;
 
 /// The per-tensor dropout key of projection `proj` in layer `layer` under the step's `key`: what
 /// [`crate::backend::Backend::dropout`] takes, so the device and the host draw the same mask.

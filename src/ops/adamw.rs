@@ -14,8 +14,19 @@
 //! a config value gives the same f64 as the Python literal would.
 
 use super::math::simd_fn;
-use crate::backend::AdamW;
 use rayon::prelude::*;
+
+/// Hyper-parameters of one AdamW step (as `torch.optim.AdamW`: decoupled decay, bias correction).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step number, for bias correction.
+    pub step: u64,
+}
 
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 13;

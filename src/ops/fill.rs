@@ -3,7 +3,7 @@
 //! kernel `fill_uniform_v1_*` in `kernels/init.cu` computes exactly this). Used to initialise large
 //! models on the device (`Llama::random_on_device`) without generating them on the host.
 
-use crate::model::lora::mix64;
+use crate::util::hash::mix64;
 use rayon::prelude::*;
 
 const CHUNK: usize = 1 << 14;

@@ -5,6 +5,7 @@
 //! overrides use the same keys (`lora_rank = 8` in the file, `--lora-rank 8` or `--lora_rank 8` on
 //! the command line).
 
+use super::loss_scale::DynamicLossScaler;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -419,9 +420,21 @@ impl TrainConfig {
             bail!("nothing to train: lora_targets and modules_to_save are both empty");
         }
         if self.fp16 {
-            super::loss_scale::DynamicLossScaler::from_config(self)?;
+            self.loss_scaler()?;
         }
         self.accumulation_steps(self.world_size)?;
         Ok(())
+    }
+
+    /// The fp16 mode's loss scaler from the keys `initial_scale_power`, `loss_scale_window`,
+    /// `hysteresis`, `min_loss_scale` (`consecutive_hysteresis` off, as in the recipe).
+    pub fn loss_scaler(&self) -> Result<DynamicLossScaler> {
+        DynamicLossScaler::new(
+            self.initial_scale_power,
+            self.loss_scale_window,
+            self.hysteresis,
+            self.min_loss_scale,
+            false,
+        )
     }
 }

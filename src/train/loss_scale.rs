@@ -96,18 +96,6 @@ impl DynamicLossScaler {
         })
     }
 
-    /// The scaler of a run's config keys (`initial_scale_power`, `loss_scale_window`,
-    /// `hysteresis`, `min_loss_scale`; `consecutive_hysteresis` off as in the recipe).
-    pub fn from_config(cfg: &super::config::TrainConfig) -> Result<Self> {
-        Self::new(
-            cfg.initial_scale_power,
-            cfg.loss_scale_window,
-            cfg.hysteresis,
-            cfg.min_loss_scale,
-            false,
-        )
-    }
-
     /// The scale to seed the next backward pass with.
     pub fn scale(&self) -> f64 {
         self.cur_scale

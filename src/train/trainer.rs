@@ -18,7 +18,7 @@
 //! crosses host↔device in a plain step is the token ids, one loss sum per micro-batch and the
 //! norm's tree-node sums (see [`Trainer::step`]). On the last micro-batch of a step at world > 1, each
 //! gradient range the backward finishes is summed and handed to the reduce-scatter at once
-//! (overlap; see ARCHITECTURE.md).
+//! (overlap; see docs/DESIGN-NOTES.md).
 //!
 //! fp16 mode (`fp16 = true`, see [`super::loss_scale`]): each backward is seeded with the loss
 //! scale `S` and ZeRO-2 unscales with `grad_scale = 1 / (accumulation × world × S)` before the
@@ -40,7 +40,7 @@ use crate::distributed::zero::DeviceAccumulator;
 use crate::distributed::{Comm, DeviceZero2, Zero2};
 use crate::model::Llama;
 use crate::model::llama::Activations;
-use crate::model::lora::mix64;
+use crate::util::hash::mix64;
 use anyhow::{Context, Result, bail, ensure};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -180,7 +180,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             vocab_size: vocab,
             config: cfg.clone(),
             loss_scaler: if cfg.fp16 {
-                Some(DynamicLossScaler::from_config(&cfg)?)
+                Some(cfg.loss_scaler()?)
             } else {
                 None
             },
