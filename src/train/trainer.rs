@@ -576,9 +576,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.comm.barrier()?;
         let start = self.state.step;
         let mut metrics = if rank0 {
-            Some(MetricsWriter::open(
+            let resumed = opts.resume_from.as_ref().map(|_| start);
+            Some(MetricsWriter::open(&self.output, resumed)?.report_to(
+                &self.cfg.report_to,
                 &self.output,
-                opts.resume_from.as_ref().map(|_| start),
+                resumed,
             )?)
         } else {
             None
