@@ -145,7 +145,7 @@ pub fn tick_format(ticks: &[f64]) -> impl Fn(f64) -> String + use<> {
             })
             .unwrap_or(12)
     };
-    let sci = max > 0.0 && (max < 1e-2 || max >= 1e6);
+    let sci = max > 0.0 && !(1e-2..1e6).contains(&max);
     let (sci_dec, fix_dec) = if sci {
         let exp = 10f64.powf(max.log10().floor());
         (decimals(exp), 0)
@@ -289,12 +289,12 @@ pub fn plot(runs: &[RunCurves], title: &str, png: &Path) -> Result<()> {
         let (head, body) = root.split_vertically(TITLE_H);
         head.draw_text(
             title,
-            &TextStyle::from((FONT, 24).into_font())
-                .color(&BLACK)
-                .pos(plotters::style::text_anchor::Pos::new(
+            &TextStyle::from((FONT, 24).into_font()).color(&BLACK).pos(
+                plotters::style::text_anchor::Pos::new(
                     plotters::style::text_anchor::HPos::Center,
                     plotters::style::text_anchor::VPos::Center,
-                )),
+                ),
+            ),
             (W as i32 / 2, TITLE_H as i32 / 2),
         )
         .map_err(err)?;
@@ -306,10 +306,7 @@ pub fn plot(runs: &[RunCurves], title: &str, png: &Path) -> Result<()> {
             .margin_top(5)
             .x_label_area_size(45)
             .y_label_area_size(75)
-            .build_cartesian_2d(
-                Ticked::new(x0, x1, &xt),
-                Ticked::new(y0, y1, &yt),
-            )
+            .build_cartesian_2d(Ticked::new(x0, x1, &xt), Ticked::new(y0, y1, &yt))
             .map_err(err)?;
         chart
             .configure_mesh()
@@ -383,10 +380,7 @@ pub fn plot(runs: &[RunCurves], title: &str, png: &Path) -> Result<()> {
             .margin_bottom(5)
             .x_label_area_size(45)
             .y_label_area_size(75)
-            .build_cartesian_2d(
-                Ticked::new(x0, x1, &xt),
-                Ticked::new(l0, l1, &lt),
-            )
+            .build_cartesian_2d(Ticked::new(x0, x1, &xt), Ticked::new(l0, l1, &lt))
             .map_err(err)?;
         lr.configure_mesh()
             .x_desc("step")
@@ -470,7 +464,9 @@ mod tests {
             let mant = step / 10f64.powf(step.log10().floor());
             assert!(
                 // 10 × 10^(k-1): a step of 0.1 read back as 0.0999…96 after the subtraction.
-                [1.0, 2.0, 5.0, 10.0].iter().any(|m| (mant - m).abs() < 1e-9 * m),
+                [1.0, 2.0, 5.0, 10.0]
+                    .iter()
+                    .any(|m| (mant - m).abs() < 1e-9 * m),
                 "{lo}..{hi}: step {step}"
             );
             assert!(t[0] >= lo - 1e-12 && t[0] - step < lo, "{lo}..{hi}: {t:?}");
