@@ -140,11 +140,17 @@ fn config_for(stage: Stage, r: &Value) -> TrainConfig {
         lora_dropout: 0.0,
         lora_targets: strs("lora_targets"),
         modules_to_save: strs("modules_to_save"),
+        // The fixtures made before the key existed are the default reduction's.
+        loss_reduction: r["loss_reduction"]
+            .as_str()
+            .unwrap_or("micro-batch-mean")
+            .to_string(),
         ..TrainConfig::preset(stage)
     }
 }
 
-// Tolerances (each about ten times the worst measured over the three stages).
+// Tolerances (each about ten times the worst measured over the four fixtures: three stages, and
+// sft with the token-mean reduction).
 // - Loss: rel 1e-6. Both sides run the same f32 math; only summation order differs (GEMM
 //   blocking, softmax reductions), ~1e-7 relative per op. Measured worst 1.1e-7 (2 f32 ulps).
 // - Gradient norm: rel 5e-5; it is a sum of squares of many gradients, each with ~1e-6 relative
@@ -160,10 +166,15 @@ const NORM_RTOL: f64 = 5e-5;
 const W_ATOL: f64 = 5e-6;
 const W_RTOL: f64 = 5e-5;
 
+/// The fixture `name` (`{name}_reference.json`, `{name}_init/final.safetensors`) of `stage`.
 fn parity(stage: Stage) {
+    parity_of(stage, &stage.to_string());
+}
+
+fn parity_of(stage: Stage, name: &str) {
     let fx = fixtures();
     let r: Value = serde_json::from_str(
-        &std::fs::read_to_string(fx.join(format!("{stage}_reference.json"))).unwrap(),
+        &std::fs::read_to_string(fx.join(format!("{name}_reference.json"))).unwrap(),
     )
     .unwrap();
     let cfg = config_for(stage, &r);
@@ -174,7 +185,7 @@ fn parity(stage: Stage) {
     );
     let be = Arc::new(CpuBackend::new());
     // The oracle's initial trainable weights (its LoRA A/B, the embedding/lm_head it trains).
-    let init = read_st(&fx.join(format!("{stage}_init.safetensors")));
+    let init = read_st(&fx.join(format!("{name}_init.safetensors")));
     let tmp = tempfile::tempdir().unwrap();
     let model = if stage == Stage::Pt1 {
         // pt1 trains the embedding alone (no adapter): its initial value is the base's.
@@ -280,7 +291,7 @@ fn parity(stage: Stage) {
             && norms.iter().any(|&n| n < cfg.max_grad_norm)
     );
 
-    let final_ref = read_st(&fx.join(format!("{stage}_final.safetensors")));
+    let final_ref = read_st(&fx.join(format!("{name}_final.safetensors")));
     let params = t.params();
     for e in layout.entries().iter().filter(|e| e.loc().trainable()) {
         let (_, want) = &final_ref[&e.name];
@@ -310,8 +321,9 @@ fn parity(stage: Stage) {
         );
     }
 
-    // Our adapter has PEFT's layout: same tensor names, shapes and config as PEFT's own save.
-    if stage != Stage::Pt1 {
+    // Our adapter has PEFT's layout: same tensor names, shapes and config as PEFT's own save
+    // (checked once per stage, on the default reduction's fixture).
+    if stage != Stage::Pt1 && name == stage.to_string() {
         let ours = tmp.path().join("adapter");
         let host = t.model.download_params().unwrap();
         zhllama::model::peft::save_adapter(
@@ -396,6 +408,40 @@ fn pt2_matches_pytorch_and_peft() {
 #[test]
 fn sft_matches_pytorch_and_peft() {
     parity(Stage::Sft);
+}
+
+/// HF Trainer's `num_items_in_batch` reduction (`--loss-reduction token-mean`): every target
+/// token of the accumulated batch weighs the same. The fixture's micro-batches have different
+/// target counts, so the original scripts' reduction would give other losses and gradients.
+#[test]
+fn sft_token_mean_matches_hf_trainer_num_items_in_batch() {
+    let r: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("sft_token_mean_reference.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(r["loss_reduction"], "token-mean");
+    let counts = |mb: &Value| {
+        mb["labels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| {
+                row.as_array().unwrap()[1..]
+                    .iter()
+                    .filter(|l| l.as_i64() != Some(-100))
+                    .count()
+            })
+            .sum::<usize>()
+    };
+    let uneven = r["batches"].as_array().unwrap().iter().filter(|step| {
+        let c: Vec<usize> = step.as_array().unwrap().iter().map(counts).collect();
+        c.iter().any(|&x| x != c[0])
+    });
+    assert!(
+        uneven.count() >= 3,
+        "the fixture needs steps whose micro-batches have different target counts"
+    );
+    parity_of(Stage::Sft, "sft_token_mean");
 }
 
 #[test]

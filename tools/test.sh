@@ -60,6 +60,9 @@ export ZHLLAMA_PEFT_PYTHON="$peft_venv/bin/python"
 # llama.cpp from source and is a separate command: tools/oracle/llamacpp_check.sh.
 if [ ! -x .venv/gguf-oracle/bin/python ]; then python3 -m venv .venv/gguf-oracle; fi
 .venv/gguf-oracle/bin/pip install -q -r tools/oracle/gguf_requirements.txt
+# train: TensorBoard's own event-file reader (tests/train_tensorboard.rs), in a light venv (no torch).
+if [ ! -x .venv/tb-oracle/bin/python ]; then python3 -m venv .venv/tb-oracle; fi
+.venv/tb-oracle/bin/pip install -q -r tools/oracle/tensorboard_requirements.txt
 # ---- end installs ------------------------------------------------------------------------------------
 
 cargo test --release --all-targets --no-fail-fast

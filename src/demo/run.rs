@@ -42,6 +42,9 @@ use std::time::Instant;
 /// Longest SFT example (prompt + answer) in tokens; the demo's are far shorter.
 const SFT_MAX_LEN: usize = 256;
 
+/// The instruction of the pre-training paragraphs mixed into the SFT set ("write a paragraph").
+const SFT_MIX_INSTRUCTION: &str = "写一段话。";
+
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct DemoOptions {
@@ -70,6 +73,8 @@ pub struct DemoPlan {
     pub pt1_steps: u64,
     pub pt2_steps: u64,
     pub sft_steps: u64,
+    /// Pre-training paragraphs mixed into the SFT set (the SFT tasks are 1200 records).
+    pub sft_pretrain_mix: usize,
     pub batch: usize,
 }
 
@@ -90,6 +95,7 @@ impl DemoPlan {
                 pt1_steps: 10,
                 pt2_steps: 50,
                 sft_steps: 300,
+                sft_pretrain_mix: 100,
                 batch: 16,
             }
         } else {
@@ -107,6 +113,7 @@ impl DemoPlan {
                 pt1_steps: 40,
                 pt2_steps: 60,
                 sft_steps: 450,
+                sft_pretrain_mix: 100,
                 batch: 16,
             }
         }
@@ -169,6 +176,18 @@ impl DemoReport {
             s.push_str(&format!(
                 "| {} | {:.4} | {:.1} |\n",
                 r.stage, r.heldout_loss, r.seconds
+            ));
+        }
+        let loss = |prefix: &str| {
+            self.stages
+                .iter()
+                .find(|r| r.stage.starts_with(prefix))
+                .map(|r| r.heldout_loss)
+        };
+        if let (Some(pt2), Some(sft)) = (loss("pt2"), loss("sft")) {
+            s.push_str(&format!(
+                "\nheld-out zh loss after SFT vs after pt2: {:+.1}%\n",
+                100.0 * (sft / pt2 - 1.0)
             ));
         }
         s.push_str(&format!(
@@ -381,6 +400,19 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     write_lines(&inputs.join("zh_corpus.txt"), &data.zh_corpus)?;
     write_lines(&inputs.join("zh_heldout.txt"), &data.zh_heldout)?;
     write_records(&inputs.join("sft_train.json"), &data.sft_train)?;
+    // The recipe's SFT data keeps the language model: pre-training text mixed into the SFT set, as
+    // "write a paragraph" records whose response is a Chinese paragraph (response-only loss).
+    let mix: Vec<Record> = data
+        .zh_corpus
+        .iter()
+        .take(plan.sft_pretrain_mix)
+        .map(|p| Record {
+            instruction: SFT_MIX_INSTRUCTION.into(),
+            input: String::new(),
+            output: p.clone(),
+        })
+        .collect();
+    write_records(&inputs.join("sft_pretrain_mix.json"), &mix)?;
     write_records(&inputs.join("sft_heldout.json"), &data.sft_heldout)?;
 
     log(
@@ -448,7 +480,10 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     };
     build_sft(
         &TokenizerEncoder::new(Tokenizer::load(&toks.join("merged_pad"))?)?,
-        &[inputs.join("sft_train.json")],
+        &[
+            inputs.join("sft_train.json"),
+            inputs.join("sft_pretrain_mix.json"),
+        ],
         &shards.join("sft"),
         &scfg,
     )?;

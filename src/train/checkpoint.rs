@@ -291,7 +291,7 @@ pub fn prune(output: &Path, keep: usize) -> Result<()> {
 }
 
 /// The keys a resumed run may change (they do not affect the numbers).
-const RESUME_MUTABLE: [&str; 7] = [
+const RESUME_MUTABLE: [&str; 8] = [
     "gradient_checkpointing",
     "reduce_bucket_size",
     "save_steps",
@@ -299,6 +299,7 @@ const RESUME_MUTABLE: [&str; 7] = [
     "logging_steps",
     "eval_steps",
     "eval_batches",
+    "report_to",
 ];
 
 /// An error naming the first key whose value differs between the checkpoint and this run.

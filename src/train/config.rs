@@ -118,7 +118,21 @@ pub struct TrainConfig {
     /// the reduce-scatter earlier in the backward and need less scratch memory, at more calls per
     /// step; the numbers do not depend on it.
     pub reduce_bucket_size: usize,
+    /// How a step's gradient and logged loss weigh the micro-batches. `micro-batch-mean` (the
+    /// original scripts' Trainer): the mean over all micro-batches of all ranks of each
+    /// micro-batch's mean target loss. `token-mean` (current HF Trainer's `num_items_in_batch`):
+    /// the sum of every target's loss over the whole accumulated batch of all ranks, divided by
+    /// the number of targets in it, so every target token weighs the same.
+    pub loss_reduction: String,
+    /// Where metrics go besides `metrics.jsonl` and `loss.png`: `none`, or `tensorboard` (event
+    /// files under `OUTPUT/runs/`, written by rank 0; see `train::tensorboard`).
+    pub report_to: String,
 }
+
+/// The values of [`TrainConfig::loss_reduction`].
+pub const LOSS_REDUCTIONS: [&str; 2] = ["micro-batch-mean", "token-mean"];
+/// The values of [`TrainConfig::report_to`].
+pub const REPORT_TO: [&str; 2] = ["none", "tensorboard"];
 
 impl Default for TrainConfig {
     fn default() -> Self {
@@ -158,6 +172,8 @@ impl Default for TrainConfig {
             min_loss_scale: 1.0,
             world_size: 1,
             reduce_bucket_size: 100_000_000,
+            loss_reduction: "micro-batch-mean".into(),
+            report_to: "none".into(),
         }
     }
 }
@@ -385,6 +401,11 @@ impl TrainConfig {
         }
     }
 
+    /// Whether the step weighs every target token equally (`loss_reduction = token-mean`).
+    pub fn token_mean(&self) -> bool {
+        self.loss_reduction == "token-mean"
+    }
+
     /// Check values that would otherwise fail deep inside the run.
     pub fn validate(&self) -> Result<()> {
         self.check_ranges()?;
@@ -414,6 +435,20 @@ impl TrainConfig {
             bail!(
                 "new_token_init {:?}: expected \"mean\" or \"hf\"",
                 self.new_token_init
+            );
+        }
+        if !LOSS_REDUCTIONS.contains(&self.loss_reduction.as_str()) {
+            bail!(
+                "loss_reduction {:?}: expected one of {}",
+                self.loss_reduction,
+                LOSS_REDUCTIONS.join(", ")
+            );
+        }
+        if !REPORT_TO.contains(&self.report_to.as_str()) {
+            bail!(
+                "report_to {:?}: expected one of {}",
+                self.report_to,
+                REPORT_TO.join(", ")
             );
         }
         if self.lora_targets.is_empty() && self.modules_to_save.is_empty() {

@@ -40,10 +40,11 @@ pub struct Record {
     pub elapsed_s: Option<f64>,
 }
 
-/// Appends records to `metrics.jsonl`.
+/// Appends records to `metrics.jsonl` (and, with `report_to = tensorboard`, to an event file).
 pub struct MetricsWriter {
     path: PathBuf,
     file: std::fs::File,
+    tensorboard: Option<super::tensorboard::EventWriter>,
 }
 
 impl MetricsWriter {
@@ -76,7 +77,26 @@ impl MetricsWriter {
             .append(true)
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        Ok(MetricsWriter { path, file })
+        Ok(MetricsWriter {
+            path,
+            file,
+            tensorboard: None,
+        })
+    }
+
+    /// With `report_to = "tensorboard"`, every record also goes to a new event file under
+    /// `dir/runs/` (`resumed_at`: the checkpoint step a resumed run starts from).
+    pub fn report_to(
+        mut self,
+        report_to: &str,
+        dir: &Path,
+        resumed_at: Option<u64>,
+    ) -> Result<Self> {
+        if report_to == "tensorboard" {
+            let runs = dir.join(super::tensorboard::RUNS_DIR);
+            self.tensorboard = Some(super::tensorboard::EventWriter::create(&runs, resumed_at)?);
+        }
+        Ok(self)
     }
 
     pub fn write(&mut self, r: &Record) -> Result<()> {
@@ -84,7 +104,11 @@ impl MetricsWriter {
         line.push('\n');
         self.file
             .write_all(line.as_bytes())
-            .with_context(|| format!("cannot append to {}", self.path.display()))
+            .with_context(|| format!("cannot append to {}", self.path.display()))?;
+        if let Some(tb) = self.tensorboard.as_mut() {
+            tb.scalars(r.step, &super::tensorboard::record_scalars(r))?;
+        }
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {

@@ -12,4 +12,5 @@ pub mod plot;
 pub mod rundir;
 pub mod schedule;
 pub mod setup;
+pub mod tensorboard;
 pub mod trainer;

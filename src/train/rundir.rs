@@ -70,6 +70,7 @@ pub fn prepare(
             let name = e.file_name().to_string_lossy().into_owned();
             let earlier = name == "metrics.jsonl"
                 || name == "loss.png"
+                || name == super::tensorboard::RUNS_DIR
                 || name == super::identity::IDENTITY_FILE
                 || name == "adapter"
                 || name == "model"

@@ -6,11 +6,21 @@
 //! path as world N ([`Zero2`] over a [`crate::distributed::LocalComm`]). Only rank 0 logs, writes
 //! metrics and writes the checkpoint manifest.
 //!
-//! Loss semantics (the original scripts' Trainer): each micro-batch's loss is the mean over its
-//! non-ignored targets; the step's gradient is the mean over the micro-batches of all ranks
-//! (`grad_scale = 1 / (accumulation × world)`); the logged loss is the mean of the micro-batch
-//! losses, over the micro-batches that have a target (`empty_micro_batches` in the record counts
-//! the others).
+//! Loss semantics, `loss_reduction = micro-batch-mean` (the original scripts' Trainer, the
+//! default): each micro-batch's loss is the mean over its non-ignored targets; the step's gradient
+//! is the mean over the micro-batches of all ranks (`grad_scale = 1 / (accumulation × world)`);
+//! the logged loss is the mean of the micro-batch losses, over the micro-batches that have a
+//! target (`empty_micro_batches` in the record counts the others).
+//!
+//! `loss_reduction = token-mean` (current HF Trainer's `num_items_in_batch`): the step's loss is
+//! the sum of every target's loss over all micro-batches of all ranks divided by their number
+//! `N` (counted on the host from the labels, summed across ranks by one scalar all-reduce before
+//! the micro-batches). Micro-batch `m` with `n_m` targets seeds its backward with the weight
+//! `n_m · accumulation · world / N` (times the fp16 loss scale), so with the unchanged
+//! `grad_scale` the gradient is `Σ_m n_m/N · ∇(mean loss of m)`; the weight is 1 when every
+//! micro-batch has as many targets, and the per-token gradient keeps the micro-batch-mean
+//! mode's magnitude (what the fp16 range cares about). No extra host↔device transfer: the
+//! logged loss is built from the same per-micro-batch loss sums.
 //!
 //! The step stays on the backend: micro-batch gradients are summed on the device
 //! ([`DeviceAccumulator`], the canonical pairwise order), and ZeRO-2 ([`DeviceZero2`]: reduce-
@@ -287,18 +297,22 @@ impl<'a, B: Backend> Trainer<'a, B> {
         poison: bool,
         seed: f32,
         last: bool,
-    ) -> Result<(f32, Option<B::Buf>)> {
+    ) -> Result<(f32, f64, Option<B::Buf>)> {
         let be = self.model.backend().clone();
         let acts = self.acts.get(&self.model, batch.b, batch.t)?;
         acts.training = true;
         acts.rng_key = dropout_key(self.cfg.seed, k);
         let loss = self.model.forward(acts, &batch.ids, &batch.labels)?;
-        let loss = if poison { f32::NAN } else { loss };
+        let (loss, loss_sum) = if poison {
+            (f32::NAN, f64::NAN)
+        } else {
+            (loss, acts.loss_sum())
+        };
         let mut grad = self.acc.take(&be)?;
         if !last {
             self.model.backward(acts, &mut grad, seed)?;
             self.acc.push(&be, grad)?;
-            return Ok((loss, None));
+            return Ok((loss, loss_sum, None));
         }
         let (acc, zero, comm) = (&mut self.acc, &mut self.zero, self.comm);
         let mut done: Vec<Range<usize>> = Vec::new();
@@ -325,7 +339,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             return Err(e.context("reduce-scatter during the backward"));
         }
         let sum = self.acc.push_last(&be, grad, &done)?;
-        Ok((loss, Some(sum)))
+        Ok((loss, loss_sum, Some(sum)))
     }
 
     /// One optimizer step (all micro-batches of this rank, then the ZeRO-2 step). Returns the
@@ -371,22 +385,41 @@ impl<'a, B: Backend> Trainer<'a, B> {
             .loss_scaler
             .as_ref()
             .map(DynamicLossScaler::scale);
-        let seed = loss_scale.map_or(1.0, |s| s as f32);
-        // loss sum, tokens, non-finite micro-batches, micro-batches without a target
-        let mut local = [0.0f64; 4];
+        let scale = loss_scale.unwrap_or(1.0);
+        let n_micro = (self.accum * world) as f64;
+        // token-mean: every micro-batch's target count, and their sum over all ranks.
+        let targets: Vec<usize> = batches.iter().map(target_count).collect();
+        let token_mean = self.cfg.token_mean();
+        let global_targets = if token_mean {
+            let mut n = [targets.iter().sum::<usize>() as f64];
+            self.comm.all_reduce_sum_f64(&mut n)?;
+            n[0]
+        } else {
+            0.0
+        };
+        // mean-loss sum, tokens, non-finite micro-batches, micro-batches without a target,
+        // token-loss sum
+        let mut local = [0.0f64; 5];
         let mut summed = None;
         for (a, batch) in batches.iter().enumerate() {
             let k = (step * world as u64 + rank as u64) * self.accum as u64 + a as u64;
             let last = world > 1 && a + 1 == batches.len();
-            let (loss, sum) = self.micro_step(batch, k, inject_nonfinite, seed, last)?;
+            let weight = if token_mean && global_targets > 0.0 {
+                targets[a] as f64 * n_micro / global_targets
+            } else {
+                1.0
+            };
+            let seed = (scale * weight) as f32;
+            let (loss, loss_sum, sum) = self.micro_step(batch, k, inject_nonfinite, seed, last)?;
             summed = summed.or(sum);
             if loss.is_finite() {
                 local[0] += loss as f64;
+                local[4] += loss_sum;
             } else {
                 local[2] += 1.0;
             }
             local[1] += batch.tokens as f64;
-            if !has_target(batch) {
+            if targets[a] == 0 {
                 local[3] += 1.0;
             }
         }
@@ -438,13 +471,15 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.acc.recycle(grads);
         let report = report?;
         self.comm.all_reduce_sum_f64(&mut local)?;
-        let n_micro = (self.accum * world) as f64;
-        // The logged loss is the mean over the micro-batches that have a target: one without
-        // (an SFT batch whose responses were all cut off) has loss 0 by convention, and counting
-        // it would draw a false dip. The gradient scale above is unchanged.
+        // micro-batch-mean: the logged loss is the mean over the micro-batches that have a
+        // target: one without (an SFT batch whose responses were all cut off) has loss 0 by
+        // convention, and counting it would draw a false dip. The gradient scale above is
+        // unchanged. token-mean: the loss of every target of the step, averaged.
         let with_targets = n_micro - local[3];
         let loss = if local[2] > 0.0 {
             Some(f64::NAN)
+        } else if token_mean {
+            (global_targets > 0.0).then(|| local[4] / global_targets)
         } else {
             (with_targets > 0.0).then(|| local[0] / with_targets)
         };
@@ -541,9 +576,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.comm.barrier()?;
         let start = self.state.step;
         let mut metrics = if rank0 {
-            Some(MetricsWriter::open(
+            let resumed = opts.resume_from.as_ref().map(|_| start);
+            Some(MetricsWriter::open(&self.output, resumed)?.report_to(
+                &self.cfg.report_to,
                 &self.output,
-                opts.resume_from.as_ref().map(|_| start),
+                resumed,
             )?)
         } else {
             None
@@ -625,17 +662,19 @@ impl<'a, B: Backend> Trainer<'a, B> {
     }
 }
 
-/// Whether a skipped step counts toward the `max_consecutive_skips` abort.
-///
-/// Whether `batch` has at least one target: a label other than -100 at a position the shifted
-/// loss reads (`labels[t]` for `t >= 1` of each row).
-fn has_target(batch: &Batch) -> bool {
+/// The targets of `batch`: labels other than -100 at positions the shifted loss reads
+/// (`labels[t]` for `t >= 1` of each row), what [`Llama::forward`] averages over and HF counts
+/// as `num_items_in_batch`.
+fn target_count(batch: &Batch) -> usize {
     batch
         .labels
         .chunks(batch.t.max(1))
-        .any(|row| row.iter().skip(1).any(|&l| l != -100))
+        .map(|row| row.iter().skip(1).filter(|&&l| l != -100).count())
+        .sum()
 }
 
+/// Whether a skipped step counts toward the `max_consecutive_skips` abort.
+///
 /// Outside fp16 mode every skip counts. In fp16 mode a gradient overflow with a finite loss is
 /// the loss scaler's normal working (DeepSpeed skips such steps silently, often several at the
 /// start of a run while the scale comes down from 2^16), so it does not count — unless the scale

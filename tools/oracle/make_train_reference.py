@@ -8,7 +8,10 @@ it trains a tiny random LlamaForCausalLM for K optimizer steps exactly as the or
 Trainer does (per-micro-batch mean loss / accumulation, clip_grad_norm_ to max_grad_norm,
 torch.optim.AdamW, get_cosine_schedule_with_warmup with warmup = ceil(ratio x steps)), with LoRA
 dropout 0 and the LoRA weights set to values written into the fixture (B non-zero, so every
-path carries gradient from step 1). It records the micro-batches, the per-step losses, gradient
+path carries gradient from step 1). `sft_token_mean` is the sft stage with current HF Trainer's
+loss reduction instead: each micro-batch's loss is its summed token loss divided by the target
+count of the whole accumulated batch (`num_items_in_batch`, passed to the model as Trainer
+passes it), so every target token weighs the same. It records the micro-batches, the per-step losses, gradient
 norms and learning rates, the initial and final trainable weights, the adapter PEFT saves, and
 the model PEFT's merge_and_unload produces.
 
@@ -51,12 +54,20 @@ STAGES = {
     "sft": dict(lr=1e-2, warmup=0.03, wd=0.0, max_norm=4.0,
                 targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                 save=["embed_tokens", "lm_head"]),
+    # Half sft's LR: at 1e-2 the two sides' f32 rounding differences grew through the six AdamW
+    # steps of these batches to 1.4e-4 relative in the step-5 gradient norm (weights still equal
+    # to ~2e-6); at 5e-3 they stay at the other stages' level (~7e-6).
+    "sft_token_mean": dict(lr=5e-3, warmup=0.03, wd=0.0, max_norm=4.0, kind="sft",
+                           reduction="token-mean",
+                           targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                    "up_proj", "down_proj"],
+                           save=["embed_tokens", "lm_head"]),
 }
 R, ALPHA = 4, 32.0
 
 
 def batches_for(stage, g):
-    """K steps x ACCUM micro-batches of {ids, labels} ([MICRO, t] lists)."""
+    """K steps x ACCUM micro-batches of {ids, labels} ([MICRO, t] lists); `stage` is the kind."""
     steps = []
     for _ in range(K):
         micro = []
@@ -96,6 +107,8 @@ def trainable_state(model):
 
 def run_stage(stage, base_dir, g):
     s = STAGES[stage]
+    kind = s.get("kind", stage)
+    token_mean = s.get("reduction") == "token-mean"
     model = LlamaForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
     if s["targets"]:
         lcfg = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=s["targets"],
@@ -119,20 +132,27 @@ def run_stage(stage, base_dir, g):
                             weight_decay=s["wd"])
     warmup = math.ceil(K * s["warmup"])  # TrainingArguments.get_warmup_steps
     sched = get_cosine_schedule_with_warmup(opt, warmup, K)
-    steps = batches_for(stage, g)
+    steps = batches_for(kind, g)
     losses, norms, lrs = [], [], []
     for micro in steps:
         lrs.append(opt.param_groups[0]["lr"])
         total = 0.0
+        # HF Trainer's num_items_in_batch: the shifted labels' targets over the accumulated batch.
+        n_items = sum(int((torch.tensor(mb["labels"])[:, 1:] != -100).sum()) for mb in micro)
         for mb in micro:
             ids = torch.tensor(mb["ids"])
             labels = torch.tensor(mb["labels"])
-            mask = (ids != PAD) if stage == "sft" else torch.ones_like(ids, dtype=torch.bool)
-            loss = model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
-            (loss / ACCUM).backward()
+            mask = (ids != PAD) if kind == "sft" else torch.ones_like(ids, dtype=torch.bool)
+            if token_mean:
+                loss = model(input_ids=ids, attention_mask=mask.long(), labels=labels,
+                             num_items_in_batch=torch.tensor(n_items)).loss
+                loss.backward()
+            else:
+                loss = model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
+                (loss / ACCUM).backward()
             total += loss.item()
         norms.append(float(torch.nn.utils.clip_grad_norm_(params, s["max_norm"])))
-        losses.append(total / ACCUM)
+        losses.append(total if token_mean else total / ACCUM)
         opt.step()
         sched.step()
         opt.zero_grad()
@@ -142,11 +162,13 @@ def run_stage(stage, base_dir, g):
     meta = dict(stage=stage, steps=K, accumulation=ACCUM, micro_batch_size=MICRO, lr=s["lr"],
                 warmup_ratio=s["warmup"], warmup_steps=warmup, weight_decay=s["wd"],
                 lora_rank=R, lora_alpha=ALPHA, lora_targets=s["targets"],
-                modules_to_save=s["save"], max_grad_norm=s["max_norm"], losses=losses,
+                modules_to_save=s["save"], max_grad_norm=s["max_norm"],
+                loss_reduction=s.get("reduction", "micro-batch-mean"), losses=losses,
                 grad_norms=norms, lrs=lrs, batches=steps)
     with open(os.path.join(OUT, f"{stage}_reference.json"), "w") as f:
         json.dump(meta, f)
-    if s["targets"]:
+    # The adapter layout and merge are checked once per stage kind (not for sft_token_mean).
+    if s["targets"] and "kind" not in s:
         adir = os.path.join(OUT, f"{stage}_peft_adapter")
         model.save_pretrained(adir)
         merged = model.merge_and_unload()
