@@ -22,8 +22,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use zhllama::backend::cpu::CpuBackend;
+use zhllama::backend::cuda::kernels;
 use zhllama::backend::{AdamW, Backend};
-use zhllama::kernels;
 
 /// f16 storage: 2⁻¹¹ ≈ 4.9e-4 relative rounding per stored output (4× finer than bf16's 2⁻⁹, so
 /// the bf16 bound 1e-2 scaled by ¼), `+=` outputs round twice. Inputs are drawn inside f16's normal

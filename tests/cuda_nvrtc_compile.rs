@@ -9,8 +9,8 @@
 
 mod skip_common;
 
+use zhllama::backend::cuda::kernels;
 use zhllama::backend::cuda::{ENABLED, nvrtc};
-use zhllama::kernels;
 
 const ARCHS: [&str; 2] = ["sm_80", "sm_90"];
 

@@ -30,9 +30,9 @@ mod skip_common;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use zhllama::backend::cpu::CpuBackend;
+use zhllama::backend::cuda::kernels;
 use zhllama::backend::cuda::{CudaBackend, ENABLED, Half};
 use zhllama::backend::{AdamW, Backend, Role};
-use zhllama::kernels;
 
 #[test]
 fn no_gpu_is_a_clear_error_not_a_panic() {
