@@ -178,10 +178,18 @@ __device__ __forceinline__ bool dropout_keep(unsigned long long seed, unsigned l
 }
 
 // SplitMix64's finaliser (crate::ops::dropout::mix64): the counter-based hash behind the dropout
-// masks (dropout.cu) and the on-device initialisation (init.cu), bit-identical to the CPU's.
+// masks (dropout.cu) and the on-device initialisation (fill.cu), bit-identical to the CPU's.
 __device__ __forceinline__ unsigned long long zh_mix64(unsigned long long z) {
     z += 0x9e3779b97f4a7c15ull;
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     return z ^ (z >> 31);
+}
+
+// cos/sin of position `pos` for frequency index i in [0, d/2): angle = pos·inv_freq[i] in fp32, as HF
+// computes the angle table. `inv_freq[i] = theta^(−2i/d)` is computed once on the host (correctly
+// rounded, `ops::rope::inv_freq`) and passed in: CUDA's powf is not correctly rounded, and its error
+// grows with the position into the angle.
+__device__ __forceinline__ void rope_cs(int pos, int i, const float* __restrict__ inv_freq, float& c, float& s) {
+    sincosf((float)pos * inv_freq[i], &s, &c);
 }

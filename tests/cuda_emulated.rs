@@ -1312,7 +1312,7 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         );
     }
 
-    // ---- fill_uniform (kernels/init.cu): the same hash, exact u and one fma as the CPU, so the
+    // ---- fill_uniform (kernels/fill.cu): the same hash, exact u and one fma as the CPU, so the
     // fp32 kernel must match bit for bit (tolerance 0) and the bf16 one must hold bf16(cpu) ----
     for (len, seed, lo, hi) in [(3001usize, 5u64, -0.02f32, 0.02f32), (77, 6, 1.0, 1.0)] {
         let mut want = vec![0.0f32; len];

@@ -16,14 +16,15 @@
 #include <utility>
 
 #include "../../kernels/adamw.cu"
-#include "../../kernels/cast.cu"
+#include "../../kernels/attention.cu"
 #include "../../kernels/cross_entropy.cu"
 #include "../../kernels/dropout.cu"
+#include "../../kernels/elementwise.cu"
 #include "../../kernels/embedding.cu"
-#include "../../kernels/init.cu"
+#include "../../kernels/fill.cu"
 #include "../../kernels/lora.cu"
 #include "../../kernels/rmsnorm.cu"
-#include "../../kernels/rope_attention.cu"
+#include "../../kernels/rope.cu"
 #include "../../kernels/swiglu.cu"
 
 struct Buf {
