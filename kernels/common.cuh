@@ -158,25 +158,6 @@ __device__ __forceinline__ lse_state block_lse(lse_state v, float* scratch_m, fl
     return r;
 }
 
-// Counter-based dropout mask (a 32-bit integer hash of seed and element index): the same function is
-// written in Rust as `zhllama::kernels::dropout_keep`, so the CPU reference draws the same mask.
-__device__ __forceinline__ unsigned int zh_hash(unsigned int x) {
-    x ^= x >> 16;
-    x *= 0x7feb352du;
-    x ^= x >> 15;
-    x *= 0x846ca68bu;
-    x ^= x >> 16;
-    return x;
-}
-// True where element `idx` survives dropout with drop probability p (threshold = p·2^32).
-__device__ __forceinline__ bool dropout_keep(unsigned long long seed, unsigned long long idx,
-                                             unsigned int threshold) {
-    unsigned int h = zh_hash((unsigned int)idx ^ zh_hash((unsigned int)seed ^
-                                                         zh_hash((unsigned int)(idx >> 32) + 0x9e3779b9u *
-                                                                 (unsigned int)(seed >> 32))));
-    return h >= threshold;
-}
-
 // SplitMix64's finaliser (crate::ops::dropout::mix64): the counter-based hash behind the dropout
 // masks (dropout.cu) and the on-device initialisation (fill.cu), bit-identical to the CPU's.
 __device__ __forceinline__ unsigned long long zh_mix64(unsigned long long z) {

@@ -75,7 +75,6 @@ pub(super) enum KArg {
     P(u64),
     I(i32),
     L(i64),
-    U(u32),
     Q(u64),
     F(f32),
 }
@@ -219,7 +218,6 @@ impl CudaBackend {
                 KArg::P(v) | KArg::Q(v) => b.arg(v),
                 KArg::I(v) => b.arg(v),
                 KArg::L(v) => b.arg(v),
-                KArg::U(v) => b.arg(v),
                 KArg::F(v) => b.arg(v),
             };
         }

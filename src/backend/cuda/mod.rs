@@ -16,8 +16,8 @@
 //!
 //! Fused ops beyond the trait (the model may call them directly): attention with RoPE applied on the
 //! fly ([`CudaBackend::attention_rope_forward`]), the chunked lm_head + cross-entropy
-//! ([`CudaBackend::lm_head_cross_entropy_forward`]), the LoRA low-rank path
-//! ([`CudaBackend::lora_forward`]) and AdamW writing a bf16 copy ([`CudaBackend::adamw_step_with_copy`]).
+//! ([`CudaBackend::lm_head_cross_entropy_forward`]) and AdamW writing a bf16 copy
+//! ([`CudaBackend::adamw_step_with_copy`]).
 //! Profiling: [`CudaBackend::set_profiling`] + [`CudaBackend::profile_report`] (CUDA events per launch).
 //!
 //! Layout: `device.rs` (the struct, start-up, buffers, errors, scratch, profiler), `view.rs`,
@@ -41,7 +41,6 @@ mod gemm;
 pub mod grid;
 pub mod kernels;
 mod launch;
-mod lora;
 pub mod nvrtc;
 pub mod nvtx;
 mod rmsnorm;
