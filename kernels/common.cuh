@@ -158,30 +158,19 @@ __device__ __forceinline__ lse_state block_lse(lse_state v, float* scratch_m, fl
     return r;
 }
 
-// Counter-based dropout mask (a 32-bit integer hash of seed and element index): the same function is
-// written in Rust as `zhllama::kernels::dropout_keep`, so the CPU reference draws the same mask.
-__device__ __forceinline__ unsigned int zh_hash(unsigned int x) {
-    x ^= x >> 16;
-    x *= 0x7feb352du;
-    x ^= x >> 15;
-    x *= 0x846ca68bu;
-    x ^= x >> 16;
-    return x;
-}
-// True where element `idx` survives dropout with drop probability p (threshold = p·2^32).
-__device__ __forceinline__ bool dropout_keep(unsigned long long seed, unsigned long long idx,
-                                             unsigned int threshold) {
-    unsigned int h = zh_hash((unsigned int)idx ^ zh_hash((unsigned int)seed ^
-                                                         zh_hash((unsigned int)(idx >> 32) + 0x9e3779b9u *
-                                                                 (unsigned int)(seed >> 32))));
-    return h >= threshold;
-}
-
 // SplitMix64's finaliser (crate::ops::dropout::mix64): the counter-based hash behind the dropout
-// masks (dropout.cu) and the on-device initialisation (init.cu), bit-identical to the CPU's.
+// masks (dropout.cu) and the on-device initialisation (fill.cu), bit-identical to the CPU's.
 __device__ __forceinline__ unsigned long long zh_mix64(unsigned long long z) {
     z += 0x9e3779b97f4a7c15ull;
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     return z ^ (z >> 31);
+}
+
+// cos/sin of position `pos` for frequency index i in [0, d/2): angle = pos·inv_freq[i] in fp32, as HF
+// computes the angle table. `inv_freq[i] = theta^(−2i/d)` is computed once on the host (correctly
+// rounded, `ops::rope::inv_freq`) and passed in: CUDA's powf is not correctly rounded, and its error
+// grows with the position into the angle.
+__device__ __forceinline__ void rope_cs(int pos, int i, const float* __restrict__ inv_freq, float& c, float& s) {
+    sincosf((float)pos * inv_freq[i], &s, &c);
 }

@@ -8,7 +8,6 @@ pub mod demo;
 pub mod distributed;
 pub mod export;
 pub mod instruct;
-pub mod kernels;
 pub mod model;
 pub mod ops;
 pub mod tensor;

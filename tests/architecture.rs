@@ -18,21 +18,11 @@ const LEVELS: &[&[&str]] = &[
     &["vocab", "instruct"],
     &["data"],
     &["ops"],
-    &["kernels"],
     &["backend"],
     &["model", "distributed"],
     &["train"],
     &["export", "demo"],
 ];
-
-// ---- Pending: each entry ends when the CUDA backend's split by op family lands; then both lists
-// ---- are empty and stay so.
-/// Upward imports still present: `(file, module it imports)`. `kernels.rs` names
-/// `backend::AdamW` until it moves under `backend/cuda/`.
-const PENDING_UPWARD: &[(&str, &str)] = &[("src/kernels.rs", "backend")];
-/// Source files still over [`MAX_LINES`].
-const PENDING_LONG_FILES: &[&str] = &["src/backend/cuda/mod.rs"];
-// ---- End of pending.
 
 /// No source file in `src/` or `tools/` is longer.
 const MAX_LINES: usize = 1200;
@@ -534,7 +524,7 @@ fn upward_imports(tree: &Tree) -> Vec<String> {
         let (Some(a), Some(b)) = (top_of(&from), top_of(&to)) else {
             continue;
         };
-        if a == b || PENDING_UPWARD.contains(&(from.as_str(), b.as_str())) {
+        if a == b {
             continue;
         }
         let la = level_of(&a).unwrap_or_else(|| panic!("{from}: module {a} is in no layer"));
@@ -616,7 +606,7 @@ fn circles(tree: &Tree) -> Vec<Vec<String>> {
 }
 
 /// Architecture invariant: the layers, lowest first, are util/tensor → vocab/instruct → data →
-/// ops → kernels → backend → model/distributed → train → export/demo → binaries; 0 imports run up
+/// ops → backend → model/distributed → train → export/demo → binaries; 0 imports run up
 /// or sideways within a layer, and 0 files import each other in a circle.
 #[test]
 fn imports_run_down_the_layers_without_circles() {
@@ -692,7 +682,7 @@ fn the_import_reader_sees_what_it_must() {
 }
 
 /// Architecture invariant: `backend/` knows ops and nothing of LLaMA — no file in `src/backend/`
-/// (or `src/kernels.rs`) refers to `model/`.
+/// refers to `model/`.
 #[test]
 fn the_backend_knows_nothing_of_the_model() {
     let tree = Tree::load();
@@ -700,7 +690,7 @@ fn the_backend_knows_nothing_of_the_model() {
         .edges()
         .into_iter()
         .filter(|(a, b, _)| {
-            (a.starts_with("src/backend/") || a == "src/kernels.rs") && b.starts_with("src/model/")
+            a.starts_with("src/backend/") && b.starts_with("src/model/")
         })
         .map(|(a, b, l)| format!("{a}:{l}: imports {b}"))
         .collect();
@@ -815,14 +805,8 @@ fn no_source_file_over_the_line_limit() {
             continue;
         }
         let n = read(&f).lines().count();
-        let pending = PENDING_LONG_FILES.contains(&f.as_str());
-        if n > MAX_LINES && !pending {
+        if n > MAX_LINES {
             bad.push(format!("{f}: {n} lines"));
-        }
-        if pending && n <= MAX_LINES {
-            bad.push(format!(
-                "{f}: {n} lines, under the limit: remove it from PENDING_LONG_FILES"
-            ));
         }
     }
     assert!(

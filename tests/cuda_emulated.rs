@@ -1,7 +1,9 @@
 //! The CUDA kernels' logic checked without a GPU: `kernels/*.cu` compiled unchanged by the host C++
 //! compiler against a CPU emulation of the CUDA execution model (`tests/cuda_emu/emu.h`: a
 //! std::thread per CUDA thread, barriers for `__syncthreads` and warp shuffles), launched with the
-//! same grids and arguments as the CUDA backend's launchers, and compared with the CPU backend.
+//! CUDA launchers' own geometry (`zhllama::backend::cuda::grid`, which the launchers call) and the
+//! same arguments, and compared with the CPU backend. One test per op family, plus one per 16-bit
+//! storage type for the bf16 and f16 instances.
 //!
 //! What this verifies: indexing, tiling, online softmax and masking, RoPE-on-load, GQA head mapping,
 //! the block/warp reductions, the deterministic two-stage reductions and argument order. What it
@@ -21,15 +23,22 @@ use rand_chacha::ChaCha8Rng;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use zhllama::backend::cpu::CpuBackend;
+use zhllama::backend::cuda::grid::{self, Launch};
+use zhllama::backend::cuda::kernels;
 use zhllama::backend::{AdamW, Backend};
-use zhllama::kernels;
 
 /// f16 storage: 2⁻¹¹ ≈ 4.9e-4 relative rounding per stored output (4× finer than bf16's 2⁻⁹, so
 /// the bf16 bound 1e-2 scaled by ¼), `+=` outputs round twice. Inputs are drawn inside f16's normal
 /// range (|x| ≤ 8); values that land below it (softmax tails, < 6.1e-5) lose absolute precision
 /// only at the ~6e-8 subnormal step, invisible in the error normalised by the tensor's max.
 const TOL_F16: f64 = 2.5e-3;
+
+/// The SM count the SM-bounded launch geometries (rmsnorm backward, AdamW, the reductions) are
+/// computed for: one SM gives their smallest grids, so the kernels' grid-stride loops run several
+/// rounds at these small sizes.
+const SM: u32 = 1;
 
 struct Emu {
     exe: PathBuf,
@@ -96,14 +105,20 @@ impl Emu {
     fn zeros_f64(&mut self, len: usize) -> usize {
         self.put('D', None, len)
     }
-    /// Queue a launch; `args` in the kernel's order: `p<id>`, `i<v>`, `l<v>`, `u<v>`, `q<v>`, `f<v>`.
-    fn launch(&mut self, name: &str, grid: (usize, usize, usize), threads: usize, args: &[String]) {
+    /// Queue a launch with the geometry the CUDA launcher uses (`grid`); `args` in the kernel's
+    /// order: `p<id>`, `i<v>`, `l<v>`, `u<v>`, `q<v>`, `f<v>`.
+    fn launch(&mut self, name: &str, at: Launch, args: &[String]) {
+        assert_eq!(
+            at.smem, 0,
+            "{name}: the driver gives no dynamic shared memory"
+        );
         writeln!(
             self.script,
-            "L {name} {} {} {} {threads} {}",
-            grid.0,
-            grid.1,
-            grid.2,
+            "L {name} {} {} {} {} {}",
+            at.grid.0,
+            at.grid.1,
+            at.grid.2,
+            at.block,
             args.join(" ")
         )
         .unwrap();
@@ -196,33 +211,52 @@ fn hf(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
 }
 
-fn build_driver() -> Option<(tempfile::TempDir, PathBuf)> {
-    if Command::new("g++").arg("--version").output().is_err() {
-        skip_common::skip("no g++ to build the kernel emulation (tools/test.sh installs it)");
-        return None;
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = tempfile::tempdir().unwrap();
-    let exe = dir.path().join("emu_driver");
-    let out = Command::new("g++")
-        .args(["-std=c++20", "-O1", "-pthread", "-I"])
-        .arg(root.join("tests/cuda_emu"))
-        .arg(root.join("tests/cuda_emu/driver.cpp"))
-        .arg("-o")
-        .arg(&exe)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "building the emulation driver failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some((dir, exe))
+/// The emulation driver, built once per test run into cargo's scratch directory for this test
+/// (`None`, with a skip message, without `g++`).
+fn driver() -> Option<&'static Path> {
+    static DRIVER: OnceLock<Option<PathBuf>> = OnceLock::new();
+    DRIVER
+        .get_or_init(|| {
+            if Command::new("g++").arg("--version").output().is_err() {
+                skip_common::skip(
+                    "no g++ to build the kernel emulation (tools/test.sh installs it)",
+                );
+                return None;
+            }
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+            let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda_emu_driver");
+            let out = Command::new("g++")
+                .args(["-std=c++20", "-O1", "-pthread", "-I"])
+                .arg(root.join("tests/cuda_emu"))
+                .arg(root.join("tests/cuda_emu/driver.cpp"))
+                .arg("-o")
+                .arg(&exe)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "building the emulation driver failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Some(exe)
+        })
+        .as_deref()
 }
 
+fn finish(fails: &[String]) {
+    assert!(
+        fails.is_empty(),
+        "{} mismatches:\n{}",
+        fails.len(),
+        fails.join("\n")
+    );
+}
+
+/// Attention with RoPE on load, forward and backward: fp32 kernels at four shapes, the bf16
+/// forward.
 #[test]
-fn kernels_match_the_cpu_backend_under_emulation() {
-    let Some((_keep, exe)) = build_driver() else {
+fn attention() {
+    let Some(exe) = driver() else {
         return;
     };
     let cpu = CpuBackend::new();
@@ -233,7 +267,7 @@ fn kernels_match_the_cpu_backend_under_emulation() {
             .collect()
     };
     let mut fails = Vec::new();
-    let mut e = Emu::new(&exe);
+    let mut e = Emu::new(exe);
 
     // ---- attention (+ RoPE on load), forward and backward, fp32 kernels ----
     // Positions from `pos0`: 3 (the start of a sequence) and 3000 (deep into a long context, where
@@ -280,15 +314,13 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         a.extend_from_slice(&tail);
         e.launch(
             &format!("attention_forward_v1_d{d}_f32"),
-            (t.div_ceil(32), b * h, 1),
-            128,
+            grid::attention_query_tiles(b, t, h),
             &a,
         );
         let delta = e.zeros(b * h * t);
         e.launch(
             "attention_backward_delta_v1_f32",
-            ((b * t * h).div_ceil(8), 1, 1),
-            256,
+            grid::attention_delta(b * t * h),
             &[p(delta), p(id), p(io), i(b), i(t), i(h), i(d)],
         );
         let (idq, idk, idv) = (e.zeros(q.len()), e.zeros(k.len()), e.zeros(v.len()));
@@ -296,16 +328,14 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         a.extend_from_slice(&tail);
         e.launch(
             &format!("attention_backward_dkdv_v1_d{d}_f32"),
-            (t.div_ceil(32), b * hkv, 1),
-            128,
+            grid::attention_key_tiles(b, t, hkv),
             &a,
         );
         let mut a = vec![p(idq), p(id), p(iq), p(ik), p(iv), p(il), p(delta)];
         a.extend_from_slice(&tail);
         e.launch(
             &format!("attention_backward_dq_v1_d{d}_f32"),
-            (t.div_ceil(32), b * h, 1),
-            128,
+            grid::attention_query_tiles(b, t, h),
             &a,
         );
         let r = e.run(&[io, il, idq, idk, idv]);
@@ -372,8 +402,7 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         ];
         e.launch(
             "attention_forward_v1_d64_bf16",
-            (t.div_ceil(32), b * h, 1),
-            128,
+            grid::attention_query_tiles(b, t, h),
             &a,
         );
         let r = e.run(&[io, il]);
@@ -393,6 +422,25 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         );
     }
 
+    finish(&fails);
+}
+
+/// Standalone RoPE, near the start and deep into a 4K context.
+#[test]
+fn rope() {
+    let Some(exe) = driver() else {
+        return;
+    };
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut rand = |n: usize, s: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * s)
+            .collect()
+    };
+    let mut fails = Vec::new();
+    let mut e = Emu::new(exe);
+
     // ---- RoPE standalone, near the start and deep into a 4K context ----
     for (d, pos0) in [(8usize, 7usize), (128, 4000)] {
         let (b, t, h) = (2usize, 5usize, 3usize);
@@ -403,8 +451,12 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         let (i1, i2) = (e.f32(&x), e.f32(&x));
         let table = rope_table(&mut e, 10000.0, d);
         let a = |id| [p(id), i(b), i(t), i(h), i(d), table.clone(), i(pos0)];
-        e.launch("rope_forward_v1_f32", (2, 1, 1), 64, &a(i1));
-        e.launch("rope_backward_v1_f32", (2, 1, 1), 64, &a(i2));
+        e.launch("rope_forward_v1_f32", grid::rope(b * t * h * d / 2), &a(i1));
+        e.launch(
+            "rope_backward_v1_f32",
+            grid::rope(b * t * h * d / 2),
+            &a(i2),
+        );
         let r = e.run(&[i1, i2]);
         check(
             &mut fails,
@@ -422,7 +474,27 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         );
     }
 
-    // ---- RMSNorm forward / backward (3 blocks over 7 rows: the grid-stride path) ----
+    finish(&fails);
+}
+
+/// RMSNorm forward and backward, fp32.
+#[test]
+fn rmsnorm() {
+    let Some(exe) = driver() else {
+        return;
+    };
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut rand = |n: usize, s: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * s)
+            .collect()
+    };
+    let mut fails = Vec::new();
+    let mut e = Emu::new(exe);
+
+    // ---- RMSNorm forward / backward (on a one-SM device the backward runs 2 blocks over 7 rows:
+    // the grid-stride path) ----
     for (n, c) in [(7usize, 60usize), (3, 2048)] {
         let (x, w, dout, dx0, dw0) = (
             rand(n * c, 2.0),
@@ -439,22 +511,19 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         let (io, ir) = (e.zeros(n * c), e.zeros(n));
         e.launch(
             "rmsnorm_forward_v1_f32",
-            (n, 1, 1),
-            256,
+            grid::rmsnorm_forward(n),
             &[p(io), p(ir), p(ix), p(iw), i(n), i(c), f(1e-6)],
         );
-        let nb = n.min(3);
+        let nb = grid::rmsnorm_backward_blocks(n, SM);
         let part = e.zeros(nb * c);
         e.launch(
             "rmsnorm_backward_v1_f32",
-            (nb, 1, 1),
-            256,
+            grid::rmsnorm_backward(nb),
             &[p(idx), p(part), p(id), p(ix), p(iw), p(ir), i(n), i(c)],
         );
         e.launch(
             "rmsnorm_dw_reduce_v1_f32",
-            (c.div_ceil(256), 1, 1),
-            256,
+            grid::rmsnorm_dw_reduce(c),
             &[p(idw), p(part), i(nb), i(c)],
         );
         let r = e.run(&[io, ir, idx, idw]);
@@ -488,6 +557,25 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         );
     }
 
+    finish(&fails);
+}
+
+/// SwiGLU forward and backward, fp32.
+#[test]
+fn swiglu() {
+    let Some(exe) = driver() else {
+        return;
+    };
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut rand = |n: usize, s: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * s)
+            .collect()
+    };
+    let mut fails = Vec::new();
+    let mut e = Emu::new(exe);
+
     // ---- SwiGLU ----
     {
         let len = 1000usize;
@@ -500,14 +588,12 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         let (io, idg, idu) = (e.zeros(len), e.zeros(len), e.zeros(len));
         e.launch(
             "swiglu_forward_v1_f32",
-            (1, 1, 1),
-            64,
+            grid::swiglu(len, true),
             &[p(io), p(ig), p(iu), format!("l{len}")],
         );
         e.launch(
             "swiglu_backward_v1_f32",
-            (1, 1, 1),
-            64,
+            grid::swiglu(len, true),
             &[p(idg), p(idu), p(id), p(ig), p(iu), format!("l{len}")],
         );
         let r = e.run(&[io, idg, idu]);
@@ -515,6 +601,25 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         check(&mut fails, "swiglu_backward dgate", &r[1], &dg, 1e-5);
         check(&mut fails, "swiglu_backward dup", &r[2], &du, 1e-5);
     }
+
+    finish(&fails);
+}
+
+/// Embedding forward and the deterministic backward through the host CSR grouping.
+#[test]
+fn embedding() {
+    let Some(exe) = driver() else {
+        return;
+    };
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut rand = |n: usize, s: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * s)
+            .collect()
+    };
+    let mut fails = Vec::new();
+    let mut e = Emu::new(exe);
 
     // ---- embedding forward / deterministic backward through the host CSR ----
     {
@@ -531,20 +636,37 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         let io = e.zeros(n * c);
         e.launch(
             "embedding_forward_v1_f32",
-            (n, 1, 1),
-            256,
+            grid::embedding_forward(n),
             &[p(io), p(iids), p(it), i(n), i(c)],
         );
         e.launch(
             "embedding_backward_v1_f32",
-            (uniq.len(), 1, 1),
-            256,
+            grid::embedding_backward(uniq.len()),
             &[p(idt), p(id), p(iu), p(ioff), p(ipos), i(c)],
         );
         let r = e.run(&[io, idt]);
         check(&mut fails, "embedding_forward", &r[0], &out, 1e-5);
         check(&mut fails, "embedding_backward", &r[1], &dt, 1e-5);
     }
+
+    finish(&fails);
+}
+
+/// Cross-entropy over full rows and the fused lm_head kernels over vocabulary chunks.
+#[test]
+fn cross_entropy() {
+    let Some(exe) = driver() else {
+        return;
+    };
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut rand = |n: usize, s: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * s)
+            .collect()
+    };
+    let mut fails = Vec::new();
+    let mut e = Emu::new(exe);
 
     // ---- cross-entropy (full rows) and the chunked lm_head pieces ----
     {
@@ -561,14 +683,12 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         let (iloss, idl) = (e.zeros(n), e.zeros(n * v));
         e.launch(
             "cross_entropy_forward_v1_f32",
-            (n, 1, 1),
-            256,
+            grid::cross_entropy_rows(n),
             &[p(iloss), p(il), p(itg), i(n), i(v)],
         );
         e.launch(
             "cross_entropy_backward_v1_f32",
-            (n, 1, 1),
-            256,
+            grid::cross_entropy_rows(n),
             &[p(idl), p(il), p(itg), i(n), i(v), f(0.2)],
         );
         // Chunked: columns [v0, v0 + vc) of the same logits, copied into a [n, vc] chunk each time.
@@ -584,8 +704,7 @@ fn kernels_match_the_cpu_backend_under_emulation() {
             let ic = e.f32(&chunk);
             e.launch(
                 "lmhead_ce_chunk_forward_v1_f32",
-                (n, 1, 1),
-                256,
+                grid::cross_entropy_rows(n),
                 &[
                     p(stats),
                     p(tlog),
@@ -602,15 +721,13 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         }
         e.launch(
             "lmhead_ce_finish_v1_f32",
-            (1, 1, 1),
-            256,
+            grid::lm_head_ce_finish(n),
             &[p(loss2), p(lse2), p(stats), p(tlog), p(itg), i(n)],
         );
         for &(ic, v0, w) in &chunks {
             e.launch(
                 "lmhead_ce_chunk_backward_v1_f32",
-                (n, 1, 1),
-                256,
+                grid::cross_entropy_rows(n),
                 &[p(ic), p(lse2), p(itg), i(n), i(w), i(v0), f(0.2)],
             );
         }
@@ -630,77 +747,26 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         check(&mut fails, "lmhead_ce chunked dlogits", &got, &dl, 1e-5);
     }
 
-    // ---- LoRA kernels (r = 8, dropout 0.1 through the shared hash) ----
-    {
-        let (n, inf, r, pdrop, seed) = (5usize, 96usize, 8usize, 0.1f32, 77u64);
-        let (x, a, du, dx0, da0) = (
-            rand(n * inf, 1.0),
-            rand(r * inf, 0.2),
-            rand(n * r, 1.0),
-            rand(n * inf, 1.0),
-            rand(r * inf, 1.0),
-        );
-        let thr = kernels::dropout_threshold(pdrop);
-        let keep = |k: usize| kernels::dropout_keep(seed, k as u64, thr);
-        let xd: Vec<f32> = (0..n * inf)
-            .map(|k| if keep(k) { x[k] / (1.0 - pdrop) } else { 0.0 })
-            .collect();
-        let mut u = vec![0.0; n * r];
-        cpu.matmul(&mut u, &xd, &a, n, r, inf, false, true, 1.0, 0.0);
-        let mut da = da0.clone();
-        cpu.matmul(&mut da, &du, &xd, r, inf, n, true, false, 1.0, 1.0);
-        let mut dxl = vec![0.0; n * inf];
-        cpu.matmul(&mut dxl, &du, &a, n, inf, r, false, false, 1.0, 0.0);
-        let dx: Vec<f32> = (0..n * inf)
-            .map(|k| {
-                if keep(k) {
-                    dx0[k] + dxl[k] / (1.0 - pdrop)
-                } else {
-                    dx0[k]
-                }
-            })
-            .collect();
-        let (ix, ia, idu, idx, ida) = (e.f32(&x), e.f32(&a), e.f32(&du), e.f32(&dx0), e.f32(&da0));
-        let iu = e.zeros(n * r);
-        let drop = [
-            format!("q{seed}"),
-            format!("u{thr}"),
-            f(1.0 / (1.0 - pdrop)),
-        ];
-        let mut args = vec![p(iu), p(ix), p(ia), i(n), i(inf)];
-        args.extend_from_slice(&drop);
-        e.launch(
-            "lora_down_forward_v1_r8_f32",
-            (n.div_ceil(8), 1, 1),
-            256,
-            &args,
-        );
-        let nsplit = 2;
-        let part = e.zeros(nsplit * r * inf);
-        let mut args = vec![p(part), p(idu), p(ix), i(n), i(inf)];
-        args.extend_from_slice(&drop);
-        e.launch(
-            "lora_grad_a_partial_v1_r8_f32",
-            (inf.div_ceil(256), nsplit, 1),
-            256,
-            &args,
-        );
-        e.launch(
-            "lora_grad_a_reduce_v1_f32",
-            ((r * inf).div_ceil(256), 1, 1),
-            256,
-            &[p(ida), p(part), i(nsplit), format!("l{}", r * inf)],
-        );
-        let mut args = vec![p(idx), p(idu), p(ia), i(n), i(inf)];
-        args.extend_from_slice(&drop);
-        e.launch("lora_dx_v1_r8_f32", (2, 1, 1), 256, &args);
-        let res = e.run(&[iu, ida, idx]);
-        check(&mut fails, "lora_down_forward u", &res[0], &u, 1e-5);
-        check(&mut fails, "lora_grad_a da (+=)", &res[1], &da, 1e-5);
-        check(&mut fails, "lora_dx dx (+=)", &res[2], &dx, 1e-5);
-    }
+    finish(&fails);
+}
 
-    // ---- AdamW, sum of squares, casts ----
+/// AdamW on fp32 master weights writing a bf16 copy.
+#[test]
+fn adamw() {
+    let Some(exe) = driver() else {
+        return;
+    };
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut rand = |n: usize, s: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * s)
+            .collect()
+    };
+    let mut fails = Vec::new();
+    let mut e = Emu::new(exe);
+
+    // ---- AdamW (fp32 everything, writing a bf16 copy) ----
     {
         let len = 3000usize;
         let (pp, m, g) = (rand(len, 1.0), rand(len, 0.1), rand(len, 0.1));
@@ -720,58 +786,239 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         let icopy = e.zeros_bf16(len);
         let mut a = vec![p(ip), p(im), p(iv), p(ig), p(icopy), format!("l{len}")];
         a.extend(k.iter().map(|&x| f(x)));
-        e.launch("adamw_step_v1_f32_f32", (4, 1, 1), 256, &a);
-        let x = rand(len, 3.0);
-        let ix = e.f32(&x);
-        let (part, out) = (e.zeros_f64(5), e.zeros_f64(1));
-        e.launch(
-            "sum_squares_partial_v1_f32",
-            (5, 1, 1),
-            256,
-            &[p(part), p(ix), format!("l{len}")],
-        );
-        e.launch(
-            "sum_squares_finish_v1_f64",
-            (1, 1, 1),
-            32,
-            &[p(out), p(part), i(5)],
-        );
-        // Σ x over positive values (per-token losses), same two-stage grid as sum_squares.
-        let xs: Vec<f32> = rand(len, 3.0).iter().map(|v| v.abs()).collect();
-        let ixs = e.f32(&xs);
-        let (part2, out2) = (e.zeros_f64(5), e.zeros_f64(1));
-        e.launch(
-            "sum_partial_v1_f32",
-            (5, 1, 1),
-            256,
-            &[p(part2), p(ixs), format!("l{len}")],
-        );
-        e.launch(
-            "sum_squares_finish_v1_f64",
-            (1, 1, 1),
-            32,
-            &[p(out2), p(part2), i(5)],
-        );
-        let r = e.run(&[ip, im, iv, icopy, out, out2]);
+        e.launch("adamw_step_v1_f32_f32", grid::adamw(len, SM), &a);
+        let r = e.run(&[ip, im, iv, icopy]);
         check(&mut fails, "adamw_step param", &r[0], &pw, 1e-5);
         check(&mut fails, "adamw_step m", &r[1], &mw, 1e-5);
         check(&mut fails, "adamw_step v", &r[2], &vw, 1e-5);
         check(&mut fails, "adamw_step bf16 copy", &r[3], &pw, 1e-2);
+    }
+
+    finish(&fails);
+}
+
+/// The elementwise family: the f64 reductions and the copies between the two 16-bit
+/// formats.
+#[test]
+fn elementwise() {
+    let Some(exe) = driver() else {
+        return;
+    };
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut rand = |n: usize, s: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * s)
+            .collect()
+    };
+    let mut fails = Vec::new();
+    let mut e = Emu::new(exe);
+
+    // ---- f64 sum of squares and sum: per-block partials, one fixed-order finish ----
+    {
+        let len = 3000usize;
+        let x = rand(len, 3.0);
+        let ix = e.f32(&x);
+        let nparts = grid::reduce_partial(len, SM).grid.0 as usize;
+        let (part, out) = (e.zeros_f64(nparts), e.zeros_f64(1));
+        e.launch(
+            "sum_squares_partial_v1_f32",
+            grid::reduce_partial(len, SM),
+            &[p(part), p(ix), format!("l{len}")],
+        );
+        e.launch(
+            "sum_squares_finish_v1_f64",
+            grid::reduce_finish(),
+            &[p(out), p(part), i(nparts)],
+        );
+        // Σ x over positive values (per-token losses), same two-stage grid as sum_squares.
+        let xs: Vec<f32> = rand(len, 3.0).iter().map(|v| v.abs()).collect();
+        let ixs = e.f32(&xs);
+        let (part2, out2) = (e.zeros_f64(nparts), e.zeros_f64(1));
+        e.launch(
+            "sum_partial_v1_f32",
+            grid::reduce_partial(len, SM),
+            &[p(part2), p(ixs), format!("l{len}")],
+        );
+        e.launch(
+            "sum_squares_finish_v1_f64",
+            grid::reduce_finish(),
+            &[p(out2), p(part2), i(nparts)],
+        );
+        let r = e.run(&[out, out2]);
         check(
             &mut fails,
             "sum_squares",
-            &r[4],
+            &r[0],
             &[cpu.sum_squares(&x).unwrap() as f32],
             1e-5,
         );
         check(
             &mut fails,
             "sum",
-            &r[5],
+            &r[1],
             &[cpu.sum(&xs).unwrap() as f32],
             1e-5,
         );
     }
+
+    // ---- copies between the two 16-bit formats: one rounding, bit-identical to the host's ----
+    // (`half`'s conversions through f32, which `Backend::copy` on the CPU side amounts to). Values
+    // span 2⁻¹⁰..2⁶ so both the f16 mantissa (finer than bf16's) and bf16's rounding are exercised.
+    {
+        let len = 1000;
+        let v: Vec<f32> = rand(len, 1.0)
+            .iter()
+            .enumerate()
+            .map(|(k, &x)| x * 2f32.powi((k % 17) as i32 - 10))
+            .collect();
+        let (src_bf, src_h) = (bf(&v), hf(&v));
+        let (ib, ih) = (e.bf16(&src_bf), e.f16(&src_h));
+        let (oh, ob) = (e.zeros_f16(len), e.zeros_bf16(len));
+        let l = format!("l{len}");
+        e.launch(
+            "copy_v1_f16_bf16",
+            grid::cast(len),
+            &[p(oh), p(ib), l.clone()],
+        );
+        e.launch(
+            "copy_v1_bf16_f16",
+            grid::cast(len),
+            &[p(ob), p(ih), l.clone()],
+        );
+        let r = e.run(&[oh, ob]);
+        check(
+            &mut fails,
+            "copy_v1_f16_bf16 (exact)",
+            &r[0],
+            &hf(&src_bf),
+            0.0,
+        );
+        check(
+            &mut fails,
+            "copy_v1_bf16_f16 (exact)",
+            &r[1],
+            &bf(&src_h),
+            0.0,
+        );
+    }
+
+    finish(&fails);
+}
+
+/// Dropout: the model's own mask on the device, bit for bit.
+#[test]
+fn dropout() {
+    let Some(exe) = driver() else {
+        return;
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut rand = |n: usize, s: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * s)
+            .collect()
+    };
+    let mut fails = Vec::new();
+    let mut e = Emu::new(exe);
+
+    // ---- dropout (the LoRA mask): integer hash on the device, one fp32 multiply ----
+    // Against the model's own host function `apply_dropout_mask` with the key `dropout_key` makes
+    // for the kernel: f32 must be bit-identical (the mask is integer logic, the scale the same fp32
+    // product), bf16 the same product rounded once (the reference rounds the CPU result likewise).
+    {
+        use zhllama::model::lora::{Proj, apply_dropout_mask, dropout_key};
+        let (len, pdrop, step_key) = (5000usize, 0.3f32, 0x0123_4567_89ab_cdefu64);
+        let x = rand(len, 2.0);
+        let mut want = x.clone();
+        apply_dropout_mask(&mut want, pdrop, step_key, 3, Proj::Gate);
+        let xb = bf(&x);
+        let mut want_b = xb.clone();
+        apply_dropout_mask(&mut want_b, pdrop, step_key, 3, Proj::Gate);
+        let want_b = bf(&want_b);
+        let key = dropout_key(step_key, 3, Proj::Gate);
+        let (ix, ixb) = (e.f32(&x), e.bf16(&xb));
+        let args = |id| {
+            [
+                p(id),
+                format!("l{len}"),
+                format!("q{key}"),
+                f(pdrop),
+                f(1.0 / (1.0 - pdrop)),
+            ]
+        };
+        // 3 blocks of 256 threads: the grid-stride loop covers 5000 elements in 7 rounds.
+        e.launch("dropout_v1_f32", grid::dropout(len), &args(ix));
+        e.launch("dropout_v1_bf16", grid::dropout(len), &args(ixb));
+        let r = e.run(&[ix, ixb]);
+        check(&mut fails, "dropout_v1_f32", &r[0], &want, 0.0);
+        check(&mut fails, "dropout_v1_bf16", &r[1], &want_b, 0.0);
+        for (what, got, want) in [("f32", &r[0], &want), ("bf16", &r[1], &want_b)] {
+            let differ = got
+                .iter()
+                .zip(want.iter())
+                .filter(|(g, w)| g.to_bits() != w.to_bits())
+                .count();
+            if differ != 0 {
+                fails.push(format!(
+                    "dropout_v1_{what}: {differ} elements not bit-identical"
+                ));
+            }
+        }
+        let kept = r[0].iter().filter(|v| **v != 0.0).count();
+        // Binomial(5000, 0.7): std 32; ±200 is > 6 sigma.
+        assert!((kept as i64 - 3500).abs() < 200, "kept {kept} of 5000");
+    }
+
+    finish(&fails);
+}
+
+/// fill_uniform: the CPU's hash and arithmetic on the device, bit for bit.
+#[test]
+fn fill() {
+    let Some(exe) = driver() else {
+        return;
+    };
+    let cpu = CpuBackend::new();
+    let mut fails = Vec::new();
+    let mut e = Emu::new(exe);
+
+    // ---- fill_uniform (kernels/fill.cu): the same hash, exact u and one fma as the CPU, so the
+    // fp32 kernel must match bit for bit (tolerance 0) and the bf16 one must hold bf16(cpu) ----
+    for (len, seed, lo, hi) in [(3001usize, 5u64, -0.02f32, 0.02f32), (77, 6, 1.0, 1.0)] {
+        let mut want = vec![0.0f32; len];
+        cpu.fill_uniform(&mut want, seed, lo, hi);
+        let key = zhllama::ops::fill::uniform_key(seed);
+        let (i32o, ib) = (e.zeros(len), e.zeros_bf16(len));
+        for (name, id) in [("fill_uniform_v1_f32", i32o), ("fill_uniform_v1_bf16", ib)] {
+            e.launch(
+                name,
+                grid::fill(len),
+                &[p(id), format!("q{key}"), f(lo), f(hi), format!("l{len}")],
+            );
+        }
+        let r = e.run(&[i32o, ib]);
+        check(&mut fails, "fill_uniform_v1_f32", &r[0], &want, 0.0);
+        check(&mut fails, "fill_uniform_v1_bf16", &r[1], &bf(&want), 0.0);
+    }
+
+    finish(&fails);
+}
+
+/// The bf16 (training) instances of rmsnorm, swiglu, embedding, adamw, axpy and copy.
+#[test]
+fn bf16_storage() {
+    let Some(exe) = driver() else {
+        return;
+    };
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut rand = |n: usize, s: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * s)
+            .collect()
+    };
+    let mut fails = Vec::new();
+    let mut e = Emu::new(exe);
 
     // ---- bf16 (training) variants: 8-byte bf16 vector loads/stores, fp32 statistics ----
     {
@@ -797,22 +1044,20 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         let (io, ir) = (e.zeros_bf16(n * c), e.zeros(n));
         e.launch(
             "rmsnorm_forward_v1_bf16",
-            (n, 1, 1),
-            256,
+            grid::rmsnorm_forward(n),
             &[p(io), p(ir), p(ix), p(iw), i(n), i(c), f(1e-6)],
         );
-        let part = e.zeros(2 * c);
+        let nb = grid::rmsnorm_backward_blocks(n, SM);
+        let part = e.zeros(nb * c);
         e.launch(
             "rmsnorm_backward_v1_bf16",
-            (2, 1, 1),
-            256,
+            grid::rmsnorm_backward(nb),
             &[p(idx), p(part), p(id), p(ix), p(iw), p(ir), i(n), i(c)],
         );
         e.launch(
             "rmsnorm_dw_reduce_v1_f32",
-            (1, 1, 1),
-            256,
-            &[p(idw), p(part), i(2), i(c)],
+            grid::rmsnorm_dw_reduce(c),
+            &[p(idw), p(part), i(nb), i(c)],
         );
         // SwiGLU bf16, embedding backward with bf16 dout into an fp32 table, AdamW with bf16 grads
         // (no copy: null pointer), axpy fp32 += bf16, cast fp32 -> bf16.
@@ -823,8 +1068,7 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         let (ig, iu, isw) = (e.bf16(&g), e.bf16(&u), e.zeros_bf16(len));
         e.launch(
             "swiglu_forward_v1_bf16",
-            (1, 1, 1),
-            64,
+            grid::swiglu(len, true),
             &[p(isw), p(ig), p(iu), format!("l{len}")],
         );
         let ids: Vec<i32> = (0..n).map(|k| (k % 3) as i32).collect();
@@ -835,8 +1079,7 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         let (idt, iu2, ioff, ipos) = (e.f32(&d0), e.i32(&uniq), e.i32(&offsets), e.i32(&positions));
         e.launch(
             "embedding_backward_v1_bf16",
-            (uniq.len(), 1, 1),
-            256,
+            grid::embedding_backward(uniq.len()),
             &[p(idt), p(id), p(iu2), p(ioff), p(ipos), i(c)],
         );
         let (pp, m, gr) = (rand(len, 1.0), rand(len, 0.1), bf(&rand(len, 0.1)));
@@ -861,22 +1104,20 @@ fn kernels_match_the_cpu_backend_under_emulation() {
             format!("l{len}"),
         ];
         a.extend(kernels::adamw_coefficients(hp).iter().map(|&x| f(x)));
-        e.launch("adamw_step_v1_f32_bf16", (2, 1, 1), 256, &a);
+        e.launch("adamw_step_v1_f32_bf16", grid::adamw(len, SM), &a);
         let y0 = rand(len, 1.0);
         let mut y = y0.clone();
         cpu.axpy(&mut y, 0.5, &g);
         let iy = e.f32(&y0);
         e.launch(
             "axpy_v1_f32_bf16",
-            (2, 1, 1),
-            256,
+            grid::elementwise(len),
             &[p(iy), p(ig), f(0.5), format!("l{len}")],
         );
         let icast = e.zeros_bf16(len);
         e.launch(
             "copy_v1_bf16_f32",
-            (2, 1, 1),
-            256,
+            grid::cast(len),
             &[p(icast), p(iy), format!("l{len}")],
         );
         let r = e.run(&[io, ir, idx, idw, isw, idt, ip, im, iv, iy, icast]);
@@ -917,96 +1158,25 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         check(&mut fails, "copy_v1_bf16_f32", &r[10], &bf(&y), 1e-5);
     }
 
-    // ---- copies between the two 16-bit formats: one rounding, bit-identical to the host's ----
-    // (`half`'s conversions through f32, which `Backend::copy` on the CPU side amounts to). Values
-    // span 2⁻¹⁰..2⁶ so both the f16 mantissa (finer than bf16's) and bf16's rounding are exercised.
-    {
-        let len = 1000;
-        let v: Vec<f32> = rand(len, 1.0)
-            .iter()
-            .enumerate()
-            .map(|(k, &x)| x * 2f32.powi((k % 17) as i32 - 10))
-            .collect();
-        let (src_bf, src_h) = (bf(&v), hf(&v));
-        let (ib, ih) = (e.bf16(&src_bf), e.f16(&src_h));
-        let (oh, ob) = (e.zeros_f16(len), e.zeros_bf16(len));
-        let l = format!("l{len}");
-        e.launch(
-            "copy_v1_f16_bf16",
-            (2, 1, 1),
-            256,
-            &[p(oh), p(ib), l.clone()],
-        );
-        e.launch(
-            "copy_v1_bf16_f16",
-            (2, 1, 1),
-            256,
-            &[p(ob), p(ih), l.clone()],
-        );
-        let r = e.run(&[oh, ob]);
-        check(
-            &mut fails,
-            "copy_v1_f16_bf16 (exact)",
-            &r[0],
-            &hf(&src_bf),
-            0.0,
-        );
-        check(
-            &mut fails,
-            "copy_v1_bf16_f16 (exact)",
-            &r[1],
-            &bf(&src_h),
-            0.0,
-        );
-    }
+    finish(&fails);
+}
 
-    // ---- dropout (the LoRA mask): integer hash on the device, one fp32 multiply ----
-    // Against the model's own host function `apply_dropout_mask` with the key `dropout_key` makes
-    // for the kernel: f32 must be bit-identical (the mask is integer logic, the scale the same fp32
-    // product), bf16 the same product rounded once (the reference rounds the CPU result likewise).
-    {
-        use zhllama::model::lora::{Proj, apply_dropout_mask, dropout_key};
-        let (len, pdrop, step_key) = (5000usize, 0.3f32, 0x0123_4567_89ab_cdefu64);
-        let x = rand(len, 2.0);
-        let mut want = x.clone();
-        apply_dropout_mask(&mut want, pdrop, step_key, 3, Proj::Gate);
-        let xb = bf(&x);
-        let mut want_b = xb.clone();
-        apply_dropout_mask(&mut want_b, pdrop, step_key, 3, Proj::Gate);
-        let want_b = bf(&want_b);
-        let key = dropout_key(step_key, 3, Proj::Gate);
-        let (ix, ixb) = (e.f32(&x), e.bf16(&xb));
-        let args = |id| {
-            [
-                p(id),
-                format!("l{len}"),
-                format!("q{key}"),
-                f(pdrop),
-                f(1.0 / (1.0 - pdrop)),
-            ]
-        };
-        // 3 blocks of 256 threads: the grid-stride loop covers 5000 elements in 7 rounds.
-        e.launch("dropout_v1_f32", (3, 1, 1), 256, &args(ix));
-        e.launch("dropout_v1_bf16", (3, 1, 1), 256, &args(ixb));
-        let r = e.run(&[ix, ixb]);
-        check(&mut fails, "dropout_v1_f32", &r[0], &want, 0.0);
-        check(&mut fails, "dropout_v1_bf16", &r[1], &want_b, 0.0);
-        for (what, got, want) in [("f32", &r[0], &want), ("bf16", &r[1], &want_b)] {
-            let differ = got
-                .iter()
-                .zip(want.iter())
-                .filter(|(g, w)| g.to_bits() != w.to_bits())
-                .count();
-            if differ != 0 {
-                fails.push(format!(
-                    "dropout_v1_{what}: {differ} elements not bit-identical"
-                ));
-            }
-        }
-        let kept = r[0].iter().filter(|v| **v != 0.0).count();
-        // Binomial(5000, 0.7): std 32; ±200 is > 6 sigma.
-        assert!((kept as i64 - 3500).abs() < 200, "kept {kept} of 5000");
-    }
+/// The f16 (fp16 mode) instances of rmsnorm, swiglu, cross_entropy, adamw, dropout and
+/// attention.
+#[test]
+fn f16_storage() {
+    let Some(exe) = driver() else {
+        return;
+    };
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut rand = |n: usize, s: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * s)
+            .collect()
+    };
+    let mut fails = Vec::new();
+    let mut e = Emu::new(exe);
 
     // ---- f16 storage (the recipe's fp16 mode): the same templates instantiated for __half ----
     {
@@ -1028,22 +1198,20 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         let (io, ir) = (e.zeros_f16(n * c), e.zeros(n));
         e.launch(
             "rmsnorm_forward_v1_f16",
-            (n, 1, 1),
-            256,
+            grid::rmsnorm_forward(n),
             &[p(io), p(ir), p(ix), p(iw), i(n), i(c), f(1e-6)],
         );
-        let part = e.zeros(2 * c);
+        let nb = grid::rmsnorm_backward_blocks(n, SM);
+        let part = e.zeros(nb * c);
         e.launch(
             "rmsnorm_backward_v1_f16",
-            (2, 1, 1),
-            256,
+            grid::rmsnorm_backward(nb),
             &[p(idx), p(part), p(id), p(ix), p(iw), p(ir), i(n), i(c)],
         );
         e.launch(
             "rmsnorm_dw_reduce_v1_f32",
-            (1, 1, 1),
-            256,
-            &[p(idw), p(part), i(2), i(c)],
+            grid::rmsnorm_dw_reduce(c),
+            &[p(idw), p(part), i(nb), i(c)],
         );
         // SwiGLU forward / backward.
         let len = 1000usize;
@@ -1060,14 +1228,12 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         let (isw, idg, idu) = (e.zeros_f16(len), e.zeros_f16(len), e.zeros_f16(len));
         e.launch(
             "swiglu_forward_v1_f16",
-            (1, 1, 1),
-            64,
+            grid::swiglu(len, true),
             &[p(isw), p(ig), p(iu), format!("l{len}")],
         );
         e.launch(
             "swiglu_backward_v1_f16",
-            (1, 1, 1),
-            64,
+            grid::swiglu(len, true),
             &[p(idg), p(idu), p(isd), p(ig), p(iu), format!("l{len}")],
         );
         // Cross-entropy forward / backward (f16 logits, fp32 losses).
@@ -1090,14 +1256,12 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         let (iloss, idl) = (e.zeros(cn), e.zeros_f16(cn * cv));
         e.launch(
             "cross_entropy_forward_v1_f16",
-            (cn, 1, 1),
-            256,
+            grid::cross_entropy_rows(cn),
             &[p(iloss), p(il), p(itg), i(cn), i(cv)],
         );
         e.launch(
             "cross_entropy_backward_v1_f16",
-            (cn, 1, 1),
-            256,
+            grid::cross_entropy_rows(cn),
             &[p(idl), p(il), p(itg), i(cn), i(cv), f(0.2)],
         );
         // AdamW: fp32 master/moments, f16 gradients, writing the f16 weight copy (`_cf16`).
@@ -1122,7 +1286,7 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         );
         let mut a = vec![p(ip), p(im), p(iv), p(igr), p(icp), format!("l{len}")];
         a.extend(kernels::adamw_coefficients(hp).iter().map(|&x| f(x)));
-        e.launch("adamw_step_v1_f32_f16_cf16", (2, 1, 1), 256, &a);
+        e.launch("adamw_step_v1_f32_f16_cf16", grid::adamw(len, SM), &a);
         // Dropout on f16: the same fp32 product rounded once to f16 on both sides.
         use zhllama::model::lora::{Proj, apply_dropout_mask, dropout_key};
         let xd = hf(&rand(len, 2.0));
@@ -1132,8 +1296,7 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         let ixd = e.f16(&xd);
         e.launch(
             "dropout_v1_f16",
-            (2, 1, 1),
-            256,
+            grid::dropout(len),
             &[
                 p(ixd),
                 format!("l{len}"),
@@ -1232,16 +1395,14 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         a.extend_from_slice(&tail);
         e.launch(
             "attention_forward_v1_d64_f16",
-            (t.div_ceil(32), b * h, 1),
-            128,
+            grid::attention_query_tiles(b, t, h),
             &a,
         );
         let (iout, ilse) = (e.f16(&out16), e.f32(&lse));
         let delta = e.zeros(b * h * t);
         e.launch(
             "attention_backward_delta_v1_f16",
-            ((b * t * h).div_ceil(8), 1, 1),
-            256,
+            grid::attention_delta(b * t * h),
             &[p(delta), p(id), p(iout), i(b), i(t), i(h), i(dd)],
         );
         let (idq, idk, idv) = (
@@ -1262,16 +1423,14 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         a.extend_from_slice(&tail);
         e.launch(
             "attention_backward_dkdv_v1_d64_f16",
-            (t.div_ceil(32), b * hkv, 1),
-            128,
+            grid::attention_key_tiles(b, t, hkv),
             &a,
         );
         let mut a = vec![p(idq), p(id), p(iq), p(ik), p(iv), p(ilse), p(delta)];
         a.extend_from_slice(&tail);
         e.launch(
             "attention_backward_dq_v1_d64_f16",
-            (t.div_ceil(32), b * h, 1),
-            128,
+            grid::attention_query_tiles(b, t, h),
             &a,
         );
         let r = e.run(&[io, il, idq, idk, idv]);
@@ -1312,30 +1471,5 @@ fn kernels_match_the_cpu_backend_under_emulation() {
         );
     }
 
-    // ---- fill_uniform (kernels/init.cu): the same hash, exact u and one fma as the CPU, so the
-    // fp32 kernel must match bit for bit (tolerance 0) and the bf16 one must hold bf16(cpu) ----
-    for (len, seed, lo, hi) in [(3001usize, 5u64, -0.02f32, 0.02f32), (77, 6, 1.0, 1.0)] {
-        let mut want = vec![0.0f32; len];
-        cpu.fill_uniform(&mut want, seed, lo, hi);
-        let key = zhllama::ops::fill::uniform_key(seed);
-        let (i32o, ib) = (e.zeros(len), e.zeros_bf16(len));
-        for (name, id) in [("fill_uniform_v1_f32", i32o), ("fill_uniform_v1_bf16", ib)] {
-            e.launch(
-                name,
-                (3, 1, 1),
-                128,
-                &[p(id), format!("q{key}"), f(lo), f(hi), format!("l{len}")],
-            );
-        }
-        let r = e.run(&[i32o, ib]);
-        check(&mut fails, "fill_uniform_v1_f32", &r[0], &want, 0.0);
-        check(&mut fails, "fill_uniform_v1_bf16", &r[1], &bf(&want), 0.0);
-    }
-
-    assert!(
-        fails.is_empty(),
-        "{} mismatches:\n{}",
-        fails.len(),
-        fails.join("\n")
-    );
+    finish(&fails);
 }

@@ -3,7 +3,9 @@
 //! forward uploads its targets.
 
 use zhllama::backend::cuda::device_for_local_rank;
-use zhllama::kernels::{GRID_YZ_MAX, SMEM_DEFAULT_LIMIT, check_grid, dynamic_smem_plan};
+use zhllama::backend::cuda::kernels::{
+    GRID_YZ_MAX, SMEM_DEFAULT_LIMIT, check_grid, dynamic_smem_plan,
+};
 
 #[test]
 fn local_rank_maps_onto_the_visible_devices() {

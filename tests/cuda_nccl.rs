@@ -11,11 +11,11 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::PathBuf;
 use std::process::Command;
+use zhllama::backend::cuda::kernels;
 use zhllama::backend::cuda::{CudaBackend, CudaOptions};
 use zhllama::backend::{Backend, Role};
 use zhllama::distributed::nccl::{NcclComm, NcclLib};
 use zhllama::distributed::{Comm, LocalComm, Zero2};
-use zhllama::kernels;
 
 mod zero_common;
 use zero_common::{bits, hp};

@@ -9,8 +9,8 @@
 
 mod skip_common;
 
+use zhllama::backend::cuda::kernels;
 use zhllama::backend::cuda::{ENABLED, nvrtc};
-use zhllama::kernels;
 
 const ARCHS: [&str; 2] = ["sm_80", "sm_90"];
 
@@ -208,14 +208,14 @@ fn kernel_names_come_from_the_cubin_not_the_log() {
 
     // A compile without the report is what a program served from NVRTC's cache looks like: no
     // ptxas text at all (names taken from the log would be none). Its kernels must still be found.
-    let c = nvrtc::compile("cast.cu", arch, &include, false).unwrap();
+    let c = nvrtc::compile("elementwise.cu", arch, &include, false).unwrap();
     assert!(
         !c.log.contains("Compiling entry function") && c.stats.is_empty(),
         "a plain compile printed a ptxas report:\n{}",
         c.log
     );
     let cast: BTreeSet<String> = c.entry_points.into_iter().collect();
-    let cast_reported: BTreeSet<String> = nvrtc::compile("cast.cu", arch, &include, true)
+    let cast_reported: BTreeSet<String> = nvrtc::compile("elementwise.cu", arch, &include, true)
         .unwrap()
         .stats
         .into_iter()
@@ -223,7 +223,7 @@ fn kernel_names_come_from_the_cubin_not_the_log() {
         .collect();
     assert_eq!(
         cast, cast_reported,
-        "cast.cu: cubin symbols vs ptxas report"
+        "elementwise.cu: cubin symbols vs ptxas report"
     );
 
     // The backend's own loader, twice over one cache directory: cold, then warm (cubins and names

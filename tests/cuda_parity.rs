@@ -30,9 +30,9 @@ mod skip_common;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use zhllama::backend::cpu::CpuBackend;
+use zhllama::backend::cuda::kernels;
 use zhllama::backend::cuda::{CudaBackend, ENABLED, Half};
 use zhllama::backend::{AdamW, Backend, Role};
-use zhllama::kernels;
 
 #[test]
 fn no_gpu_is_a_clear_error_not_a_panic() {
@@ -51,31 +51,6 @@ fn no_gpu_is_a_clear_error_not_a_panic() {
             );
         }
     }
-}
-
-#[test]
-fn dropout_mask_keeps_one_minus_p() {
-    // The hash is a mask, not a PRNG of record: check it is unbiased enough for dropout. With
-    // 10⁶ draws the kept fraction's standard deviation is ≤ 5e-4, so 3e-3 is > 6σ.
-    for p in [0.05f32, 0.1, 0.5] {
-        let thr = kernels::dropout_threshold(p);
-        let n = 1_000_000u64;
-        let kept = (0..n)
-            .filter(|&i| kernels::dropout_keep(1234, i, thr))
-            .count();
-        let frac = kept as f64 / n as f64;
-        assert!((frac - (1.0 - p as f64)).abs() < 3e-3, "p={p}: kept {frac}");
-    }
-    assert!((0..1000).all(|i| kernels::dropout_keep(7, i, kernels::dropout_threshold(0.0))));
-    // Different seeds give different masks.
-    let thr = kernels::dropout_threshold(0.5);
-    let same = (0..10_000u64)
-        .filter(|&i| kernels::dropout_keep(1, i, thr) == kernels::dropout_keep(2, i, thr))
-        .count();
-    assert!(
-        (4_500..5_500).contains(&same),
-        "masks of seeds 1 and 2 agree on {same} of 10000"
-    );
 }
 
 fn csr_reference(ids: &[i32]) -> Vec<(i32, Vec<i32>)> {
@@ -317,7 +292,7 @@ fn every_kernel_matches_the_cpu_reference() {
         .ok()
         .filter(|v| !v.is_empty())
         .map(|v| v.split(',').map(|x| x.trim().to_string()).collect());
-    let families: [(&str, fn(&mut Ctx, Mode)); 14] = [
+    let families: [(&str, fn(&mut Ctx, Mode)); 13] = [
         ("matmul", matmul),
         ("rmsnorm", rmsnorm),
         ("rope", rope),
@@ -327,7 +302,6 @@ fn every_kernel_matches_the_cpu_reference() {
         ("embedding", embedding),
         ("cross_entropy", cross_entropy),
         ("lm_head_ce", lm_head_ce),
-        ("lora", lora),
         ("adamw", adamw),
         ("elementwise", elementwise),
         ("dropout", dropout),
@@ -803,122 +777,6 @@ fn lm_head_ce(c: &mut Ctx, mode: Mode) {
         c.check("lm_head_ce_backward dx (+=)", &shape, mode, &got, &dx);
         let got = c.down(&gdw);
         c.check("lm_head_ce_backward dw (+=)", &shape, mode, &got, &dw);
-    }
-}
-
-fn lora(c: &mut Ctx, mode: Mode) {
-    let r = mode.data();
-    for (n, inf, outf, rank, p) in [
-        (3, 64, 48, 8, 0.0f32),
-        (37, 512, 384, 8, 0.05),
-        (20, 256, 128, 16, 0.1),
-    ] {
-        let (s, seed) = (2.0f32, 99u64);
-        let x = c.rand(n * inf, 1.0, r);
-        let a = c.rand(rank * inf, 0.1, r);
-        let bw = c.rand(outf * rank, 0.1, r);
-        let out0 = c.rand(n * outf, 1.0, r);
-        // CPU reference: the same mask, then plain matmuls.
-        let thr = kernels::dropout_threshold(p);
-        let xd: Vec<f32> = x
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| {
-                if kernels::dropout_keep(seed, i as u64, thr) {
-                    v / (1.0 - p)
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mut u = vec![0.0; n * rank];
-        c.cpu
-            .matmul(&mut u, &xd, &a, n, rank, inf, false, true, 1.0, 0.0);
-        let u = c.stored(&u, r);
-        let mut out = out0.clone();
-        c.cpu
-            .matmul(&mut out, &u, &bw, n, outf, rank, false, true, s, 1.0);
-        let (gx, ga, gb) = (c.up(&x, r), c.up(&a, r), c.up(&bw, r));
-        let mut gout = c.up(&out0, r);
-        let mut gu = c.gpu.alloc(n * rank, r).unwrap();
-        c.gpu.lora_forward(
-            gm!(c, gout),
-            gm!(c, gu),
-            gv!(c, gx),
-            gv!(c, ga),
-            gv!(c, gb),
-            n,
-            inf,
-            outf,
-            rank,
-            s,
-            p,
-            seed,
-        );
-        let shape = format!("n{n} {inf}->{outf} r{rank} p{p}");
-        let got = c.down(&gu);
-        c.check("lora_forward u", &shape, mode, &got, &u);
-        let got = c.down(&gout);
-        c.check("lora_forward out (+=)", &shape, mode, &got, &out);
-
-        let dout = c.rand(n * outf, 1.0, r);
-        let mut db = vec![0.0; outf * rank];
-        c.cpu
-            .matmul(&mut db, &dout, &u, outf, rank, n, true, false, s, 1.0);
-        let mut du = vec![0.0; n * rank];
-        c.cpu
-            .matmul(&mut du, &dout, &bw, n, rank, outf, false, false, s, 0.0);
-        let du = c.stored(&du, r);
-        let mut da = vec![0.0; rank * inf];
-        c.cpu
-            .matmul(&mut da, &du, &xd, rank, inf, n, true, false, 1.0, 1.0);
-        let dx0 = c.rand(n * inf, 1.0, r);
-        let mut dxl = vec![0.0; n * inf];
-        c.cpu
-            .matmul(&mut dxl, &du, &a, n, inf, rank, false, false, 1.0, 0.0);
-        let dx: Vec<f32> = dx0
-            .iter()
-            .zip(&dxl)
-            .enumerate()
-            .map(|(i, (&d0, &l))| {
-                if kernels::dropout_keep(seed, i as u64, thr) {
-                    d0 + l / (1.0 - p)
-                } else {
-                    d0
-                }
-            })
-            .collect();
-        let gd = c.up(&dout, r);
-        let mut gdx = c.up(&dx0, r);
-        let mut gda = c.gpu.alloc(rank * inf, Role::Fp32).unwrap();
-        let mut gdb = c.gpu.alloc(outf * rank, Role::Fp32).unwrap();
-        let mut gdu = c.gpu.alloc(n * rank, r).unwrap();
-        c.gpu.lora_backward(
-            gm!(c, gdx),
-            gm!(c, gda),
-            gm!(c, gdb),
-            gm!(c, gdu),
-            gv!(c, gd),
-            gv!(c, gx),
-            gv!(c, gu),
-            gv!(c, ga),
-            gv!(c, gb),
-            n,
-            inf,
-            outf,
-            rank,
-            s,
-            p,
-            seed,
-        );
-        for (name, g, w) in [
-            ("dx (+=)", &gdx, &dx),
-            ("da (+=)", &gda, &da),
-            ("db (+=)", &gdb, &db),
-        ] {
-            let got = c.down(g);
-            c.check(&format!("lora_backward {name}"), &shape, mode, &got, w);
-        }
     }
 }
 

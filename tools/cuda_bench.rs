@@ -487,19 +487,30 @@ fn profile(b: &B) -> Result<()> {
                 1.0,
                 0.0,
             );
-            g.lora_forward(
-                g.view_mut(&mut q, 0..t * c),
+            // LoRA as the model runs it (dropout off): u = x·Aᵀ, then q += s·u·Bᵀ.
+            g.matmul(
                 g.view_mut(&mut u, 0..t * r),
                 g.view(&xn, 0..t * c),
                 g.view(&la, 0..r * c),
+                t,
+                r,
+                c,
+                false,
+                true,
+                1.0,
+                0.0,
+            );
+            g.matmul(
+                g.view_mut(&mut q, 0..t * c),
+                g.view(&u, 0..t * r),
                 g.view(&lb, 0..c * r),
                 t,
                 c,
-                c,
                 r,
+                false,
+                true,
                 2.0,
-                0.05,
-                1,
+                1.0,
             );
         }
         g.attention_rope_forward(

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 pub struct CudaOptions {
     /// Device ordinal (the local rank).
     pub device: usize,
-    /// Directories with the CUDA headers (`cuda_bf16.h`); see [`crate::kernels::cuda_include_dirs`].
+    /// Directories with the CUDA headers (`cuda_bf16.h`); see [`crate::backend::cuda::kernels::cuda_include_dirs`].
     pub include_dirs: Vec<PathBuf>,
     /// Where compiled cubins are cached (none: compile every start).
     pub cache_dir: Option<PathBuf>,

@@ -20,6 +20,13 @@ pub enum Never {}
 
 pub use super::cuda_options::{CudaOptions, Half, KernelTime, device_for_local_rank};
 
+// The embedded kernel sources and launch geometry need no GPU library: tools and tests read them
+// in every build.
+#[path = "cuda/grid.rs"]
+pub mod grid;
+#[path = "cuda/kernels.rs"]
+pub mod kernels;
+
 /// Placeholder for the CUDA backend in builds without the `cuda` feature (never constructed).
 pub struct CudaBackend {
     never: Never,
@@ -291,8 +298,8 @@ impl Backend for CudaBackend {
 
 /// The NVRTC compile check's API, failing with the same error.
 pub mod nvrtc {
+    use super::kernels::KernelStats;
     use super::*;
-    use crate::kernels::KernelStats;
 
     /// See the `cuda` build's `nvrtc::Compiled`.
     pub struct Compiled {

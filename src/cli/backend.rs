@@ -36,14 +36,14 @@ fn nonempty_flag(env: &impl Fn(&str) -> Option<String>, key: &str) -> bool {
     env(key).is_some_and(|v| !v.is_empty() && v != "0")
 }
 
-/// [`CudaOptions`] from the environment: CUDA headers by [`zhllama::kernels::cuda_include_dirs`]
+/// [`CudaOptions`] from the environment: CUDA headers by [`zhllama::backend::cuda::kernels::cuda_include_dirs`]
 /// (`ZHLLAMA_CUDA_INCLUDE`, `CUDA_HOME`/`CUDA_PATH`, the NVRTC wheel on `LD_LIBRARY_PATH`), the
 /// kernel cache by [`kernel_cache_dir`], per-launch NVTX ranges by `ZHLLAMA_NVTX=1`.
 pub fn cuda_options(device: usize, profile: bool) -> CudaOptions {
     let env = |k: &str| std::env::var(k).ok();
     CudaOptions {
         device,
-        include_dirs: zhllama::kernels::cuda_include_dirs(env),
+        include_dirs: zhllama::backend::cuda::kernels::cuda_include_dirs(env),
         cache_dir: kernel_cache_dir(&env),
         profile,
         // An NVTX range per kernel launch, for Nsight (layer ranges are always on).

@@ -1,6 +1,6 @@
 //! `fill_uniform` (`out =`): pseudo-random uniform values from a counter-based hash, so any backend
 //! produces the same values for the same `(seed, index)` without sharing generator state (the CUDA
-//! kernel `fill_uniform_v1_*` in `kernels/init.cu` computes exactly this). Used to initialise large
+//! kernel `fill_uniform_v1_*` in `kernels/fill.cu` computes exactly this). Used to initialise large
 //! models on the device (`Llama::random_on_device`) without generating them on the host.
 
 use crate::util::hash::mix64;

@@ -16,14 +16,14 @@
 #include <utility>
 
 #include "../../kernels/adamw.cu"
-#include "../../kernels/cast.cu"
+#include "../../kernels/attention.cu"
 #include "../../kernels/cross_entropy.cu"
 #include "../../kernels/dropout.cu"
+#include "../../kernels/elementwise.cu"
 #include "../../kernels/embedding.cu"
-#include "../../kernels/init.cu"
-#include "../../kernels/lora.cu"
+#include "../../kernels/fill.cu"
 #include "../../kernels/rmsnorm.cu"
-#include "../../kernels/rope_attention.cu"
+#include "../../kernels/rope.cu"
 #include "../../kernels/swiglu.cu"
 
 struct Buf {
@@ -81,8 +81,7 @@ static std::map<std::string, Launcher> table = {
     REG(embedding_forward_v1_f32), REG(embedding_backward_v1_f32), REG(embedding_backward_v1_bf16),
     REG(cross_entropy_forward_v1_f32), REG(cross_entropy_backward_v1_f32),
     REG(lmhead_ce_chunk_forward_v1_f32), REG(lmhead_ce_finish_v1_f32), REG(lmhead_ce_chunk_backward_v1_f32),
-    REG(lora_down_forward_v1_r8_f32), REG(lora_grad_a_partial_v1_r8_f32), REG(lora_grad_a_reduce_v1_f32),
-    REG(lora_dx_v1_r8_f32), REG(adamw_step_v1_f32_f32), REG(adamw_step_v1_f32_bf16),
+    REG(adamw_step_v1_f32_f32), REG(adamw_step_v1_f32_bf16),
     REG(sum_squares_partial_v1_f32), REG(sum_squares_finish_v1_f64), REG(sum_partial_v1_f32), REG(axpy_v1_f32_bf16),
     REG(copy_v1_bf16_f32), REG(scale_v1_f32), REG(dropout_v1_f32), REG(dropout_v1_bf16),
     // fp16 storage (the recipe's fp16 mode)

@@ -1,4 +1,4 @@
-//! NVRTC: compile one embedded kernel file (`kernels/*.cu`, headers from `crate::kernels::HEADERS`)
+//! NVRTC: compile one embedded kernel file (`kernels/*.cu`, headers from `crate::backend::cuda::kernels::HEADERS`)
 //! to a cubin for one GPU architecture, with the ptxas register/spill report. Needs no GPU and no
 //! ptxas: only `libnvrtc` and the CUDA headers (`cuda_bf16.h` is not bundled with NVRTC).
 //!
@@ -14,7 +14,7 @@ use cudarc::nvrtc::sys;
 use std::ffi::{CStr, CString, c_char, c_int};
 use std::path::PathBuf;
 
-use crate::kernels::{self, KernelStats};
+use super::kernels::{self, KernelStats};
 
 /// A compiled kernel file.
 pub struct Compiled {

@@ -151,28 +151,6 @@ pub fn cuda_include_dirs(env: impl Fn(&str) -> Option<String>) -> Vec<PathBuf> {
     out
 }
 
-/// The dropout mask the CUDA kernels draw (`dropout_keep` in `kernels/common.cuh`): element `idx`
-/// survives when a 32-bit hash of (seed, idx) is at least `p·2^32`. Written twice on purpose, so
-/// the CPU reference can reproduce the GPU's mask exactly.
-pub fn dropout_keep(seed: u64, idx: u64, threshold: u32) -> bool {
-    fn h(mut x: u32) -> u32 {
-        x ^= x >> 16;
-        x = x.wrapping_mul(0x7feb352d);
-        x ^= x >> 15;
-        x = x.wrapping_mul(0x846ca68b);
-        x ^= x >> 16;
-        x
-    }
-    let inner =
-        h(((idx >> 32) as u32).wrapping_add(0x9e37_79b9u32.wrapping_mul((seed >> 32) as u32)));
-    h((idx as u32) ^ h((seed as u32) ^ inner)) >= threshold
-}
-
-/// The integer threshold for drop probability `p` in `[0, 1)`.
-pub fn dropout_threshold(p: f32) -> u32 {
-    ((p as f64) * 4294967296.0).clamp(0.0, 4294967295.0) as u32
-}
-
 /// The scalar coefficients of one AdamW step, computed in f64 exactly as `crate::ops::adamw_step`
 /// does: [decay, w1, beta2, w2, eps, neg_step_size, bc2_sqrt].
 pub fn adamw_coefficients(hp: crate::backend::AdamW) -> [f32; 7] {

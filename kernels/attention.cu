@@ -1,6 +1,6 @@
-// Rotary embedding (HF rotate_half layout) and causal flash-style attention with grouped-query heads,
-// forward and backward, head dims 64 and 128. CPU reference: crate::ops::rope_forward /
-// rope_backward / attention_forward / attention_backward.
+// Causal flash-style attention with grouped-query heads and rotary embedding applied on load,
+// forward and backward, head dims 64 and 128. CPU reference: crate::ops::attention_forward /
+// attention_backward after crate::ops::rope_forward (rope.cu holds the standalone rotation).
 //
 // Attention never holds a T×T matrix: each block walks key tiles with an online softmax (forward) and
 // recomputes the probabilities from the saved log-sum-exp (backward). With an `inv_freq` table (d/2
@@ -21,49 +21,6 @@
 #define ATT_THREADS 128
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
-
-// cos/sin of position `pos` for frequency index i in [0, d/2): angle = pos·inv_freq[i] in fp32, as HF
-// computes the angle table. `inv_freq[i] = theta^(−2i/d)` is computed once on the host (correctly
-// rounded, `ops::rope::inv_freq`) and passed in: CUDA's powf is not correctly rounded, and its error
-// grows with the position into the angle.
-__device__ __forceinline__ void rope_cs(int pos, int i, const float* __restrict__ inv_freq, float& c, float& s) {
-    sincosf((float)pos * inv_freq[i], &s, &c);
-}
-
-// ---- standalone RoPE (the trait's rope_forward / rope_backward), in place on x[b,t,h,d] ----------
-// sign = +1: rotate by +angle (forward); −1: by −angle (backward, the transpose).
-template <typename T>
-__device__ void rope_apply_v1(T* __restrict__ x, int b, int t, int h, int d, const float* inv_freq, int pos_offset,
-                              float sign) {
-    const int half = d / 2;
-    const long long pairs = (long long)b * t * h * half;
-    for (long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x; p < pairs;
-         p += (long long)gridDim.x * blockDim.x) {
-        const int i = (int)(p % half);
-        const long long head = p / half;  // (bi·t + ti)·h + hi
-        const int ti = (int)((head / h) % t);
-        float c, s;
-        rope_cs(pos_offset + ti, i, inv_freq, c, s);
-        s *= sign;
-        const long long o = head * d + i;
-        const float x1 = ld(x, o), x2 = ld(x, o + half);
-        st(x, o, x1 * c - x2 * s);
-        st(x, o + half, x2 * c + x1 * s);
-    }
-}
-
-#define ROPE_INSTANCES(T, SUF)                                                                            \
-    extern "C" __global__ void rope_forward_v1_##SUF(T* x, int b, int t, int h, int d, const float* inv_freq,         \
-                                                     int pos_offset) {                                     \
-        rope_apply_v1(x, b, t, h, d, inv_freq, pos_offset, 1.0f);                                            \
-    }                                                                                                     \
-    extern "C" __global__ void rope_backward_v1_##SUF(T* x, int b, int t, int h, int d, const float* inv_freq,        \
-                                                      int pos_offset) {                                    \
-        rope_apply_v1(x, b, t, h, d, inv_freq, pos_offset, -1.0f);                                           \
-    }
-ROPE_INSTANCES(bf16, bf16)
-ROPE_INSTANCES(f16, f16)
-ROPE_INSTANCES(float, f32)
 
 // ---- helpers over one row slice held by 4 threads ---------------------------------------------------
 // NE = D/16 float4 chunks per thread: chunk e of thread `sub` is row chunk e·4 + sub (features

@@ -1,5 +1,5 @@
 // Casts, copies, scaling and the two-stage sum of squares (global gradient norm, NaN/Inf check).
-// CPU reference: the elementwise methods of the CPU backend (copy, axpy, scale, sum_squares).
+// CPU reference: crate::ops::elementwise (copy, axpy, scale, sum_squares).
 // Grid-stride loops; one scalar per thread-iteration (these are never the hot path of a step: the
 // hot casts are fused into the kernels that produce or consume the data).
 #include "common.cuh"
