@@ -106,7 +106,7 @@ impl MetricsWriter {
             .write_all(line.as_bytes())
             .with_context(|| format!("cannot append to {}", self.path.display()))?;
         if let Some(tb) = self.tensorboard.as_mut() {
-            tb.scalars(r.step, &super::tensorboard::record_scalars(r))?;
+            tb.scalars(r.step, &record_scalars(r))?;
         }
         Ok(())
     }
@@ -203,4 +203,21 @@ impl Progress {
     pub fn finish(&self) {
         self.bar.finish();
     }
+}
+
+/// The scalars of a metrics record under HF Trainer's TensorBoard tags.
+fn record_scalars(r: &Record) -> Vec<(&'static str, f32)> {
+    let mut out = Vec::new();
+    let mut put = |tag, v: Option<f64>| {
+        if let Some(v) = v {
+            out.push((tag, v as f32));
+        }
+    };
+    put("train/loss", r.loss);
+    put("train/learning_rate", r.lr);
+    put("train/grad_norm", r.grad_norm);
+    put("train/tokens_per_second", r.tokens_per_s);
+    put("train/loss_scale", r.loss_scale);
+    put("eval/loss", r.eval_loss);
+    out
 }

@@ -145,23 +145,6 @@ impl EventWriter {
     }
 }
 
-/// The scalars of a metrics record under HF Trainer's TensorBoard tags.
-pub fn record_scalars(r: &super::metrics::Record) -> Vec<(&'static str, f32)> {
-    let mut out = Vec::new();
-    let mut put = |tag, v: Option<f64>| {
-        if let Some(v) = v {
-            out.push((tag, v as f32));
-        }
-    };
-    put("train/loss", r.loss);
-    put("train/learning_rate", r.lr);
-    put("train/grad_norm", r.grad_norm);
-    put("train/tokens_per_second", r.tokens_per_s);
-    put("train/loss_scale", r.loss_scale);
-    put("eval/loss", r.eval_loss);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

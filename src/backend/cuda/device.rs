@@ -2,7 +2,6 @@
 //! handle, loaded kernels), start-up, buffers and host transfers, the recorded error, scratch
 //! memory and the per-launch profiler.
 
-use super::launch::{dt, suffix};
 use super::{CudaOptions, Half, KernelTime, compile::compile_all, kernels, nvrtc};
 use crate::backend::Role;
 use crate::tensor::DType;
@@ -540,5 +539,22 @@ impl CudaBackend {
             .synchronize()
             .map_err(|e| anyhow!("CUDA stream: {e:?}"))?;
         self.take_error()
+    }
+}
+
+/// The storage type of a buffer of `role` when weights and activations are stored as `half`.
+pub(super) fn dt(role: Role, half: DType) -> DType {
+    match role {
+        Role::Weight | Role::Activation => half,
+        Role::Fp32 => DType::F32,
+    }
+}
+
+/// A kernel name's storage suffix.
+pub(super) fn suffix(d: DType) -> &'static str {
+    match d {
+        DType::BF16 => "bf16",
+        DType::F32 => "f32",
+        DType::F16 => "f16",
     }
 }

@@ -8,6 +8,7 @@
 //! fp32 pointer (copies in for what the kernel reads, out for what it writes) and the `_f32`
 //! kernel: slow but exact, so an unusual combination of storage types never gives a wrong result.
 
+pub(super) use super::device::{dt, suffix};
 use super::grid::Launch;
 use super::{CudaBackend, kernels, nvtx};
 use crate::backend::Role;
@@ -85,23 +86,6 @@ pub(super) fn kargs(ptrs: &[u64], tail: &[KArg]) -> Vec<KArg> {
         .map(|&p| KArg::P(p))
         .chain(tail.iter().copied())
         .collect()
-}
-
-/// The storage type of a buffer of `role` when weights and activations are stored as `half`.
-pub(super) fn dt(role: Role, half: DType) -> DType {
-    match role {
-        Role::Weight | Role::Activation => half,
-        Role::Fp32 => DType::F32,
-    }
-}
-
-/// A kernel name's storage suffix.
-pub(super) fn suffix(d: DType) -> &'static str {
-    match d {
-        DType::BF16 => "bf16",
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-    }
 }
 
 /// True when every dtype is the same 16-bit storage type (bf16 or f16): the ops' `_bf16`/`_f16`
