@@ -292,7 +292,7 @@ fn every_kernel_matches_the_cpu_reference() {
         .ok()
         .filter(|v| !v.is_empty())
         .map(|v| v.split(',').map(|x| x.trim().to_string()).collect());
-    let families: [(&str, fn(&mut Ctx, Mode)); 13] = [
+    let families: [Family; 13] = [
         ("matmul", matmul),
         ("rmsnorm", rmsnorm),
         ("rope", rope),
@@ -684,6 +684,9 @@ fn targets(c: &mut Ctx, n: usize, v: usize) -> Vec<i32> {
         })
         .collect()
 }
+
+/// An op family's parity check: its name (for `ZHLLAMA_PARITY_OPS`) and body.
+type Family = (&'static str, fn(&mut Ctx, Mode));
 
 fn cross_entropy(c: &mut Ctx, mode: Mode) {
     let r = mode.data();

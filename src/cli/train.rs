@@ -244,21 +244,15 @@ fn check_device_memory(
     let world = zhllama::distributed::launch_info(&vars)?.map_or(1, |l| l.world_size);
     let (free, _) = be.mem_info()?;
     let stage = args.stage.to_string();
-    super::memory::check_device(
-        model_dir,
-        "training",
-        &be.device_name().to_string(),
-        free as u64,
-        |d| {
-            let vocab = match (args.vocab_size, &args.tokenizer) {
-                (Some(v), _) => v,
-                (None, Some(path)) => tokenizer_size(path)?,
-                (None, None) => d.vocab_size,
-            };
-            let plan = dryrun::plan(d, cfg, &stage, vocab, world, "bf16")?;
-            Ok(plan["total_bytes_per_rank"].as_u64().unwrap_or(u64::MAX))
-        },
-    )
+    super::memory::check_device(model_dir, "training", be.device_name(), free as u64, |d| {
+        let vocab = match (args.vocab_size, &args.tokenizer) {
+            (Some(v), _) => v,
+            (None, Some(path)) => tokenizer_size(path)?,
+            (None, None) => d.vocab_size,
+        };
+        let plan = dryrun::plan(d, cfg, &stage, vocab, world, "bf16")?;
+        Ok(plan["total_bytes_per_rank"].as_u64().unwrap_or(u64::MAX))
+    })
 }
 
 /// Number of pieces in a SentencePiece model file.

@@ -8,10 +8,9 @@
 //! fp32 pointer (copies in for what the kernel reads, out for what it writes) and the `_f32`
 //! kernel: slow but exact, so an unusual combination of storage types never gives a wrong result.
 
-pub(super) use super::device::{dt, suffix};
+pub(super) use super::device::suffix;
 use super::grid::Launch;
 use super::{CudaBackend, kernels, nvtx};
-use crate::backend::Role;
 use crate::tensor::DType;
 use anyhow::{Context, Result, anyhow, ensure};
 use cudarc::driver::{LaunchConfig, PushKernelArg, sys as drv_sys};
