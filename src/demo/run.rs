@@ -95,7 +95,7 @@ impl DemoPlan {
                 pt1_steps: 10,
                 pt2_steps: 50,
                 sft_steps: 300,
-                sft_pretrain_mix: 100,
+                sft_pretrain_mix: 30,
                 batch: 16,
             }
         } else {
