@@ -5,7 +5,7 @@ mod skip_common;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use zhllama::instruct::convert::{
-    self, AlpacaRecord, EN_TO_ZH_TEMPLATES, Issues, TranslationPair, ZH_TO_EN_TEMPLATES,
+    self, AlpacaRecord, EN_TO_ZH_TEMPLATES, SkipCounts, TranslationPair, ZH_TO_EN_TEMPLATES,
 };
 use zhllama::instruct::filter::{Dedup, FilterConfig, check_pair, check_record, normalize};
 use zhllama::instruct::mix::{MixConfig, RecipeFile, SourceKind, SourceSpec, mix};
@@ -83,9 +83,9 @@ fn jaccard(x: &HashSet<Vec<char>>, y: &HashSet<Vec<char>>) -> f64 {
 #[test]
 fn near_duplicates_follow_true_jaccard() {
     let Some(data) = shared() else { return };
-    let mut issues = Issues::new();
+    let mut skips = SkipCounts::new();
     let f = data.join("alpaca_zh/llamafactory_alpaca_zh_demo.json");
-    let mut prompts: Vec<String> = convert::read_alpaca(&f, false, &mut issues)
+    let mut prompts: Vec<String> = convert::read_alpaca(&f, false, &mut skips)
         .unwrap()
         .iter()
         .map(|r| Dedup::prompt(&r.value))
@@ -130,9 +130,9 @@ fn near_duplicates_follow_true_jaccard() {
 fn translation_conversion_uses_both_directions_and_the_templates() {
     let Some(data) = shared() else { return };
     let f = data.join("translation2019zh/translation2019zh_valid_sample_a.json");
-    let mut issues = Issues::new();
+    let mut skips = SkipCounts::new();
     let pairs =
-        convert::read_json_records(&f, false, &mut issues, convert::parse_translation).unwrap();
+        convert::read_json_records(&f, false, &mut skips, convert::parse_translation).unwrap();
     assert_eq!(pairs.len(), 500);
     let cfg = MixConfig {
         seed: 3,
@@ -237,8 +237,8 @@ fn sampling_counts_pclue_mapping_and_recipe_config() {
     assert_eq!(a.short_of_target, 1_000_000 - a.kept);
     assert_eq!(recs.len() as u64, p.kept + a.kept);
     // pCLUE records are input → instruction, target → output, empty input.
-    let mut issues = Issues::new();
-    let raw = convert::read_json_records(&pclue, false, &mut issues, |v| {
+    let mut skips = SkipCounts::new();
+    let raw = convert::read_json_records(&pclue, false, &mut skips, |v| {
         Ok((
             v["input"].as_str().unwrap().to_string(),
             v["target"].as_str().unwrap().to_string(),

@@ -206,8 +206,8 @@ fn fuzz_alpaca_json() {
     for skip_bad in [false, true] {
         fuzz("alpaca json", &seed, |b| {
             let p = put(tmp.path(), "a.json", b);
-            let mut issues = Default::default();
-            let _ = zhllama::instruct::convert::read_alpaca(&p, skip_bad, &mut issues);
+            let mut skips = Default::default();
+            let _ = zhllama::instruct::convert::read_alpaca(&p, skip_bad, &mut skips);
         });
     }
 }

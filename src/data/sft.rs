@@ -8,7 +8,7 @@
 
 use super::shard::{ExampleShard, ShardKind, ShardWriter, token_bytes_for};
 use super::{Encoder, HfText, IGNORE_INDEX, write_dir_atomic};
-use crate::instruct::convert::{AlpacaRecord, Issues, read_alpaca};
+use crate::instruct::convert::{AlpacaRecord, SkipCounts, read_alpaca};
 use anyhow::{Context, Result, ensure};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -170,7 +170,7 @@ pub struct SftFileStats {
     pub path: String,
     pub examples: u64,
     /// Skipped records by reason (only with `skip_bad`).
-    pub skipped: Issues,
+    pub skipped: SkipCounts,
 }
 
 /// `manifest.json` of an SFT directory.

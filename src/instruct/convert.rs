@@ -4,7 +4,7 @@
 //!
 //! Malformed input never panics: by default the first problem is a one-line error naming the
 //! file and line; with `skip_bad` the record (or, for an unparseable JSON array, the file) is
-//! skipped and counted under a reason in [`Issues`].
+//! skipped and counted under a reason in [`SkipCounts`].
 
 use anyhow::{Context, Result, bail};
 use rand::RngExt;
@@ -23,7 +23,7 @@ pub struct AlpacaRecord {
 
 /// Counts of skipped input by reason (`not_utf8`, `bad_json`, `missing_field`, `empty_file`,
 /// `bad_file`).
-pub type Issues = BTreeMap<String, u64>;
+pub type SkipCounts = BTreeMap<String, u64>;
 
 /// A record with where it came from, for error messages.
 #[derive(Clone, Debug)]
@@ -32,8 +32,8 @@ pub struct Located<T> {
     pub line: usize,
 }
 
-fn bump(issues: &mut Issues, reason: &str) {
-    *issues.entry(reason.to_string()).or_default() += 1;
+fn bump(skips: &mut SkipCounts, reason: &str) {
+    *skips.entry(reason.to_string()).or_default() += 1;
 }
 
 /// 1-based line of every top-level element start of a JSON array (a light scanner that tracks
@@ -81,14 +81,14 @@ fn array_element_lines(text: &[u8]) -> Vec<usize> {
 pub fn read_json_records<T>(
     path: &Path,
     skip_bad: bool,
-    issues: &mut Issues,
+    skips: &mut SkipCounts,
     parse: impl Fn(&Value) -> std::result::Result<T, String>,
 ) -> Result<Vec<Located<T>>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace()).copied();
     let Some(first) = first else {
         if skip_bad {
-            bump(issues, "empty_file");
+            bump(skips, "empty_file");
             return Ok(Vec::new());
         }
         bail!("{}: empty file", path.display());
@@ -99,7 +99,7 @@ pub fn read_json_records<T>(
             Ok(v) => v,
             Err(e) => {
                 if skip_bad {
-                    bump(issues, "bad_file");
+                    bump(skips, "bad_file");
                     return Ok(Vec::new());
                 }
                 bail!("{}:{}: bad JSON array: {e}", path.display(), e.line());
@@ -112,7 +112,7 @@ pub fn read_json_records<T>(
                 Ok(r) => out.push(Located { value: r, line }),
                 Err(msg) => {
                     if skip_bad {
-                        bump(issues, "missing_field");
+                        bump(skips, "missing_field");
                         continue;
                     }
                     bail!("{}:{line}: record {i}: {msg}", path.display());
@@ -131,7 +131,7 @@ pub fn read_json_records<T>(
             Ok(t) => t,
             Err(e) => {
                 if skip_bad {
-                    bump(issues, "not_utf8");
+                    bump(skips, "not_utf8");
                     continue;
                 }
                 bail!(
@@ -145,7 +145,7 @@ pub fn read_json_records<T>(
             Ok(v) => v,
             Err(e) => {
                 if skip_bad {
-                    bump(issues, "bad_json");
+                    bump(skips, "bad_json");
                     continue;
                 }
                 bail!("{}:{line}: bad JSON: {e}", path.display());
@@ -155,7 +155,7 @@ pub fn read_json_records<T>(
             Ok(r) => out.push(Located { value: r, line }),
             Err(msg) => {
                 if skip_bad {
-                    bump(issues, "missing_field");
+                    bump(skips, "missing_field");
                     continue;
                 }
                 bail!("{}:{line}: {msg}", path.display());
@@ -214,9 +214,9 @@ pub fn parse_pclue(v: &Value) -> std::result::Result<AlpacaRecord, String> {
 pub fn read_alpaca(
     path: &Path,
     skip_bad: bool,
-    issues: &mut Issues,
+    skips: &mut SkipCounts,
 ) -> Result<Vec<Located<AlpacaRecord>>> {
-    read_json_records(path, skip_bad, issues, parse_alpaca)
+    read_json_records(path, skip_bad, skips, parse_alpaca)
 }
 
 /// Translation direction of a converted pair.

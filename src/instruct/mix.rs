@@ -3,7 +3,7 @@
 //! each source to its target count with a seeded RNG, then mix and shuffle.
 
 use super::convert::{
-    AlpacaRecord, Issues, parse_alpaca, parse_pclue, parse_translation, read_json_records,
+    AlpacaRecord, SkipCounts, parse_alpaca, parse_pclue, parse_translation, read_json_records,
     translation_to_alpaca,
 };
 use super::filter::{Dedup, FilterConfig, check_pair, check_record};
@@ -105,7 +105,7 @@ pub fn mix(cfg: &MixConfig) -> Result<(Vec<AlpacaRecord>, MixStats)> {
         };
         let mut passed = Vec::new();
         for file in &src.files {
-            let mut issues = Issues::new();
+            let mut skips = SkipCounts::new();
             let recs: Vec<AlpacaRecord> = match src.kind {
                 SourceKind::Alpaca | SourceKind::Pclue => {
                     let parse = if src.kind == SourceKind::Alpaca {
@@ -113,13 +113,13 @@ pub fn mix(cfg: &MixConfig) -> Result<(Vec<AlpacaRecord>, MixStats)> {
                     } else {
                         parse_pclue
                     };
-                    let recs = read_json_records(file, cfg.skip_bad, &mut issues, parse)?;
+                    let recs = read_json_records(file, cfg.skip_bad, &mut skips, parse)?;
                     st.read += recs.len() as u64;
                     recs.into_iter().map(|l| l.value).collect()
                 }
                 SourceKind::Translation2019zh => {
                     let pairs =
-                        read_json_records(file, cfg.skip_bad, &mut issues, parse_translation)?;
+                        read_json_records(file, cfg.skip_bad, &mut skips, parse_translation)?;
                     st.read += pairs.len() as u64;
                     let mut recs = Vec::with_capacity(pairs.len());
                     for p in pairs {
@@ -132,7 +132,7 @@ pub fn mix(cfg: &MixConfig) -> Result<(Vec<AlpacaRecord>, MixStats)> {
                     recs
                 }
             };
-            for (why, n) in issues {
+            for (why, n) in skips {
                 *st.dropped.entry(why).or_default() += n;
             }
             for r in recs {
