@@ -8,6 +8,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use std::hint::black_box;
 use std::time::Duration;
 use zhllama::backend::AdamW;
+use zhllama::backend::{AttnSaved, AttnShape, GemmShape, RmsNormSaved, RopeShape, RowShape};
 use zhllama::ops;
 
 const B: usize = 4;
@@ -54,7 +55,7 @@ fn bench_matmul(c: &mut Criterion) {
         let mut out = vec![0.0f32; m * n];
         g.throughput(Throughput::Elements((2 * m * n * k) as u64));
         g.bench_function(BenchmarkId::new(name, format!("{m}x{n}x{k}")), |bch| {
-            bch.iter(|| ops::matmul(&mut out, &a, &b, m, n, k, ta, tb, 1.0, 0.0))
+            bch.iter(|| ops::matmul(&mut out, &a, &b, GemmShape::new(m, n, k, ta, tb), 1.0, 0.0))
         });
     }
     g.finish();
@@ -72,20 +73,56 @@ fn bench_layers(c: &mut Criterion) {
     let dout = filled(N * C, 5, 1.0);
     let (mut out, mut rstd) = (vec![0.0; N * C], vec![0.0; N]);
     g.bench_function("rmsnorm_forward", |b| {
-        b.iter(|| ops::rmsnorm_forward(&mut out, &mut rstd, &x, &w, N, C, 1e-6))
+        b.iter(|| ops::rmsnorm_forward(&mut out, &mut rstd, &x, &w, RowShape { n: N, c: C }, 1e-6))
     });
     let (mut dx, mut dw) = (vec![0.0; N * C], vec![0.0; C]);
     g.bench_function("rmsnorm_backward", |b| {
-        b.iter(|| ops::rmsnorm_backward(&mut dx, &mut dw, &dout, &x, &w, &rstd, N, C))
+        b.iter(|| {
+            ops::rmsnorm_backward(
+                &mut dx,
+                &mut dw,
+                &dout,
+                RmsNormSaved {
+                    x: &x,
+                    w: &w,
+                    rstd: &rstd,
+                },
+                RowShape { n: N, c: C },
+            )
+        })
     });
 
     // RoPE on q (in place; repeated rotation keeps values bounded).
     let mut q = filled(N * H * D, 6, 1.0);
     g.bench_function("rope_forward", |b| {
-        b.iter(|| ops::rope_forward(&mut q, B, T, H, D, 10000.0, 0))
+        b.iter(|| {
+            ops::rope_forward(
+                &mut q,
+                RopeShape {
+                    b: B,
+                    t: T,
+                    h: H,
+                    d: D,
+                    theta: 10000.0,
+                    pos_offset: 0,
+                },
+            )
+        })
     });
     g.bench_function("rope_backward", |b| {
-        b.iter(|| ops::rope_backward(&mut q, B, T, H, D, 10000.0, 0))
+        b.iter(|| {
+            ops::rope_backward(
+                &mut q,
+                RopeShape {
+                    b: B,
+                    t: T,
+                    h: H,
+                    d: D,
+                    theta: 10000.0,
+                    pos_offset: 0,
+                },
+            )
+        })
     });
 
     // Attention (MHA, as the small preset).
@@ -94,14 +131,46 @@ fn bench_layers(c: &mut Criterion) {
     let v = filled(N * H * D, 9, 1.0);
     let (mut ao, mut lse) = (vec![0.0; N * H * D], vec![0.0; B * H * T]);
     g.bench_function("attention_forward", |b| {
-        b.iter(|| ops::attention_forward(&mut ao, &mut lse, &q, &k, &v, B, T, H, H, D))
+        b.iter(|| {
+            ops::attention_forward(
+                &mut ao,
+                &mut lse,
+                &q,
+                &k,
+                &v,
+                AttnShape {
+                    b: B,
+                    t: T,
+                    h: H,
+                    hkv: H,
+                    d: D,
+                },
+            )
+        })
     });
     let dao = filled(N * H * D, 10, 1.0);
     let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
     g.bench_function("attention_backward", |b| {
         b.iter(|| {
             ops::attention_backward(
-                &mut dq, &mut dk, &mut dv, &dao, &q, &k, &v, &ao, &lse, B, T, H, H, D,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+                &dao,
+                AttnSaved {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    out: &ao,
+                    lse: &lse,
+                },
+                AttnShape {
+                    b: B,
+                    t: T,
+                    h: H,
+                    hkv: H,
+                    d: D,
+                },
             )
         })
     });

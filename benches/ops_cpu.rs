@@ -9,6 +9,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 use zhllama::backend::AdamW;
+use zhllama::backend::{AttnSaved, AttnShape, GemmShape, RmsNormSaved, RopeShape, RowShape};
 use zhllama::ops;
 
 const B: usize = 4;
@@ -107,7 +108,7 @@ fn main() {
         let mut out = vec![0.0f32; m * n];
         let reps = if n == V { 2 } else { 5 };
         bench.run(name, reps, 2.0 * (m * n * k) as f64, || {
-            ops::matmul(&mut out, &a, &b, m, n, k, ta, tb, 1.0, 0.0)
+            ops::matmul(&mut out, &a, &b, GemmShape::new(m, n, k, ta, tb), 1.0, 0.0)
         });
         // The candidate we did not pick, same shape and layout (threads: MATMUL_NUM_THREADS).
         let cand = format!("{name} [matrixmultiply]");
@@ -141,19 +142,49 @@ fn main() {
     let dout = filled(N * C, 5, 1.0);
     let (mut out, mut rstd) = (vec![0.0; N * C], vec![0.0; N]);
     bench.run("rmsnorm_forward", 20, 0.0, || {
-        ops::rmsnorm_forward(&mut out, &mut rstd, &x, &w, N, C, 1e-6)
+        ops::rmsnorm_forward(&mut out, &mut rstd, &x, &w, RowShape { n: N, c: C }, 1e-6)
     });
     let (mut dx, mut dw) = (vec![0.0; N * C], vec![0.0; C]);
     bench.run("rmsnorm_backward", 20, 0.0, || {
-        ops::rmsnorm_backward(&mut dx, &mut dw, &dout, &x, &w, &rstd, N, C)
+        ops::rmsnorm_backward(
+            &mut dx,
+            &mut dw,
+            &dout,
+            RmsNormSaved {
+                x: &x,
+                w: &w,
+                rstd: &rstd,
+            },
+            RowShape { n: N, c: C },
+        )
     });
 
     let mut q = filled(N * H * D, 6, 1.0);
     bench.run("rope_forward", 20, 0.0, || {
-        ops::rope_forward(&mut q, B, T, H, D, 10000.0, 0)
+        ops::rope_forward(
+            &mut q,
+            RopeShape {
+                b: B,
+                t: T,
+                h: H,
+                d: D,
+                theta: 10000.0,
+                pos_offset: 0,
+            },
+        )
     });
     bench.run("rope_backward", 20, 0.0, || {
-        ops::rope_backward(&mut q, B, T, H, D, 10000.0, 0)
+        ops::rope_backward(
+            &mut q,
+            RopeShape {
+                b: B,
+                t: T,
+                h: H,
+                d: D,
+                theta: 10000.0,
+                pos_offset: 0,
+            },
+        )
     });
 
     let q = filled(N * H * D, 7, 1.0);
@@ -163,14 +194,44 @@ fn main() {
     // Causal: QKᵀ and PV over the lower triangle, 2 FLOP per multiply-add.
     let attn_flops = 4.0 * (B * H) as f64 * (T * (T + 1) / 2) as f64 * D as f64;
     bench.run("attention_forward", 5, attn_flops, || {
-        ops::attention_forward(&mut ao, &mut lse, &q, &k, &v, B, T, H, H, D)
+        ops::attention_forward(
+            &mut ao,
+            &mut lse,
+            &q,
+            &k,
+            &v,
+            AttnShape {
+                b: B,
+                t: T,
+                h: H,
+                hkv: H,
+                d: D,
+            },
+        )
     });
     let dao = filled(N * H * D, 10, 1.0);
     let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
     // Backward: QKᵀ recomputed, dO·Vᵀ, dS·K, dSᵀ·Q, Pᵀ·dO: 2.5× the forward.
     bench.run("attention_backward", 5, 2.5 * attn_flops, || {
         ops::attention_backward(
-            &mut dq, &mut dk, &mut dv, &dao, &q, &k, &v, &ao, &lse, B, T, H, H, D,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &dao,
+            AttnSaved {
+                q: &q,
+                k: &k,
+                v: &v,
+                out: &ao,
+                lse: &lse,
+            },
+            AttnShape {
+                b: B,
+                t: T,
+                h: H,
+                hkv: H,
+                d: D,
+            },
         )
     });
 

@@ -28,6 +28,7 @@ use zhllama::backend::cpu::CpuBackend;
 use zhllama::backend::cuda::grid::{self, Launch};
 use zhllama::backend::cuda::kernels;
 use zhllama::backend::{AdamW, Backend};
+use zhllama::backend::{AttnSaved, AttnShape, RmsNormSaved, RopeShape, RowShape};
 
 /// f16 storage: 2⁻¹¹ ≈ 4.9e-4 relative rounding per stored output (4× finer than bf16's 2⁻⁹, so
 /// the bf16 bound 1e-2 scaled by ¼), `+=` outputs round twice. Inputs are drawn inside f16's normal
@@ -287,18 +288,76 @@ fn attention() {
         );
         let (mut qr, mut kr) = (q.clone(), k.clone());
         if theta > 0.0 {
-            cpu.rope_forward(&mut qr, b, t, h, d, theta, pos0);
-            cpu.rope_forward(&mut kr, b, t, hkv, d, theta, pos0);
+            cpu.rope_forward(
+                &mut qr,
+                RopeShape {
+                    b,
+                    t,
+                    h,
+                    d,
+                    theta,
+                    pos_offset: pos0,
+                },
+            );
+            cpu.rope_forward(
+                &mut kr,
+                RopeShape {
+                    b,
+                    t,
+                    h: hkv,
+                    d,
+                    theta,
+                    pos_offset: pos0,
+                },
+            );
         }
         let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; b * h * t]);
-        cpu.attention_forward(&mut out, &mut lse, &qr, &kr, &v, b, t, h, hkv, d);
+        cpu.attention_forward(
+            &mut out,
+            &mut lse,
+            &qr,
+            &kr,
+            &v,
+            AttnShape { b, t, h, hkv, d },
+        );
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
         cpu.attention_backward(
-            &mut dq, &mut dk, &mut dv, &dout, &qr, &kr, &v, &out, &lse, b, t, h, hkv, d,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &dout,
+            AttnSaved {
+                q: &qr,
+                k: &kr,
+                v: &v,
+                out: &out,
+                lse: &lse,
+            },
+            AttnShape { b, t, h, hkv, d },
         );
         if theta > 0.0 {
-            cpu.rope_backward(&mut dq, b, t, h, d, theta, pos0);
-            cpu.rope_backward(&mut dk, b, t, hkv, d, theta, pos0);
+            cpu.rope_backward(
+                &mut dq,
+                RopeShape {
+                    b,
+                    t,
+                    h,
+                    d,
+                    theta,
+                    pos_offset: pos0,
+                },
+            );
+            cpu.rope_backward(
+                &mut dk,
+                RopeShape {
+                    b,
+                    t,
+                    h: hkv,
+                    d,
+                    theta,
+                    pos_offset: pos0,
+                },
+            );
         }
         let (iq, ik, iv, id) = (e.f32(&q), e.f32(&k), e.f32(&v), e.f32(&dout));
         let (io, il) = (e.zeros(q.len()), e.zeros(b * h * t));
@@ -384,7 +443,14 @@ fn attention() {
             bf(&rand(b * t * hkv * d, 1.0)),
         );
         let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; b * h * t]);
-        cpu.attention_forward(&mut out, &mut lse, &q, &k, &v, b, t, h, hkv, d);
+        cpu.attention_forward(
+            &mut out,
+            &mut lse,
+            &q,
+            &k,
+            &v,
+            AttnShape { b, t, h, hkv, d },
+        );
         let (iq, ik, iv) = (e.bf16(&q), e.bf16(&k), e.bf16(&v));
         let (io, il) = (e.zeros_bf16(q.len()), e.zeros(b * h * t));
         let a = [
@@ -446,8 +512,28 @@ fn rope() {
         let (b, t, h) = (2usize, 5usize, 3usize);
         let x = rand(b * t * h * d, 1.0);
         let (mut fw, mut bw) = (x.clone(), x.clone());
-        cpu.rope_forward(&mut fw, b, t, h, d, 10000.0, pos0);
-        cpu.rope_backward(&mut bw, b, t, h, d, 10000.0, pos0);
+        cpu.rope_forward(
+            &mut fw,
+            RopeShape {
+                b,
+                t,
+                h,
+                d,
+                theta: 10000.0,
+                pos_offset: pos0,
+            },
+        );
+        cpu.rope_backward(
+            &mut bw,
+            RopeShape {
+                b,
+                t,
+                h,
+                d,
+                theta: 10000.0,
+                pos_offset: pos0,
+            },
+        );
         let (i1, i2) = (e.f32(&x), e.f32(&x));
         let table = rope_table(&mut e, 10000.0, d);
         let a = |id| [p(id), i(b), i(t), i(h), i(d), table.clone(), i(pos0)];
@@ -504,9 +590,19 @@ fn rmsnorm() {
             rand(c, 1.0),
         );
         let (mut out, mut rstd) = (vec![0.0; n * c], vec![0.0; n]);
-        cpu.rmsnorm_forward(&mut out, &mut rstd, &x, &w, n, c, 1e-6);
+        cpu.rmsnorm_forward(&mut out, &mut rstd, &x, &w, RowShape { n, c }, 1e-6);
         let (mut dx, mut dw) = (dx0.clone(), dw0.clone());
-        cpu.rmsnorm_backward(&mut dx, &mut dw, &dout, &x, &w, &rstd, n, c);
+        cpu.rmsnorm_backward(
+            &mut dx,
+            &mut dw,
+            &dout,
+            RmsNormSaved {
+                x: &x,
+                w: &w,
+                rstd: &rstd,
+            },
+            RowShape { n, c },
+        );
         let (ix, iw, id, idx, idw) = (e.f32(&x), e.f32(&w), e.f32(&dout), e.f32(&dx0), e.f32(&dw0));
         let (io, ir) = (e.zeros(n * c), e.zeros(n));
         e.launch(
@@ -1031,9 +1127,19 @@ fn bf16_storage() {
         );
         let dw0 = rand(c, 1.0);
         let (mut out, mut rstd) = (vec![0.0; n * c], vec![0.0; n]);
-        cpu.rmsnorm_forward(&mut out, &mut rstd, &x, &w, n, c, 1e-6);
+        cpu.rmsnorm_forward(&mut out, &mut rstd, &x, &w, RowShape { n, c }, 1e-6);
         let (mut dx, mut dw) = (dx0.clone(), dw0.clone());
-        cpu.rmsnorm_backward(&mut dx, &mut dw, &dout, &x, &w, &rstd, n, c);
+        cpu.rmsnorm_backward(
+            &mut dx,
+            &mut dw,
+            &dout,
+            RmsNormSaved {
+                x: &x,
+                w: &w,
+                rstd: &rstd,
+            },
+            RowShape { n, c },
+        );
         let (ix, iw, id, idx, idw) = (
             e.bf16(&x),
             e.bf16(&w),
@@ -1191,9 +1297,19 @@ fn f16_storage() {
         );
         let dw0 = rand(c, 1.0);
         let (mut out, mut rstd) = (vec![0.0; n * c], vec![0.0; n]);
-        cpu.rmsnorm_forward(&mut out, &mut rstd, &x, &w, n, c, 1e-6);
+        cpu.rmsnorm_forward(&mut out, &mut rstd, &x, &w, RowShape { n, c }, 1e-6);
         let (mut dx, mut dw) = (dx0.clone(), dw0.clone());
-        cpu.rmsnorm_backward(&mut dx, &mut dw, &dout, &x, &w, &rstd, n, c);
+        cpu.rmsnorm_backward(
+            &mut dx,
+            &mut dw,
+            &dout,
+            RmsNormSaved {
+                x: &x,
+                w: &w,
+                rstd: &rstd,
+            },
+            RowShape { n, c },
+        );
         let (ix, iw, id, idx, idw) = (e.f16(&x), e.f16(&w), e.f16(&dout), e.f16(&dx0), e.f32(&dw0));
         let (io, ir) = (e.zeros_f16(n * c), e.zeros(n));
         e.launch(
@@ -1381,12 +1497,42 @@ fn f16_storage() {
             hf(&rand(b * t * h * dd, 1.0)),
         );
         let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; b * h * t]);
-        cpu.attention_forward(&mut out, &mut lse, &q, &k, &vv, b, t, h, hkv, dd);
+        cpu.attention_forward(
+            &mut out,
+            &mut lse,
+            &q,
+            &k,
+            &vv,
+            AttnShape {
+                b,
+                t,
+                h,
+                hkv,
+                d: dd,
+            },
+        );
         let out16 = hf(&out);
         let (mut dq, mut dk, mut dv) =
             (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; vv.len()]);
         cpu.attention_backward(
-            &mut dq, &mut dk, &mut dv, &dout, &q, &k, &vv, &out16, &lse, b, t, h, hkv, dd,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &dout,
+            AttnSaved {
+                q: &q,
+                k: &k,
+                v: &vv,
+                out: &out16,
+                lse: &lse,
+            },
+            AttnShape {
+                b,
+                t,
+                h,
+                hkv,
+                d: dd,
+            },
         );
         let (iq, ik, iv, id) = (e.f16(&q), e.f16(&k), e.f16(&vv), e.f16(&dout));
         let (io, il) = (e.zeros_f16(q.len()), e.zeros(b * h * t));

@@ -31,8 +31,12 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use zhllama::backend::cpu::CpuBackend;
 use zhllama::backend::cuda::kernels;
-use zhllama::backend::cuda::{CudaBackend, ENABLED, Half};
+use zhllama::backend::cuda::{CudaBackend, ENABLED, Half, LmHeadCeSaved};
 use zhllama::backend::{AdamW, Backend, Role};
+use zhllama::backend::{
+    AttnSaved, AttnShape, CachedAttnShape, GemmShape, LmHeadIn, LmHeadSaved, LmHeadShape,
+    RmsNormSaved, RopeShape, RowShape,
+};
 
 #[test]
 fn no_gpu_is_a_clear_error_not_a_panic() {
@@ -344,19 +348,21 @@ fn matmul(c: &mut Ctx, mode: Mode) {
             let o0 = c.rand(m * n, 1.0, Role::Fp32);
             let (alpha, beta) = (0.7, 0.5);
             let mut want = o0.clone();
-            c.cpu
-                .matmul(&mut want, &a, &b, m, n, k, ta, tb, alpha, beta);
+            c.cpu.matmul(
+                &mut want,
+                &a,
+                &b,
+                GemmShape::new(m, n, k, ta, tb),
+                alpha,
+                beta,
+            );
             let (ga, gb) = (c.up(&a, r), c.up(&b, r));
             let mut go = c.up(&o0, Role::Fp32);
             c.gpu.matmul(
                 gm!(c, go),
                 gv!(c, ga),
                 gv!(c, gb),
-                m,
-                n,
-                k,
-                ta,
-                tb,
+                GemmShape::new(m, n, k, ta, tb),
                 alpha,
                 beta,
             );
@@ -380,7 +386,7 @@ fn rmsnorm(c: &mut Ctx, mode: Mode) {
         let eps = 1e-6;
         let (mut out, mut rstd) = (vec![0.0; n * ch], vec![0.0; n]);
         c.cpu
-            .rmsnorm_forward(&mut out, &mut rstd, &x, &w, n, ch, eps);
+            .rmsnorm_forward(&mut out, &mut rstd, &x, &w, RowShape { n, c: ch }, eps);
         let (gx, gw) = (c.up(&x, r), c.up(&w, r));
         let mut gout = c.gpu.alloc(n * ch, r).unwrap();
         let mut grstd = c.gpu.alloc(n, Role::Fp32).unwrap();
@@ -389,8 +395,7 @@ fn rmsnorm(c: &mut Ctx, mode: Mode) {
             gm!(c, grstd),
             gv!(c, gx),
             gv!(c, gw),
-            n,
-            ch,
+            RowShape { n, c: ch },
             eps,
         );
         let shape = format!("n{n} c{ch}");
@@ -403,8 +408,17 @@ fn rmsnorm(c: &mut Ctx, mode: Mode) {
         let dx0 = c.rand(n * ch, 1.0, r);
         let dw0 = c.rand(ch, 1.0, Role::Fp32);
         let (mut dx, mut dw) = (dx0.clone(), dw0.clone());
-        c.cpu
-            .rmsnorm_backward(&mut dx, &mut dw, &dout, &x, &w, &rstd, n, ch);
+        c.cpu.rmsnorm_backward(
+            &mut dx,
+            &mut dw,
+            &dout,
+            RmsNormSaved {
+                x: &x,
+                w: &w,
+                rstd: &rstd,
+            },
+            RowShape { n, c: ch },
+        );
         let gd = c.up(&dout, r);
         let mut gdx = c.up(&dx0, r);
         let mut gdw = c.up(&dw0, Role::Fp32);
@@ -412,11 +426,12 @@ fn rmsnorm(c: &mut Ctx, mode: Mode) {
             gm!(c, gdx),
             gm!(c, gdw),
             gv!(c, gd),
-            gv!(c, gx),
-            gv!(c, gw),
-            gv!(c, grstd),
-            n,
-            ch,
+            RmsNormSaved {
+                x: gv!(c, gx),
+                w: gv!(c, gw),
+                rstd: gv!(c, grstd),
+            },
+            RowShape { n, c: ch },
         );
         let got = c.down(&gdx);
         c.check("rmsnorm_backward dx (+=)", &shape, mode, &got, &dx);
@@ -434,11 +449,51 @@ fn rope(c: &mut Ctx, mode: Mode) {
             let mut want = x.clone();
             let mut gx = c.up(&x, r);
             if fwd {
-                c.cpu.rope_forward(&mut want, b, t, h, d, 10000.0, off);
-                c.gpu.rope_forward(gm!(c, gx), b, t, h, d, 10000.0, off);
+                c.cpu.rope_forward(
+                    &mut want,
+                    RopeShape {
+                        b,
+                        t,
+                        h,
+                        d,
+                        theta: 10000.0,
+                        pos_offset: off,
+                    },
+                );
+                c.gpu.rope_forward(
+                    gm!(c, gx),
+                    RopeShape {
+                        b,
+                        t,
+                        h,
+                        d,
+                        theta: 10000.0,
+                        pos_offset: off,
+                    },
+                );
             } else {
-                c.cpu.rope_backward(&mut want, b, t, h, d, 10000.0, off);
-                c.gpu.rope_backward(gm!(c, gx), b, t, h, d, 10000.0, off);
+                c.cpu.rope_backward(
+                    &mut want,
+                    RopeShape {
+                        b,
+                        t,
+                        h,
+                        d,
+                        theta: 10000.0,
+                        pos_offset: off,
+                    },
+                );
+                c.gpu.rope_backward(
+                    gm!(c, gx),
+                    RopeShape {
+                        b,
+                        t,
+                        h,
+                        d,
+                        theta: 10000.0,
+                        pos_offset: off,
+                    },
+                );
             }
             let got = c.down(&gx);
             c.check(
@@ -472,12 +527,38 @@ fn attention(c: &mut Ctx, mode: Mode) {
             // CPU: rotate explicitly, then plain attention (the fused GPU kernel rotates on load).
             let (mut qr, mut kr) = (q.clone(), k.clone());
             if theta > 0.0 {
-                c.cpu.rope_forward(&mut qr, b, t, h, d, theta, 0);
-                c.cpu.rope_forward(&mut kr, b, t, hkv, d, theta, 0);
+                c.cpu.rope_forward(
+                    &mut qr,
+                    RopeShape {
+                        b,
+                        t,
+                        h,
+                        d,
+                        theta,
+                        pos_offset: 0,
+                    },
+                );
+                c.cpu.rope_forward(
+                    &mut kr,
+                    RopeShape {
+                        b,
+                        t,
+                        h: hkv,
+                        d,
+                        theta,
+                        pos_offset: 0,
+                    },
+                );
             }
             let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; b * h * t]);
-            c.cpu
-                .attention_forward(&mut out, &mut lse, &qr, &kr, &v, b, t, h, hkv, d);
+            c.cpu.attention_forward(
+                &mut out,
+                &mut lse,
+                &qr,
+                &kr,
+                &v,
+                AttnShape { b, t, h, hkv, d },
+            );
             let (gq, gk, gvv, gd) = (c.up(&q, r), c.up(&k, r), c.up(&v, r), c.up(&dout, r));
             let mut gout = c.gpu.alloc(q.len(), r).unwrap();
             let mut glse = c.gpu.alloc(b * h * t, Role::Fp32).unwrap();
@@ -487,13 +568,7 @@ fn attention(c: &mut Ctx, mode: Mode) {
                 gv!(c, gq),
                 gv!(c, gk),
                 gv!(c, gvv),
-                b,
-                t,
-                h,
-                hkv,
-                d,
-                theta,
-                0,
+                AttnShape { b, t, h, hkv, d }.with_rope(theta, 0),
             );
             let gout_h = c.down(&gout);
             c.check("attention_forward out", &shape, mode, &gout_h, &out);
@@ -503,11 +578,42 @@ fn attention(c: &mut Ctx, mode: Mode) {
             let (mut dq, mut dk, mut dv) =
                 (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
             c.cpu.attention_backward(
-                &mut dq, &mut dk, &mut dv, &dout, &qr, &kr, &v, &out, &lse, b, t, h, hkv, d,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+                &dout,
+                AttnSaved {
+                    q: &qr,
+                    k: &kr,
+                    v: &v,
+                    out: &out,
+                    lse: &lse,
+                },
+                AttnShape { b, t, h, hkv, d },
             );
             if theta > 0.0 {
-                c.cpu.rope_backward(&mut dq, b, t, h, d, theta, 0);
-                c.cpu.rope_backward(&mut dk, b, t, hkv, d, theta, 0);
+                c.cpu.rope_backward(
+                    &mut dq,
+                    RopeShape {
+                        b,
+                        t,
+                        h,
+                        d,
+                        theta,
+                        pos_offset: 0,
+                    },
+                );
+                c.cpu.rope_backward(
+                    &mut dk,
+                    RopeShape {
+                        b,
+                        t,
+                        h: hkv,
+                        d,
+                        theta,
+                        pos_offset: 0,
+                    },
+                );
             }
             let mut gdq = c.gpu.alloc(q.len(), r).unwrap();
             let mut gdk = c.gpu.alloc(k.len(), r).unwrap();
@@ -517,18 +623,14 @@ fn attention(c: &mut Ctx, mode: Mode) {
                 gm!(c, gdk),
                 gm!(c, gdv),
                 gv!(c, gd),
-                gv!(c, gq),
-                gv!(c, gk),
-                gv!(c, gvv),
-                gv!(c, gout),
-                gv!(c, glse),
-                b,
-                t,
-                h,
-                hkv,
-                d,
-                theta,
-                0,
+                AttnSaved {
+                    q: gv!(c, gq),
+                    k: gv!(c, gk),
+                    v: gv!(c, gvv),
+                    out: gv!(c, gout),
+                    lse: gv!(c, glse),
+                },
+                AttnShape { b, t, h, hkv, d }.with_rope(theta, 0),
             );
             // With one position the softmax is constant (P = 1), so dq and dk are exactly zero:
             // dS = P·(dP − D) with dP = dout·v and D = dout·out = dout·v. Each side then returns
@@ -580,8 +682,21 @@ fn attention_cached(c: &mut Ctx, mode: Mode) {
         let kc = c.rand(b * tmax * hkv * d, 1.0, r);
         let vc = c.rand(b * tmax * hkv * d, 1.0, r);
         let mut out = vec![0.0; q.len()];
-        c.cpu
-            .attention_cached_forward(&mut out, &q, &kc, &vc, b, tq, past, tmax, h, hkv, d);
+        c.cpu.attention_cached_forward(
+            &mut out,
+            &q,
+            &kc,
+            &vc,
+            CachedAttnShape {
+                b,
+                tq,
+                past,
+                tmax,
+                h,
+                hkv,
+                d,
+            },
+        );
         let (gq, gk, gvv) = (c.up(&q, r), c.up(&kc, r), c.up(&vc, r));
         let mut gout = c.gpu.alloc(q.len(), r).unwrap();
         c.gpu.attention_cached_forward(
@@ -589,13 +704,15 @@ fn attention_cached(c: &mut Ctx, mode: Mode) {
             gv!(c, gq),
             gv!(c, gk),
             gv!(c, gvv),
-            b,
-            tq,
-            past,
-            tmax,
-            h,
-            hkv,
-            d,
+            CachedAttnShape {
+                b,
+                tq,
+                past,
+                tmax,
+                h,
+                hkv,
+                d,
+            },
         );
         let got = c.down(&gout);
         c.check("attention_cached_forward", &shape, mode, &got, &out);
@@ -726,7 +843,7 @@ fn lm_head_ce(c: &mut Ctx, mode: Mode) {
         // CPU: full logits (in the GPU's storage precision), then CE.
         let mut logits = vec![0.0; n * v];
         c.cpu
-            .matmul(&mut logits, &x, &w, n, v, ch, false, true, 1.0, 0.0);
+            .matmul(&mut logits, &x, &w, GemmShape::nt(n, v, ch), 1.0, 0.0);
         let logits = c.stored(&logits, r);
         let mut losses = vec![0.0; n];
         c.cpu.cross_entropy_forward(&mut losses, &logits, &t, n, v);
@@ -738,10 +855,10 @@ fn lm_head_ce(c: &mut Ctx, mode: Mode) {
         let dx0 = c.rand(n * ch, 1.0, r);
         let mut dx = dx0.clone();
         c.cpu
-            .matmul(&mut dx, &dlog, &w, n, ch, v, false, false, 1.0, 1.0);
+            .matmul(&mut dx, &dlog, &w, GemmShape::nn(n, ch, v), 1.0, 1.0);
         let mut dw = vec![0.0; v * ch];
         c.cpu
-            .matmul(&mut dw, &dlog, &x, v, ch, n, true, false, 1.0, 1.0);
+            .matmul(&mut dw, &dlog, &x, GemmShape::tn(v, ch, n), 1.0, 1.0);
 
         let (gx, gw, gt) = (c.up(&x, r), c.up(&w, r), c.ids(&t));
         let mut gchunk = c.gpu.alloc(n * chunk_cols, r).unwrap();
@@ -751,12 +868,12 @@ fn lm_head_ce(c: &mut Ctx, mode: Mode) {
             gm!(c, gloss),
             gm!(c, glse),
             gm!(c, gchunk),
-            gv!(c, gx),
-            gv!(c, gw),
-            &gt,
-            n,
-            ch,
-            v,
+            LmHeadIn {
+                x: gv!(c, gx),
+                w: gv!(c, gw),
+                targets: &gt,
+            },
+            LmHeadShape { n, c: ch, v },
         );
         let shape = format!("n{n} c{ch} v{v} chunk{chunk_cols}");
         let got = c.down(&gloss);
@@ -767,13 +884,13 @@ fn lm_head_ce(c: &mut Ctx, mode: Mode) {
             gm!(c, gdx),
             gm!(c, gdw),
             gm!(c, gchunk),
-            gv!(c, gx),
-            gv!(c, gw),
-            gv!(c, glse),
-            &gt,
-            n,
-            ch,
-            v,
+            LmHeadCeSaved {
+                x: gv!(c, gx),
+                w: gv!(c, gw),
+                lse: gv!(c, glse),
+                targets: &gt,
+            },
+            LmHeadShape { n, c: ch, v },
             scale,
         );
         let got = c.down(&gdx);
@@ -1013,12 +1130,12 @@ fn trait_lm_head_ce(c: &mut Ctx, mode: Mode) {
             &mut clse,
             &mut clog,
             &mut cscr,
-            &x,
-            &w,
-            &t,
-            n,
-            ch,
-            v,
+            LmHeadIn {
+                x: &x,
+                w: &w,
+                targets: &t,
+            },
+            LmHeadShape { n, c: ch, v },
         );
         // GPU: the fused override.
         let gb = c.gpu.lm_head_cross_entropy_buffers(n, v, true);
@@ -1033,12 +1150,12 @@ fn trait_lm_head_ce(c: &mut Ctx, mode: Mode) {
             &mut glse,
             &mut glog,
             &mut gscr,
-            gv!(c, gx),
-            gv!(c, gw),
-            &gt,
-            n,
-            ch,
-            v,
+            LmHeadIn {
+                x: gv!(c, gx),
+                w: gv!(c, gw),
+                targets: &gt,
+            },
+            LmHeadShape { n, c: ch, v },
         );
         let shape = format!("n{n} c{ch} v{v}");
         let got = c.down(&gloss);
@@ -1056,14 +1173,14 @@ fn trait_lm_head_ce(c: &mut Ctx, mode: Mode) {
                 &mut dx,
                 (!frozen).then_some(&mut dw[..]),
                 &mut cscr,
-                &x,
-                &w,
-                &clog,
-                &clse,
-                &t,
-                n,
-                ch,
-                v,
+                LmHeadSaved {
+                    x: &x,
+                    w: &w,
+                    logits: &clog,
+                    lse: &clse,
+                    targets: &t,
+                },
+                LmHeadShape { n, c: ch, v },
                 scale,
             );
             let (mut gdx, mut gdw) = (c.up(&dx0, r), c.up(&dw0, Role::Fp32));
@@ -1073,14 +1190,14 @@ fn trait_lm_head_ce(c: &mut Ctx, mode: Mode) {
                 gm!(c, gdx),
                 gdw_view,
                 &mut gscr,
-                gv!(c, gx),
-                gv!(c, gw),
-                &glog,
-                &glse,
-                &gt,
-                n,
-                ch,
-                v,
+                LmHeadSaved {
+                    x: gv!(c, gx),
+                    w: gv!(c, gw),
+                    logits: &glog,
+                    lse: &glse,
+                    targets: &gt,
+                },
+                LmHeadShape { n, c: ch, v },
                 scale,
             );
             let tag = if frozen { " frozen" } else { "" };
@@ -1111,14 +1228,14 @@ fn trait_lm_head_ce(c: &mut Ctx, mode: Mode) {
             gm!(c, tdx),
             Some(gm!(c, tdw)),
             &mut gscr,
-            gv!(c, gx),
-            gv!(c, gw),
-            &glog,
-            &glse,
-            &gt,
-            n,
-            ch,
-            v,
+            LmHeadSaved {
+                x: gv!(c, gx),
+                w: gv!(c, gw),
+                logits: &glog,
+                lse: &glse,
+                targets: &gt,
+            },
+            LmHeadShape { n, c: ch, v },
             scale,
         );
         let (mut pdx, mut pdw) = (c.up(&zeros, r), c.up(&dw0, Role::Fp32));
@@ -1126,13 +1243,13 @@ fn trait_lm_head_ce(c: &mut Ctx, mode: Mode) {
             gm!(c, pdx),
             gm!(c, pdw),
             gm!(c, gscr),
-            gv!(c, gx),
-            gv!(c, gw),
-            gv!(c, glse),
-            &gt,
-            n,
-            ch,
-            v,
+            LmHeadCeSaved {
+                x: gv!(c, gx),
+                w: gv!(c, gw),
+                lse: gv!(c, glse),
+                targets: &gt,
+            },
+            LmHeadShape { n, c: ch, v },
             scale,
         );
         for (what, a, b) in [("dx", &tdx, &pdx), ("dw", &tdw, &pdw)] {
@@ -1164,7 +1281,13 @@ fn trait_attention_rope(c: &mut Ctx, mode: Mode) {
         let (mut cq, mut ck) = (q.clone(), k.clone());
         let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; b * h * t]);
         Backend::attention_rope_forward(
-            &c.cpu, &mut out, &mut lse, &mut cq, &mut ck, &v, b, t, h, hkv, d, theta, off,
+            &c.cpu,
+            &mut out,
+            &mut lse,
+            &mut cq,
+            &mut ck,
+            &v,
+            AttnShape { b, t, h, hkv, d }.with_rope(theta, off),
         );
         let (mut gq, mut gk, gvv, gd) = (c.up(&q, r), c.up(&k, r), c.up(&v, r), c.up(&dout, r));
         let mut gout = c.gpu.alloc(q.len(), r).unwrap();
@@ -1176,13 +1299,7 @@ fn trait_attention_rope(c: &mut Ctx, mode: Mode) {
             &mut gq,
             &mut gk,
             gv!(c, gvv),
-            b,
-            t,
-            h,
-            hkv,
-            d,
-            theta,
-            off,
+            AttnShape { b, t, h, hkv, d }.with_rope(theta, off),
         );
         let got = c.down(&gout);
         c.check("trait attention_rope out", &shape, mode, &got, &out);
@@ -1190,8 +1307,19 @@ fn trait_attention_rope(c: &mut Ctx, mode: Mode) {
         c.check("trait attention_rope lse", &shape, mode, &got, &lse);
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
         Backend::attention_rope_backward(
-            &c.cpu, &mut dq, &mut dk, &mut dv, &dout, &cq, &ck, &v, &out, &lse, b, t, h, hkv, d,
-            theta, off,
+            &c.cpu,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &dout,
+            AttnSaved {
+                q: &cq,
+                k: &ck,
+                v: &v,
+                out: &out,
+                lse: &lse,
+            },
+            AttnShape { b, t, h, hkv, d }.with_rope(theta, off),
         );
         let mut gdq = c.gpu.alloc(q.len(), r).unwrap();
         let mut gdk = c.gpu.alloc(k.len(), r).unwrap();
@@ -1202,18 +1330,14 @@ fn trait_attention_rope(c: &mut Ctx, mode: Mode) {
             &mut gdk,
             gm!(c, gdv),
             gv!(c, gd),
-            gv!(c, gq),
-            gv!(c, gk),
-            gv!(c, gvv),
-            gv!(c, gout),
-            gv!(c, glse),
-            b,
-            t,
-            h,
-            hkv,
-            d,
-            theta,
-            off,
+            AttnSaved {
+                q: gv!(c, gq),
+                k: gv!(c, gk),
+                v: gv!(c, gvv),
+                out: gv!(c, gout),
+                lse: gv!(c, glse),
+            },
+            AttnShape { b, t, h, hkv, d }.with_rope(theta, off),
         );
         for (name, g, w) in [("dq", &gdq, &dq), ("dk", &gdk, &dk), ("dv", &gdv, &dv)] {
             let got = c.down(g);
@@ -1254,7 +1378,21 @@ fn pool_threshold_and_long_cached_attention() {
         rand(b * tmax * hkv * d),
     );
     let mut want = vec![0.0; q.len()];
-    cpu.attention_cached_forward(&mut want, &q, &kc, &vc, b, tq, past, tmax, h, hkv, d);
+    cpu.attention_cached_forward(
+        &mut want,
+        &q,
+        &kc,
+        &vc,
+        CachedAttnShape {
+            b,
+            tq,
+            past,
+            tmax,
+            h,
+            hkv,
+            d,
+        },
+    );
     let up = |v: &[f32]| {
         let mut buf = gpu.alloc(v.len(), Role::Fp32).unwrap();
         gpu.upload(&mut buf, v).unwrap();
@@ -1267,13 +1405,15 @@ fn pool_threshold_and_long_cached_attention() {
         gpu.view(&gq, 0..q.len()),
         gpu.view(&gk, 0..kc.len()),
         gpu.view(&gv, 0..vc.len()),
-        b,
-        tq,
-        past,
-        tmax,
-        h,
-        hkv,
-        d,
+        CachedAttnShape {
+            b,
+            tq,
+            past,
+            tmax,
+            h,
+            hkv,
+            d,
+        },
     );
     gpu.synchronize()
         .expect("the long cached attention launch failed");

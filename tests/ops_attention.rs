@@ -13,6 +13,7 @@
 
 mod ops_common;
 use ops_common::*;
+use zhllama::backend::{AttnSaved, AttnShape};
 use zhllama::ops;
 
 #[allow(clippy::too_many_arguments)]
@@ -76,7 +77,14 @@ fn run_forward(c: &Case, rng: &mut Rng) -> Forward {
     let v = rng.vec(b * t * hkv * d, 1.0);
     let mut out = vec![f32::NAN; q.len()];
     let mut lse = vec![f32::NAN; b * h * t];
-    ops::attention_forward(&mut out, &mut lse, &q, &k, &v, b, t, h, hkv, d);
+    ops::attention_forward(
+        &mut out,
+        &mut lse,
+        &q,
+        &k,
+        &v,
+        AttnShape { b, t, h, hkv, d },
+    );
     (q, k, v, out, lse)
 }
 
@@ -222,7 +230,18 @@ fn attention_backward_matches_finite_differences() {
             vec![f32::NAN; v.len()],
         );
         ops::attention_backward(
-            &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, b, t, h, hkv, d,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &dout,
+            AttnSaved {
+                q: &q,
+                k: &k,
+                v: &v,
+                out: &out,
+                lse: &lse,
+            },
+            AttnShape { b, t, h, hkv, d },
         );
         let (q64, k64, v64) = (to64(&q), to64(&k), to64(&v));
         let loss = |q: &[f64], k: &[f64], v: &[f64]| {

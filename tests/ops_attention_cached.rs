@@ -5,6 +5,7 @@
 
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use zhllama::backend::{AttnShape, CachedAttnShape};
 use zhllama::ops::{attention_cached_forward, attention_forward};
 
 fn rand_vec(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
@@ -27,7 +28,14 @@ fn cached_attention_equals_the_last_rows_of_full_attention() {
         let k = rand_vec(&mut rng, b * t * hkv * d);
         let v = rand_vec(&mut rng, b * t * hkv * d);
         let (mut full, mut lse) = (vec![0.0; q.len()], vec![0.0; b * h * t]);
-        attention_forward(&mut full, &mut lse, &q, &k, &v, b, t, h, hkv, d);
+        attention_forward(
+            &mut full,
+            &mut lse,
+            &q,
+            &k,
+            &v,
+            AttnShape { b, t, h, hkv, d },
+        );
 
         // Cache [b, tmax, hkv, d]: the real keys, then garbage rows that must not be read.
         let row = hkv * d;
@@ -45,7 +53,21 @@ fn cached_attention_equals_the_last_rows_of_full_attention() {
             qn.extend_from_slice(&q[(bi * t + past) * qrow..(bi * t + t) * qrow]);
         }
         let mut out = vec![0.0; qn.len()];
-        attention_cached_forward(&mut out, &qn, &kc, &vc, b, tq, past, tmax, h, hkv, d);
+        attention_cached_forward(
+            &mut out,
+            &qn,
+            &kc,
+            &vc,
+            CachedAttnShape {
+                b,
+                tq,
+                past,
+                tmax,
+                h,
+                hkv,
+                d,
+            },
+        );
         for bi in 0..b {
             let want = &full[(bi * t + past) * qrow..(bi * t + t) * qrow];
             let got = &out[bi * tq * qrow..(bi + 1) * tq * qrow];

@@ -7,6 +7,7 @@ mod ops_common;
 use ops_common::*;
 use zhllama::backend::cpu::CpuBackend;
 use zhllama::backend::{AdamW, Backend, Role};
+use zhllama::backend::{AttnSaved, AttnShape, GemmShape, RmsNormSaved, RopeShape, RowShape};
 use zhllama::ops;
 
 #[test]
@@ -46,8 +47,8 @@ fn cpu_backend_calls_each_op_with_its_arguments_in_order() {
     let bm = rng.vec(nn * k, 1.0);
     let o0 = rng.vec(m * nn, 1.0);
     let (mut o1, mut o2) = (o0.clone(), o0.clone());
-    be.matmul(&mut o1, &a, &bm, m, nn, k, false, true, 0.5, 0.25);
-    ops::matmul(&mut o2, &a, &bm, m, nn, k, false, true, 0.5, 0.25);
+    be.matmul(&mut o1, &a, &bm, GemmShape::nt(m, nn, k), 0.5, 0.25);
+    ops::matmul(&mut o2, &a, &bm, GemmShape::nt(m, nn, k), 0.5, 0.25);
     assert_eq!(o1, o2, "matmul");
 
     // elementwise
@@ -76,24 +77,84 @@ fn cpu_backend_calls_each_op_with_its_arguments_in_order() {
         vec![0.0; n * c],
         vec![0.0; n],
     );
-    be.rmsnorm_forward(&mut out1, &mut r1, &x, &w, n, c, 1e-5);
-    ops::rmsnorm_forward(&mut out2, &mut r2, &x, &w, n, c, 1e-5);
+    be.rmsnorm_forward(&mut out1, &mut r1, &x, &w, RowShape { n, c }, 1e-5);
+    ops::rmsnorm_forward(&mut out2, &mut r2, &x, &w, RowShape { n, c }, 1e-5);
     assert_eq!((&out1, &r1), (&out2, &r2), "rmsnorm_forward");
     let dout = rng.vec(n * c, 1.0);
     let dw0 = rng.vec(c, 1.0);
     let (mut dx1, mut dw1, mut dx2, mut dw2) = (y0.clone(), dw0.clone(), y0.clone(), dw0.clone());
-    be.rmsnorm_backward(&mut dx1, &mut dw1, &dout, &x, &w, &r1, n, c);
-    ops::rmsnorm_backward(&mut dx2, &mut dw2, &dout, &x, &w, &r2, n, c);
+    be.rmsnorm_backward(
+        &mut dx1,
+        &mut dw1,
+        &dout,
+        RmsNormSaved {
+            x: &x,
+            w: &w,
+            rstd: &r1,
+        },
+        RowShape { n, c },
+    );
+    ops::rmsnorm_backward(
+        &mut dx2,
+        &mut dw2,
+        &dout,
+        RmsNormSaved {
+            x: &x,
+            w: &w,
+            rstd: &r2,
+        },
+        RowShape { n, c },
+    );
     assert_eq!((&dx1, &dw1), (&dx2, &dw2), "rmsnorm_backward");
 
     // RoPE
     let qx = rng.vec(b * t * h * d, 1.0);
     let (mut q1, mut q2) = (qx.clone(), qx.clone());
-    be.rope_forward(&mut q1, b, t, h, d, 5000.0, 3);
-    ops::rope_forward(&mut q2, b, t, h, d, 5000.0, 3);
+    be.rope_forward(
+        &mut q1,
+        RopeShape {
+            b,
+            t,
+            h,
+            d,
+            theta: 5000.0,
+            pos_offset: 3,
+        },
+    );
+    ops::rope_forward(
+        &mut q2,
+        RopeShape {
+            b,
+            t,
+            h,
+            d,
+            theta: 5000.0,
+            pos_offset: 3,
+        },
+    );
     assert_eq!(q1, q2, "rope_forward");
-    be.rope_backward(&mut q1, b, t, h, d, 5000.0, 3);
-    ops::rope_backward(&mut q2, b, t, h, d, 5000.0, 3);
+    be.rope_backward(
+        &mut q1,
+        RopeShape {
+            b,
+            t,
+            h,
+            d,
+            theta: 5000.0,
+            pos_offset: 3,
+        },
+    );
+    ops::rope_backward(
+        &mut q2,
+        RopeShape {
+            b,
+            t,
+            h,
+            d,
+            theta: 5000.0,
+            pos_offset: 3,
+        },
+    );
     assert_eq!(q1, q2, "rope_backward");
 
     // attention
@@ -106,17 +167,53 @@ fn cpu_backend_calls_each_op_with_its_arguments_in_order() {
         vec![0.0; q.len()],
         vec![0.0; b * h * t],
     );
-    be.attention_forward(&mut ao1, &mut l1, &q, &kk, &vv, b, t, h, hkv, d);
-    ops::attention_forward(&mut ao2, &mut l2, &q, &kk, &vv, b, t, h, hkv, d);
+    be.attention_forward(
+        &mut ao1,
+        &mut l1,
+        &q,
+        &kk,
+        &vv,
+        AttnShape { b, t, h, hkv, d },
+    );
+    ops::attention_forward(
+        &mut ao2,
+        &mut l2,
+        &q,
+        &kk,
+        &vv,
+        AttnShape { b, t, h, hkv, d },
+    );
     assert_eq!((&ao1, &l1), (&ao2, &l2), "attention_forward");
     let dao = rng.vec(q.len(), 1.0);
     let mut g1 = (vec![0.0; q.len()], vec![0.0; kk.len()], vec![0.0; vv.len()]);
     let mut g2 = g1.clone();
     be.attention_backward(
-        &mut g1.0, &mut g1.1, &mut g1.2, &dao, &q, &kk, &vv, &ao1, &l1, b, t, h, hkv, d,
+        &mut g1.0,
+        &mut g1.1,
+        &mut g1.2,
+        &dao,
+        AttnSaved {
+            q: &q,
+            k: &kk,
+            v: &vv,
+            out: &ao1,
+            lse: &l1,
+        },
+        AttnShape { b, t, h, hkv, d },
     );
     ops::attention_backward(
-        &mut g2.0, &mut g2.1, &mut g2.2, &dao, &q, &kk, &vv, &ao2, &l2, b, t, h, hkv, d,
+        &mut g2.0,
+        &mut g2.1,
+        &mut g2.2,
+        &dao,
+        AttnSaved {
+            q: &q,
+            k: &kk,
+            v: &vv,
+            out: &ao2,
+            lse: &l2,
+        },
+        AttnShape { b, t, h, hkv, d },
     );
     assert_eq!(g1, g2, "attention_backward");
 

@@ -9,6 +9,7 @@
 
 mod ops_common;
 use ops_common::*;
+use zhllama::backend::{RmsNormSaved, RopeShape, RowShape};
 use zhllama::ops;
 
 const RTOL: f64 = 1e-5;
@@ -59,7 +60,7 @@ fn rmsnorm_forward_and_backward() {
         let w = rng.vec(c, 1.5);
         let mut out = vec![f32::NAN; n * c];
         let mut rstd = vec![f32::NAN; n];
-        ops::rmsnorm_forward(&mut out, &mut rstd, &x, &w, n, c, eps as f32);
+        ops::rmsnorm_forward(&mut out, &mut rstd, &x, &w, RowShape { n, c }, eps as f32);
         let eps64 = eps as f32 as f64;
         check_scaled(
             &case,
@@ -83,7 +84,17 @@ fn rmsnorm_forward_and_backward() {
         let dx0 = rng.vec(n * c, 1.0);
         let dw0 = rng.vec(c, 1.0);
         let (mut dx, mut dw) = (dx0.clone(), dw0.clone());
-        ops::rmsnorm_backward(&mut dx, &mut dw, &dout, &x, &w, &rstd, n, c);
+        ops::rmsnorm_backward(
+            &mut dx,
+            &mut dw,
+            &dout,
+            RmsNormSaved {
+                x: &x,
+                w: &w,
+                rstd: &rstd,
+            },
+            RowShape { n, c },
+        );
         let w64 = to64(&w);
         let x64 = to64(&x);
         let gx = fd_grad(
@@ -170,7 +181,17 @@ fn rope_forward_and_backward() {
         let case = format!("rope b={b} t={t} h={h} d={d} theta={theta} off={off}");
         let x = rng.vec(b * t * h * d, 1.0);
         let mut y = x.clone();
-        ops::rope_forward(&mut y, b, t, h, d, theta, off);
+        ops::rope_forward(
+            &mut y,
+            RopeShape {
+                b,
+                t,
+                h,
+                d,
+                theta,
+                pos_offset: off,
+            },
+        );
         // Each output is a·cos + b·sin with |a|,|b| ≤ 1: ≤ 3 roundings of O(1) values plus the
         // 1-ulp cos/sin: 4u·2 absolute.
         let want = rope_ref(&to64(&x), b, t, h, d, theta, off);
@@ -178,7 +199,17 @@ fn rope_forward_and_backward() {
         // Backward is the transpose: FD of Σ dout·rope(x) w.r.t. x.
         let dout = rng.vec(x.len(), 1.0);
         let mut dx = dout.clone();
-        ops::rope_backward(&mut dx, b, t, h, d, theta, off);
+        ops::rope_backward(
+            &mut dx,
+            RopeShape {
+                b,
+                t,
+                h,
+                d,
+                theta,
+                pos_offset: off,
+            },
+        );
         let g = fd_grad(
             &|xx| weighted_sum(&dout, &rope_ref(xx, b, t, h, d, theta, off)),
             &to64(&x),
@@ -194,14 +225,44 @@ fn rope_position_zero_is_identity_and_inverse_roundtrips() {
     let mut rng = Rng::new(21);
     let x = rng.vec(b * t * h * d, 1.0);
     let mut y = x.clone();
-    ops::rope_forward(&mut y, b, t, h, d, 10000.0, 0);
+    ops::rope_forward(
+        &mut y,
+        RopeShape {
+            b,
+            t,
+            h,
+            d,
+            theta: 10000.0,
+            pos_offset: 0,
+        },
+    );
     assert_eq!(x, y, "position 0 must not rotate");
     // backward(forward(x)) = Rᵀ R x = x up to rounding (|x| ≤ 1: a few ulps).
     let (b, t) = (2, 9);
     let x = rng.vec(b * t * h * d, 1.0);
     let mut y = x.clone();
-    ops::rope_forward(&mut y, b, t, h, d, 10000.0, 5);
-    ops::rope_backward(&mut y, b, t, h, d, 10000.0, 5);
+    ops::rope_forward(
+        &mut y,
+        RopeShape {
+            b,
+            t,
+            h,
+            d,
+            theta: 10000.0,
+            pos_offset: 5,
+        },
+    );
+    ops::rope_backward(
+        &mut y,
+        RopeShape {
+            b,
+            t,
+            h,
+            d,
+            theta: 10000.0,
+            pos_offset: 5,
+        },
+    );
     check("roundtrip", "x", &y, &to64(&x), 8.0 * U32, 0.0);
 }
 

@@ -3,6 +3,7 @@
 
 mod ops_common;
 use ops_common::*;
+use zhllama::backend::GemmShape;
 use zhllama::ops;
 
 /// Naive `alpha·op(a)·op(b) + beta·out` in f64, and the per-element error bound of any f32
@@ -81,7 +82,14 @@ fn matmul_matches_naive_reference() {
                         rng.vec(m * n, 1.0)
                     };
                     let (want, tol) = reference(&out, &a, &b, m, n, k, ta, tb, alpha, beta);
-                    ops::matmul(&mut out, &a, &b, m, n, k, ta, tb, alpha, beta);
+                    ops::matmul(
+                        &mut out,
+                        &a,
+                        &b,
+                        GemmShape::new(m, n, k, ta, tb),
+                        alpha,
+                        beta,
+                    );
                     check_tol(&case, "out", &out, &want, &tol);
                 }
             }
@@ -99,7 +107,7 @@ fn matmul_large_threaded_matches_reference() {
         let b = rng.vec(k * n, 1.0);
         let mut out = rng.vec(m * n, 1.0);
         let (want, tol) = reference(&out, &a, &b, m, n, k, ta, tb, 1.0, 1.0);
-        ops::matmul(&mut out, &a, &b, m, n, k, ta, tb, 1.0, 1.0);
+        ops::matmul(&mut out, &a, &b, GemmShape::new(m, n, k, ta, tb), 1.0, 1.0);
         check_tol(&format!("large ta={ta} tb={tb}"), "out", &out, &want, &tol);
     }
 }

@@ -5,6 +5,7 @@
 mod ops_common;
 use ops_common::*;
 use zhllama::backend::AdamW;
+use zhllama::backend::{AttnSaved, AttnShape, GemmShape, RmsNormSaved, RopeShape, RowShape};
 use zhllama::ops;
 
 /// Runs `f` inside a rayon pool of `threads` threads and returns its outputs.
@@ -27,30 +28,68 @@ fn all_outputs() -> Vec<f32> {
     let a = rng.vec(m * k, 1.0);
     let bm = rng.vec(k * nn, 1.0);
     let mut o = rng.vec(m * nn, 1.0);
-    ops::matmul(&mut o, &a, &bm, m, nn, k, true, false, 0.5, 1.0);
+    ops::matmul(&mut o, &a, &bm, GemmShape::tn(m, nn, k), 0.5, 1.0);
     res.extend(o);
 
     let x = rng.vec(n * c, 1.0);
     let w = rng.vec(c, 1.0);
     let (mut y, mut r) = (vec![0.0; n * c], vec![0.0; n]);
-    ops::rmsnorm_forward(&mut y, &mut r, &x, &w, n, c, 1e-5);
+    ops::rmsnorm_forward(&mut y, &mut r, &x, &w, RowShape { n, c }, 1e-5);
     let dout = rng.vec(n * c, 1.0);
     let (mut dx, mut dw) = (vec![0.0; n * c], vec![0.0; c]);
-    ops::rmsnorm_backward(&mut dx, &mut dw, &dout, &x, &w, &r, n, c);
+    ops::rmsnorm_backward(
+        &mut dx,
+        &mut dw,
+        &dout,
+        RmsNormSaved {
+            x: &x,
+            w: &w,
+            rstd: &r,
+        },
+        RowShape { n, c },
+    );
     res.extend(y.iter().chain(&r).chain(&dx).chain(&dw));
 
     let q = rng.vec(b * t * h * d, 1.0);
     let kk = rng.vec(b * t * hkv * d, 1.0);
     let vv = rng.vec(b * t * hkv * d, 1.0);
     let (mut ao, mut lse) = (vec![0.0; q.len()], vec![0.0; b * h * t]);
-    ops::attention_forward(&mut ao, &mut lse, &q, &kk, &vv, b, t, h, hkv, d);
+    ops::attention_forward(
+        &mut ao,
+        &mut lse,
+        &q,
+        &kk,
+        &vv,
+        AttnShape { b, t, h, hkv, d },
+    );
     let dao = rng.vec(q.len(), 1.0);
     let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; kk.len()], vec![0.0; vv.len()]);
     ops::attention_backward(
-        &mut dq, &mut dk, &mut dv, &dao, &q, &kk, &vv, &ao, &lse, b, t, h, hkv, d,
+        &mut dq,
+        &mut dk,
+        &mut dv,
+        &dao,
+        AttnSaved {
+            q: &q,
+            k: &kk,
+            v: &vv,
+            out: &ao,
+            lse: &lse,
+        },
+        AttnShape { b, t, h, hkv, d },
     );
     let mut qr = q.clone();
-    ops::rope_forward(&mut qr, b, t, h, d, 10000.0, 0);
+    ops::rope_forward(
+        &mut qr,
+        RopeShape {
+            b,
+            t,
+            h,
+            d,
+            theta: 10000.0,
+            pos_offset: 0,
+        },
+    );
     res.extend(
         ao.iter()
             .chain(&lse)

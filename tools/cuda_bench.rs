@@ -18,8 +18,11 @@
 //! `ZHLLAMA_KERNEL_CACHE` (else the user cache dir) for the cubin cache.
 
 use anyhow::{Context, Result, bail};
-use zhllama::backend::cuda::{CudaBackend, CudaBuf, Half};
+use zhllama::backend::cuda::{CudaBackend, CudaBuf, Half, LmHeadCeSaved};
 use zhllama::backend::{AdamW, Backend, Role};
+use zhllama::backend::{
+    AttnSaved, AttnShape, GemmShape, LmHeadIn, LmHeadShape, RmsNormSaved, RowShape,
+};
 
 // The options-from-environment helper `zhllama --backend cuda` uses (one copy of that logic).
 #[allow(dead_code)]
@@ -105,11 +108,7 @@ fn ceilings(b: &B) -> Result<(f64, f64)> {
             b.g.view_mut(&mut o, 0..on),
             b.g.view(&a, 0..n * n),
             b.g.view(&w, 0..n * n),
-            n,
-            n,
-            n,
-            false,
-            true,
+            GemmShape::nt(n, n, n),
             1.0,
             0.0,
         )
@@ -144,8 +143,7 @@ fn rooflines(b: &B, copy_gbs: f64) -> Result<()> {
             b.g.view_mut(&mut rstd, 0..n),
             b.g.view(&x, 0..n * c),
             b.g.view(&w, 0..c),
-            n,
-            c,
+            RowShape { n, c },
             1e-6,
         )
     })?;
@@ -163,11 +161,12 @@ fn rooflines(b: &B, copy_gbs: f64) -> Result<()> {
             b.g.view_mut(&mut dx, 0..n * c),
             b.g.view_mut(&mut dw, 0..c),
             b.g.view(&dout, 0..n * c),
-            b.g.view(&x, 0..n * c),
-            b.g.view(&w, 0..c),
-            b.g.view(&rstd, 0..n),
-            n,
-            c,
+            RmsNormSaved {
+                x: b.g.view(&x, 0..n * c),
+                w: b.g.view(&w, 0..c),
+                rstd: b.g.view(&rstd, 0..n),
+            },
+            RowShape { n, c },
         )
     })?;
     // reads dout, x, dx; writes dx (the dw partials are ≤ 2·SMs rows: not counted).
@@ -286,13 +285,14 @@ fn rooflines(b: &B, copy_gbs: f64) -> Result<()> {
                 b.g.view(&q, 0..l),
                 b.g.view(&k, 0..l),
                 b.g.view(&vv, 0..l),
-                bb,
-                t,
-                h,
-                h,
-                d,
-                10000.0,
-                0,
+                AttnShape {
+                    b: bb,
+                    t,
+                    h,
+                    hkv: h,
+                    d,
+                }
+                .with_rope(10000.0, 0),
             )
         })?;
         println!(
@@ -310,18 +310,21 @@ fn rooflines(b: &B, copy_gbs: f64) -> Result<()> {
                 b.g.view_mut(&mut dk, 0..l),
                 b.g.view_mut(&mut dv, 0..l),
                 b.g.view(&o, 0..l),
-                b.g.view(&q, 0..l),
-                b.g.view(&k, 0..l),
-                b.g.view(&vv, 0..l),
-                b.g.view(&o, 0..l),
-                b.g.view(&lse, 0..bb * h * t),
-                bb,
-                t,
-                h,
-                h,
-                d,
-                10000.0,
-                0,
+                AttnSaved {
+                    q: b.g.view(&q, 0..l),
+                    k: b.g.view(&k, 0..l),
+                    v: b.g.view(&vv, 0..l),
+                    out: b.g.view(&o, 0..l),
+                    lse: b.g.view(&lse, 0..bb * h * t),
+                },
+                AttnShape {
+                    b: bb,
+                    t,
+                    h,
+                    hkv: h,
+                    d,
+                }
+                .with_rope(10000.0, 0),
             )
         })?;
         println!(
@@ -351,24 +354,24 @@ fn ce_memory(b: &B) -> Result<()> {
             b.g.view_mut(&mut losses, 0..n),
             b.g.view_mut(&mut lse, 0..n),
             b.g.view_mut(&mut ch, 0..n * chunk),
-            b.g.view(&x, 0..n * c),
-            b.g.view(&w, 0..v * c),
-            &t,
-            n,
-            c,
-            v,
+            LmHeadIn {
+                x: b.g.view(&x, 0..n * c),
+                w: b.g.view(&w, 0..v * c),
+                targets: &t,
+            },
+            LmHeadShape { n, c, v },
         );
         b.g.lm_head_cross_entropy_backward(
             b.g.view_mut(&mut dx, 0..n * c),
             b.g.view_mut(&mut dw, 0..v * c),
             b.g.view_mut(&mut ch, 0..n * chunk),
-            b.g.view(&x, 0..n * c),
-            b.g.view(&w, 0..v * c),
-            b.g.view(&lse, 0..n),
-            &t,
-            n,
-            c,
-            v,
+            LmHeadCeSaved {
+                x: b.g.view(&x, 0..n * c),
+                w: b.g.view(&w, 0..v * c),
+                lse: b.g.view(&lse, 0..n),
+                targets: &t,
+            },
+            LmHeadShape { n, c, v },
             1.0 / n as f32,
         );
     })?;
@@ -382,11 +385,7 @@ fn ce_memory(b: &B) -> Result<()> {
             b.g.view_mut(&mut logits, 0..n * v),
             b.g.view(&x, 0..n * c),
             b.g.view(&w, 0..v * c),
-            n,
-            v,
-            c,
-            false,
-            true,
+            GemmShape::nt(n, v, c),
             1.0,
             0.0,
         );
@@ -409,11 +408,7 @@ fn ce_memory(b: &B) -> Result<()> {
             b.g.view_mut(&mut dx, 0..n * c),
             b.g.view(&dlogits, 0..n * v),
             b.g.view(&w, 0..v * c),
-            n,
-            c,
-            v,
-            false,
-            false,
+            GemmShape::nn(n, c, v),
             1.0,
             1.0,
         );
@@ -421,11 +416,7 @@ fn ce_memory(b: &B) -> Result<()> {
             b.g.view_mut(&mut dw, 0..v * c),
             b.g.view(&dlogits, 0..n * v),
             b.g.view(&x, 0..n * c),
-            v,
-            c,
-            n,
-            true,
-            false,
+            GemmShape::tn(v, c, n),
             1.0,
             1.0,
         );
@@ -469,8 +460,7 @@ fn profile(b: &B) -> Result<()> {
             g.view_mut(&mut rstd, 0..t),
             g.view(&x, 0..t * c),
             g.view(&wn, 0..c),
-            t,
-            c,
+            RowShape { n: t, c },
             1e-6,
         );
         for _ in 0..4 {
@@ -479,11 +469,7 @@ fn profile(b: &B) -> Result<()> {
                 g.view_mut(&mut q, 0..t * c),
                 g.view(&xn, 0..t * c),
                 g.view(&wq, 0..c * c),
-                t,
-                c,
-                c,
-                false,
-                true,
+                GemmShape::nt(t, c, c),
                 1.0,
                 0.0,
             );
@@ -492,11 +478,7 @@ fn profile(b: &B) -> Result<()> {
                 g.view_mut(&mut u, 0..t * r),
                 g.view(&xn, 0..t * c),
                 g.view(&la, 0..r * c),
-                t,
-                r,
-                c,
-                false,
-                true,
+                GemmShape::nt(t, r, c),
                 1.0,
                 0.0,
             );
@@ -504,11 +486,7 @@ fn profile(b: &B) -> Result<()> {
                 g.view_mut(&mut q, 0..t * c),
                 g.view(&u, 0..t * r),
                 g.view(&lb, 0..c * r),
-                t,
-                c,
-                r,
-                false,
-                true,
+                GemmShape::nt(t, c, r),
                 2.0,
                 1.0,
             );
@@ -519,23 +497,20 @@ fn profile(b: &B) -> Result<()> {
             g.view(&q, 0..t * c),
             g.view(&q, 0..t * c),
             g.view(&q, 0..t * c),
-            1,
-            t,
-            h,
-            h,
-            d,
-            10000.0,
-            0,
+            AttnShape {
+                b: 1,
+                t,
+                h,
+                hkv: h,
+                d,
+            }
+            .with_rope(10000.0, 0),
         );
         g.matmul(
             g.view_mut(&mut gate, 0..t * f),
             g.view(&xn, 0..t * c),
             g.view(&wup, 0..f * c),
-            t,
-            f,
-            c,
-            false,
-            true,
+            GemmShape::nt(t, f, c),
             1.0,
             0.0,
         );
@@ -543,11 +518,7 @@ fn profile(b: &B) -> Result<()> {
             g.view_mut(&mut up, 0..t * f),
             g.view(&xn, 0..t * c),
             g.view(&wup, 0..f * c),
-            t,
-            f,
-            c,
-            false,
-            true,
+            GemmShape::nt(t, f, c),
             1.0,
             0.0,
         );
@@ -560,11 +531,7 @@ fn profile(b: &B) -> Result<()> {
             g.view_mut(&mut o, 0..t * c),
             g.view(&hid, 0..t * f),
             g.view(&wdown, 0..c * f),
-            t,
-            c,
-            f,
-            false,
-            true,
+            GemmShape::nt(t, c, f),
             1.0,
             0.0,
         );

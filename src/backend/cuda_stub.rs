@@ -4,7 +4,10 @@
 //! types are uninhabited, so no value of them (nor of the backend itself) can ever exist, and every
 //! method body is an empty `match` on that impossibility.
 
-use super::{AdamW, Backend, Role};
+use super::{
+    AdamW, AttnSaved, AttnShape, Backend, CachedAttnShape, GemmShape, RmsNormSaved, Role,
+    RopeShape, RowShape,
+};
 use anyhow::{Result, bail};
 use std::ops::Range;
 use std::path::PathBuf;
@@ -135,11 +138,7 @@ impl Backend for CudaBackend {
         _out: Never,
         _a: Never,
         _b: Never,
-        _m: usize,
-        _n: usize,
-        _k: usize,
-        _trans_a: bool,
-        _trans_b: bool,
+        _shape: GemmShape,
         _alpha: f32,
         _beta: f32,
     ) {
@@ -151,8 +150,7 @@ impl Backend for CudaBackend {
         _rstd: Never,
         _x: Never,
         _w: Never,
-        _n: usize,
-        _c: usize,
+        _shape: RowShape,
         _eps: f32,
     ) {
         match self.never {}
@@ -162,36 +160,15 @@ impl Backend for CudaBackend {
         _dx: Never,
         _dw: Never,
         _dout: Never,
-        _x: Never,
-        _w: Never,
-        _rstd: Never,
-        _n: usize,
-        _c: usize,
+        _saved: RmsNormSaved<Never>,
+        _shape: RowShape,
     ) {
         match self.never {}
     }
-    fn rope_forward(
-        &self,
-        _x: Never,
-        _b: usize,
-        _t: usize,
-        _h: usize,
-        _d: usize,
-        _theta: f32,
-        _pos_offset: usize,
-    ) {
+    fn rope_forward(&self, _x: Never, _shape: RopeShape) {
         match self.never {}
     }
-    fn rope_backward(
-        &self,
-        _dx: Never,
-        _b: usize,
-        _t: usize,
-        _h: usize,
-        _d: usize,
-        _theta: f32,
-        _pos_offset: usize,
-    ) {
+    fn rope_backward(&self, _dx: Never, _shape: RopeShape) {
         match self.never {}
     }
     fn attention_forward(
@@ -201,11 +178,7 @@ impl Backend for CudaBackend {
         _q: Never,
         _k: Never,
         _v: Never,
-        _b: usize,
-        _t: usize,
-        _h: usize,
-        _hkv: usize,
-        _d: usize,
+        _shape: AttnShape,
     ) {
         match self.never {}
     }
@@ -215,16 +188,8 @@ impl Backend for CudaBackend {
         _dk: Never,
         _dv: Never,
         _dout: Never,
-        _q: Never,
-        _k: Never,
-        _v: Never,
-        _out: Never,
-        _lse: Never,
-        _b: usize,
-        _t: usize,
-        _h: usize,
-        _hkv: usize,
-        _d: usize,
+        _saved: AttnSaved<Never>,
+        _shape: AttnShape,
     ) {
         match self.never {}
     }
@@ -270,13 +235,7 @@ impl Backend for CudaBackend {
         _q: Never,
         _kcache: Never,
         _vcache: Never,
-        _b: usize,
-        _tq: usize,
-        _past: usize,
-        _tmax: usize,
-        _h: usize,
-        _hkv: usize,
-        _d: usize,
+        _shape: CachedAttnShape,
     ) {
         match self.never {}
     }

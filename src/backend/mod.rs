@@ -6,7 +6,11 @@
 //! kernels from `kernels/`; built without the feature, `cuda::CudaBackend::new` returns a clear error.
 //!
 //! Conventions (llm.c style):
-//! - argument order: outputs, inputs, saved statistics, sizes;
+//! - argument order: outputs, inputs, saved statistics, shape, scalars;
+//! - shapes: a `Copy` struct per op family ([`GemmShape`], [`RowShape`], [`RopeShape`],
+//!   [`AttnShape`], [`AttnRopeShape`], [`CachedAttnShape`], [`LmHeadShape`]) rather than positional
+//!   sizes; a backward takes what its forward saved as one group ([`AttnSaved`], [`RmsNormSaved`],
+//!   [`LmHeadSaved`]), so a signature reads "gradients out, saved in, shape";
 //! - sizes: `n` rows (= B·T), `c` channels, `b` batch, `t` sequence, `h` query heads, `hkv` key/value
 //!   heads, `d` head dim, `v` vocab;
 //! - every tensor is row-major and contiguous; activations are `[B, T, ...]`;
@@ -41,6 +45,28 @@ pub enum Role {
 
 /// The AdamW hyper-parameters live with the op that uses them.
 pub use crate::ops::adamw::AdamW;
+/// The ops' shapes and saved-tensor groups live with the CPU reference that defines them.
+pub use crate::ops::shape::{
+    AttnRopeShape, AttnSaved, AttnShape, CachedAttnShape, GemmShape, LmHeadShape, RmsNormSaved,
+    RopeShape, RowShape,
+};
+
+/// The inputs of [`Backend::lm_head_cross_entropy_forward`]: `x[n,c]`, `w[v,c]`, `targets[n]`.
+pub struct LmHeadIn<'a, V, I> {
+    pub x: V,
+    pub w: V,
+    pub targets: &'a I,
+}
+
+/// What [`Backend::lm_head_cross_entropy_backward`] re-reads: the forward's inputs and the whole
+/// `logits` and `lse` buffers as the forward left them.
+pub struct LmHeadSaved<'a, V, B, I> {
+    pub x: V,
+    pub w: V,
+    pub logits: &'a B,
+    pub lse: &'a B,
+    pub targets: &'a I,
+}
 
 /// Element counts of the buffers [`Backend::lm_head_cross_entropy_forward`] and its backward take
 /// for `n` rows and vocabulary `v` ([`Backend::lm_head_cross_entropy_buffers`]); a count may be 0
@@ -128,80 +154,48 @@ pub trait Backend: Send + Sync + 'static {
     /// shape `[k,n]`; `a` is stored `[m,k]` (or `[k,m]` when `trans_a`), `b` is stored `[k,n]` (or
     /// `[n,k]` when `trans_b`, the layout of an HF `Linear` weight `[out, in]`). With `beta = 0` the
     /// previous content of `out` is ignored (even NaN).
-    #[allow(clippy::too_many_arguments)]
     fn matmul(
         &self,
         out: Self::ViewMut<'_>,
         a: Self::View<'_>,
         b: Self::View<'_>,
-        m: usize,
-        n: usize,
-        k: usize,
-        trans_a: bool,
-        trans_b: bool,
+        shape: GemmShape,
         alpha: f32,
         beta: f32,
     );
 
     // ---- RMSNorm (HF LlamaRMSNorm: y = x / sqrt(mean(x²) + eps) * w) ------------------------------
     /// `out[n,c] =`, `rstd[n] =` (saved 1/sqrt(mean(x²)+eps)).
-    #[allow(clippy::too_many_arguments)]
     fn rmsnorm_forward(
         &self,
         out: Self::ViewMut<'_>,
         rstd: Self::ViewMut<'_>,
         x: Self::View<'_>,
         w: Self::View<'_>,
-        n: usize,
-        c: usize,
+        shape: RowShape,
         eps: f32,
     );
     /// `dx[n,c] +=` (accumulates into the residual stream's gradient), `dw[c] +=`.
-    #[allow(clippy::too_many_arguments)]
     fn rmsnorm_backward(
         &self,
         dx: Self::ViewMut<'_>,
         dw: Self::ViewMut<'_>,
         dout: Self::View<'_>,
-        x: Self::View<'_>,
-        w: Self::View<'_>,
-        rstd: Self::View<'_>,
-        n: usize,
-        c: usize,
+        saved: RmsNormSaved<Self::View<'_>>,
+        shape: RowShape,
     );
 
     // ---- rotary embedding (HF layout: rotate_half over the two halves of each head) ---------------
     /// In place on `x[b,t,h,d]`: position of token `(bi, ti)` is `pos_offset + ti`;
     /// inverse frequencies `theta^(-2i/d)`.
-    #[allow(clippy::too_many_arguments)]
-    fn rope_forward(
-        &self,
-        x: Self::ViewMut<'_>,
-        b: usize,
-        t: usize,
-        h: usize,
-        d: usize,
-        theta: f32,
-        pos_offset: usize,
-    );
+    fn rope_forward(&self, x: Self::ViewMut<'_>, shape: RopeShape);
     /// In place on `dx[b,t,h,d]`: the transpose of `rope_forward` (rotation by the negative angle).
-    #[allow(clippy::too_many_arguments)]
-    fn rope_backward(
-        &self,
-        dx: Self::ViewMut<'_>,
-        b: usize,
-        t: usize,
-        h: usize,
-        d: usize,
-        theta: f32,
-        pos_offset: usize,
-    );
+    fn rope_backward(&self, dx: Self::ViewMut<'_>, shape: RopeShape);
 
     // ---- causal attention with grouped-query heads ----------------------------------------------
     /// `out[b,t,h,d] =`, `lse[b,h,t] =` (saved log-sum-exp of the scaled scores). `q[b,t,h,d]`,
     /// `k`/`v[b,t,hkv,d]`; query head `hi` reads kv head `hi / (h / hkv)`; scale `1/sqrt(d)`;
     /// query `i` attends to keys `0..=i`.
-    #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,
         out: Self::ViewMut<'_>,
@@ -209,30 +203,18 @@ pub trait Backend: Send + Sync + 'static {
         q: Self::View<'_>,
         k: Self::View<'_>,
         v: Self::View<'_>,
-        b: usize,
-        t: usize,
-        h: usize,
-        hkv: usize,
-        d: usize,
+        shape: AttnShape,
     );
-    /// `dq =`, `dk =`, `dv =` (shapes as q, k, v).
-    #[allow(clippy::too_many_arguments)]
+    /// `dq =`, `dk =`, `dv =` (shapes as q, k, v), from `dout` and the forward's inputs, `out`
+    /// and `lse`.
     fn attention_backward(
         &self,
         dq: Self::ViewMut<'_>,
         dk: Self::ViewMut<'_>,
         dv: Self::ViewMut<'_>,
         dout: Self::View<'_>,
-        q: Self::View<'_>,
-        k: Self::View<'_>,
-        v: Self::View<'_>,
-        out: Self::View<'_>,
-        lse: Self::View<'_>,
-        b: usize,
-        t: usize,
-        h: usize,
-        hkv: usize,
-        d: usize,
+        saved: AttnSaved<Self::View<'_>>,
+        shape: AttnShape,
     );
 
     // ---- SwiGLU: out = silu(gate) * up ------------------------------------------------------------
@@ -306,66 +288,53 @@ pub trait Backend: Send + Sync + 'static {
         }
     }
     /// lm_head + cross-entropy: `losses[n] =` per-row `logsumexp(x·wᵀ) - (x·wᵀ)[target]` (`0` where
-    /// the target is `-100`), from `x[n,c]`, `w[v,c]`. `logits`, `lse`, `scratch` are whole buffers
-    /// holding at least the counts of [`Backend::lm_head_cross_entropy_buffers`]; `logits` and
-    /// `lse` must reach the backward unchanged. Default: `logits[n,v] = x·wᵀ`
-    /// ([`Backend::matmul`]), then [`Backend::cross_entropy_forward`]; `lse`, `scratch` untouched.
-    #[allow(clippy::too_many_arguments)]
+    /// the target is `-100`), from `input`'s `x[n,c]`, `w[v,c]`, `targets[n]`. `logits`, `lse`,
+    /// `scratch` are whole buffers holding at least the counts of
+    /// [`Backend::lm_head_cross_entropy_buffers`]; `logits` and `lse` must reach the backward
+    /// unchanged. Default: `logits[n,v] = x·wᵀ` ([`Backend::matmul`]), then
+    /// [`Backend::cross_entropy_forward`]; `lse`, `scratch` untouched.
     fn lm_head_cross_entropy_forward(
         &self,
         losses: Self::ViewMut<'_>,
         lse: &mut Self::Buf,
         logits: &mut Self::Buf,
         scratch: &mut Self::Buf,
-        x: Self::View<'_>,
-        w: Self::View<'_>,
-        targets: &Self::Ids,
-        n: usize,
-        c: usize,
-        v: usize,
+        input: LmHeadIn<'_, Self::View<'_>, Self::Ids>,
+        shape: LmHeadShape,
     ) {
         let _ = (lse, scratch);
+        let LmHeadShape { n, c, v } = shape;
         let nv = 0..n * v;
         self.matmul(
             self.view_mut(logits, nv.clone()),
-            x,
-            w,
-            n,
-            v,
-            c,
-            false,
-            true,
+            input.x,
+            input.w,
+            GemmShape::nt(n, v, c),
             1.0,
             0.0,
         );
-        self.cross_entropy_forward(losses, self.view(logits, nv), targets, n, v);
+        self.cross_entropy_forward(losses, self.view(logits, nv), input.targets, n, v);
     }
     /// Backward of [`Backend::lm_head_cross_entropy_forward`] with loss weight `scale` per token
-    /// (`1/count` for HF's mean): `dx[n,c] =`, `dw[v,c] +=` (`None`: a frozen lm_head). `logits`
-    /// and `lse` as the forward left them. Default: `scratch[n,v] = dlogits`
-    /// ([`Backend::cross_entropy_backward`]), `dw += dlogitsᵀ·x`, then `dx = dlogits·w`.
-    #[allow(clippy::too_many_arguments)]
+    /// (`1/count` for HF's mean): `dx[n,c] =`, `dw[v,c] +=` (`None`: a frozen lm_head). `saved`
+    /// holds the forward's inputs and its `logits` and `lse` as the forward left them. Default:
+    /// `scratch[n,v] = dlogits` ([`Backend::cross_entropy_backward`]), `dw += dlogitsᵀ·x`, then
+    /// `dx = dlogits·w`.
     fn lm_head_cross_entropy_backward(
         &self,
         dx: Self::ViewMut<'_>,
         dw: Option<Self::ViewMut<'_>>,
         scratch: &mut Self::Buf,
-        x: Self::View<'_>,
-        w: Self::View<'_>,
-        logits: &Self::Buf,
-        lse: &Self::Buf,
-        targets: &Self::Ids,
-        n: usize,
-        c: usize,
-        v: usize,
+        saved: LmHeadSaved<'_, Self::View<'_>, Self::Buf, Self::Ids>,
+        shape: LmHeadShape,
         scale: f32,
     ) {
-        let _ = lse;
+        let LmHeadShape { n, c, v } = shape;
         let nv = 0..n * v;
         self.cross_entropy_backward(
             self.view_mut(scratch, nv.clone()),
-            self.view(logits, nv.clone()),
-            targets,
+            self.view(saved.logits, nv.clone()),
+            saved.targets,
             n,
             v,
             scale,
@@ -374,12 +343,8 @@ pub trait Backend: Send + Sync + 'static {
             self.matmul(
                 dw,
                 self.view(scratch, nv.clone()),
-                x,
-                v,
-                c,
-                n,
-                true,
-                false,
+                saved.x,
+                GemmShape::tn(v, c, n),
                 1.0,
                 1.0,
             );
@@ -387,23 +352,18 @@ pub trait Backend: Send + Sync + 'static {
         self.matmul(
             dx,
             self.view(scratch, nv),
-            w,
-            n,
-            c,
-            v,
-            false,
-            false,
+            saved.w,
+            GemmShape::nn(n, c, v),
             1.0,
             0.0,
         );
     }
 
-    /// Causal GQA attention of RoPE'd q and k (as [`Backend::rope_forward`] with base `theta`,
-    /// positions `pos_offset + ti`, then [`Backend::attention_forward`]): `out[b,t,h,d] =`,
-    /// `lse[b,h,t] =`. `q[b,t,h,d]`, `k[b,t,hkv,d]` are whole buffers, un-rotated on entry; the
-    /// op may rotate them in place (the default does, a fused kernel rotates on load and leaves
-    /// them) and the backward must get them as the forward left them.
-    #[allow(clippy::too_many_arguments)]
+    /// Causal GQA attention of RoPE'd q and k (as [`Backend::rope_forward`] with `shape`'s base
+    /// and positions, then [`Backend::attention_forward`]): `out[b,t,h,d] =`, `lse[b,h,t] =`.
+    /// `q[b,t,h,d]`, `k[b,t,hkv,d]` are whole buffers, un-rotated on entry; the op may rotate them
+    /// in place (the default does, a fused kernel rotates on load and leaves them) and the
+    /// backward must get them as the forward left them.
     fn attention_rope_forward(
         &self,
         out: Self::ViewMut<'_>,
@@ -411,80 +371,37 @@ pub trait Backend: Send + Sync + 'static {
         q: &mut Self::Buf,
         k: &mut Self::Buf,
         v: Self::View<'_>,
-        b: usize,
-        t: usize,
-        h: usize,
-        hkv: usize,
-        d: usize,
-        theta: f32,
-        pos_offset: usize,
+        shape: AttnRopeShape,
     ) {
-        let (qr, kr) = (0..b * t * h * d, 0..b * t * hkv * d);
-        self.rope_forward(self.view_mut(q, qr.clone()), b, t, h, d, theta, pos_offset);
-        self.rope_forward(
-            self.view_mut(k, kr.clone()),
-            b,
-            t,
-            hkv,
-            d,
-            theta,
-            pos_offset,
-        );
-        self.attention_forward(
-            out,
-            lse,
-            self.view(q, qr),
-            self.view(k, kr),
-            v,
-            b,
-            t,
-            h,
-            hkv,
-            d,
-        );
+        let (qr, kr) = (0..shape.attn.q_len(), 0..shape.attn.kv_len());
+        self.rope_forward(self.view_mut(q, qr.clone()), shape.rope_q());
+        self.rope_forward(self.view_mut(k, kr.clone()), shape.rope_k());
+        self.attention_forward(out, lse, self.view(q, qr), self.view(k, kr), v, shape.attn);
     }
     /// Backward of [`Backend::attention_rope_forward`]: `dq =`, `dk =` (whole buffers, shaped as
-    /// q and k) with respect to the un-rotated q and k, `dv =`; `q`, `k` as the forward left them.
-    /// Default: [`Backend::attention_backward`], then [`Backend::rope_backward`] on dq and dk.
-    #[allow(clippy::too_many_arguments)]
+    /// q and k) with respect to the un-rotated q and k, `dv =`; `saved.q`, `saved.k` as the
+    /// forward left them. Default: [`Backend::attention_backward`], then
+    /// [`Backend::rope_backward`] on dq and dk.
     fn attention_rope_backward(
         &self,
         dq: &mut Self::Buf,
         dk: &mut Self::Buf,
         dv: Self::ViewMut<'_>,
         dout: Self::View<'_>,
-        q: Self::View<'_>,
-        k: Self::View<'_>,
-        v: Self::View<'_>,
-        out: Self::View<'_>,
-        lse: Self::View<'_>,
-        b: usize,
-        t: usize,
-        h: usize,
-        hkv: usize,
-        d: usize,
-        theta: f32,
-        pos_offset: usize,
+        saved: AttnSaved<Self::View<'_>>,
+        shape: AttnRopeShape,
     ) {
-        let (qr, kr) = (0..b * t * h * d, 0..b * t * hkv * d);
+        let (qr, kr) = (0..shape.attn.q_len(), 0..shape.attn.kv_len());
         self.attention_backward(
             self.view_mut(dq, qr.clone()),
             self.view_mut(dk, kr.clone()),
             dv,
             dout,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            b,
-            t,
-            h,
-            hkv,
-            d,
+            saved,
+            shape.attn,
         );
-        self.rope_backward(self.view_mut(dq, qr), b, t, h, d, theta, pos_offset);
-        self.rope_backward(self.view_mut(dk, kr), b, t, hkv, d, theta, pos_offset);
+        self.rope_backward(self.view_mut(dq, qr), shape.rope_q());
+        self.rope_backward(self.view_mut(dk, kr), shape.rope_k());
     }
 
     // ---- optimizer ----------------------------------------------------------------------------------
@@ -503,20 +420,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Attention of `tq` new queries over a key/value cache: `out[b,tq,h,d] =`. `q[b,tq,h,d]`;
     /// `kcache`/`vcache[b,tmax,hkv,d]` hold positions `0..past+tq` (the new keys already written);
     /// query `i` (absolute position `past+i`) attends keys `0..=past+i`. Inference only (no backward).
-    #[allow(clippy::too_many_arguments)]
     fn attention_cached_forward(
         &self,
         out: Self::ViewMut<'_>,
         q: Self::View<'_>,
         kcache: Self::View<'_>,
         vcache: Self::View<'_>,
-        b: usize,
-        tq: usize,
-        past: usize,
-        tmax: usize,
-        h: usize,
-        hkv: usize,
-        d: usize,
+        shape: CachedAttnShape,
     );
 
     // ---- device-resident optimizer step, host-transfer accounting ------------------------------------

@@ -35,6 +35,7 @@ use anyhow::{Result, bail};
 use rand::{RngExt, SeedableRng};
 use std::sync::Arc;
 use std::time::Instant;
+use zhllama::backend::GemmShape;
 use zhllama::backend::cpu::CpuBackend;
 use zhllama::backend::cuda::CudaBackend;
 use zhllama::backend::{Backend, Role};
@@ -190,11 +191,7 @@ fn sgemm<B: Backend>(backend: &B, n: usize, reps: usize) -> Result<()> {
             backend.view_mut(out, 0..n * n),
             backend.view(&a, 0..n * n),
             backend.view(&b, 0..n * n),
-            n,
-            n,
-            n,
-            false,
-            true,
+            GemmShape::nt(n, n, n),
             1.0,
             0.0,
         );

@@ -27,6 +27,7 @@ use super::lora::{LoraConfig, Proj, init_lora_a};
 use super::params::{Group, Kind, Loc, ParamEntry, ParamLayout, TrainSpec, proj_shape};
 use super::weights::{Checkpoint, HostTensor, SaveOptions, save_model_dir};
 use crate::backend::{Backend, Role};
+use crate::backend::{GemmShape, LmHeadIn, LmHeadSaved, LmHeadShape, RowShape};
 use crate::util::hash::mix64;
 use anyhow::{Context, Result, bail, ensure};
 use rand::{RngExt, SeedableRng};
@@ -413,11 +414,7 @@ impl<B: Backend> Llama<B> {
             be.view_mut(&mut acts.logits, 0..n * vsz),
             v(be, &acts.normf),
             self.p(self.lm_head),
-            n,
-            vsz,
-            self.config.hidden_size,
-            false,
-            true,
+            GemmShape::nt(n, vsz, self.config.hidden_size),
             1.0,
             0.0,
         );
@@ -519,8 +516,7 @@ impl<B: Backend> Llama<B> {
             vm(be, &mut acts.normf_rstd),
             v(be, &acts.resid_out),
             self.p(self.final_norm),
-            n,
-            c,
+            RowShape { n, c },
             cfg.rms_norm_eps,
         );
         drop(r);
@@ -573,12 +569,16 @@ impl<B: Backend> Llama<B> {
             &mut acts.ce_lse,
             &mut acts.logits,
             &mut acts.ce_scratch,
-            v(be, &acts.normf),
-            self.p(self.lm_head),
-            &acts.targets,
-            n,
-            self.config.hidden_size,
-            vsz,
+            LmHeadIn {
+                x: v(be, &acts.normf),
+                w: self.p(self.lm_head),
+                targets: &acts.targets,
+            },
+            LmHeadShape {
+                n,
+                c: self.config.hidden_size,
+                v: vsz,
+            },
         );
         // Only the sum comes back: one f64, whatever the batch.
         acts.loss_sum = be.sum(v(be, &acts.losses))?;
@@ -646,14 +646,14 @@ impl<B: Backend> Llama<B> {
             vm(be, &mut bw.dln),
             lm.trainable().then(|| be.view_mut(grads, lm.range())),
             &mut acts.ce_scratch,
-            v(be, &acts.normf),
-            self.p(lm),
-            &acts.logits,
-            &acts.ce_lse,
-            &acts.targets,
-            n,
-            c,
-            vsz,
+            LmHeadSaved {
+                x: v(be, &acts.normf),
+                w: self.p(lm),
+                logits: &acts.logits,
+                lse: &acts.ce_lse,
+                targets: &acts.targets,
+            },
+            LmHeadShape { n, c, v: vsz },
             scale / acts.count as f32,
         );
         drop(r);
@@ -672,7 +672,7 @@ impl<B: Backend> Llama<B> {
         });
         let key = acts.rng_key;
         let dropout = acts.dropout_active;
-        for (li, ll) in self.layers.iter().enumerate().rev() {
+        for li in (0..self.layers.len()).rev() {
             let ctx = LinCtx {
                 n,
                 li,
@@ -698,7 +698,7 @@ impl<B: Backend> Llama<B> {
             }
             let _r = self.range(&format!("layer {li} bwd"));
             let la = &acts.layers[if acts.checkpointed { 0 } else { li }];
-            self.layer_backward(la, &acts.resid[li], ll, &ctx, (b, t), bw, grads)?;
+            self.layer_backward(la, &acts.resid[li], &ctx, (b, t), bw, grads)?;
             self.ready_where(grads, on_ready, |k| match k {
                 Kind::Norm { layer, .. }
                 | Kind::Proj { layer, .. }

@@ -33,6 +33,11 @@ impl Proj {
         Proj::Down,
     ];
 
+    /// Position in [`Proj::ALL`] (the declaration order), e.g. of a layer's projection locations.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The HF module name (`q_proj`, ..., `down_proj`).
     pub fn module_name(self) -> &'static str {
         match self {
@@ -159,6 +164,13 @@ pub fn apply_dropout_mask(x: &mut [f32], p: f32, key: u64, layer: usize, proj: P
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proj_index_is_the_position_in_all() {
+        for (i, p) in Proj::ALL.into_iter().enumerate() {
+            assert_eq!(p.index(), i, "{p:?}");
+        }
+    }
 
     #[test]
     fn kaiming_bound_and_determinism() {

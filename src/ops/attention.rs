@@ -17,7 +17,9 @@
 
 use super::math::{SharedMut, dot, exp_fast, exp_sub_sum, max, simd_fn};
 use super::matmul::matmul_serial;
+use super::shape::{AttnSaved, AttnShape, GemmShape};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Query rows per block.
 pub const BLOCK: usize = 64;
@@ -27,18 +29,9 @@ pub fn attention_scale(d: usize) -> f32 {
     (1.0 / (d as f64).sqrt()) as f32
 }
 
-#[allow(clippy::too_many_arguments)]
-fn check_shapes(
-    what: &str,
-    q: usize,
-    k: usize,
-    v: usize,
-    b: usize,
-    t: usize,
-    h: usize,
-    hkv: usize,
-    d: usize,
-) {
+/// Asserts `h` is a multiple of `hkv` and that `q`, `k`, `v` elements fit `shape`.
+fn check_shapes(what: &str, q: usize, k: usize, v: usize, shape: AttnShape) {
+    let AttnShape { b, t, h, hkv, d } = shape;
     assert!(
         hkv > 0 && h.is_multiple_of(hkv),
         "{what}: {h} query heads are not a multiple of {hkv} kv heads"
@@ -62,30 +55,16 @@ fn check_shapes(
 
 /// `out[b,t,h,d] = softmax(q·kᵀ·scale + causal mask)·v`, `lse[b,h,t] =` the log-sum-exp of the
 /// scaled, masked scores.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     out: &mut [f32],
     lse: &mut [f32],
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    b: usize,
-    t: usize,
-    h: usize,
-    hkv: usize,
-    d: usize,
+    shape: AttnShape,
 ) {
-    check_shapes(
-        "attention_forward",
-        q.len(),
-        k.len(),
-        v.len(),
-        b,
-        t,
-        h,
-        hkv,
-        d,
-    );
+    check_shapes("attention_forward", q.len(), k.len(), v.len(), shape);
+    let AttnShape { b, t, h, hkv, d } = shape;
     assert_eq!(
         out.len(),
         q.len(),
@@ -118,11 +97,7 @@ pub fn attention_forward(
                     s,
                     &qh[r0 * d..r1 * d],
                     &kk[..r1 * d],
-                    m,
-                    r1,
-                    d,
-                    false,
-                    true,
+                    GemmShape::nt(m, r1, d),
                     scale,
                     0.0,
                 );
@@ -132,11 +107,7 @@ pub fn attention_forward(
                     &mut oh[r0 * d..r1 * d],
                     s,
                     &vv[..r1 * d],
-                    m,
-                    d,
-                    r1,
-                    false,
-                    false,
+                    GemmShape::nn(m, d, r1),
                     1.0,
                     0.0,
                 );
@@ -165,17 +136,17 @@ simd_fn! {
 simd_fn! {
     /// Backward of one block: on entry `p` holds the scaled scores and `ds` holds `dout · vᵀ`;
     /// on exit `p = exp(score − lse)` and `ds = p ⊙ (dp − dout·out)`, both 0 above the diagonal.
-    #[allow(clippy::too_many_arguments)]
+    /// `rows` = `r0..r1`, the block's query rows.
     fn backward_rows(
         p: &mut [f32],
         ds: &mut [f32],
         dout: &[f32],
         out: &[f32],
         lse: &[f32],
-        r0: usize,
-        r1: usize,
+        rows: Range<usize>,
         d: usize,
     ) {
+        let (r0, r1) = (rows.start, rows.end);
         for (ii, (prow, dsrow)) in p.chunks_mut(r1).zip(ds.chunks_mut(r1)).enumerate() {
             let i = r0 + ii;
             let l = lse[i];
@@ -220,34 +191,17 @@ unsafe fn scatter(
 
 /// `dq =`, `dk =`, `dv =` of [`attention_forward`], from `dout`, the inputs and the saved
 /// `out` and `lse`.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dq: &mut [f32],
     dk: &mut [f32],
     dv: &mut [f32],
     dout: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    out: &[f32],
-    lse: &[f32],
-    b: usize,
-    t: usize,
-    h: usize,
-    hkv: usize,
-    d: usize,
+    saved: AttnSaved<&[f32]>,
+    shape: AttnShape,
 ) {
-    check_shapes(
-        "attention_backward",
-        q.len(),
-        k.len(),
-        v.len(),
-        b,
-        t,
-        h,
-        hkv,
-        d,
-    );
+    let AttnSaved { q, k, v, out, lse } = saved;
+    check_shapes("attention_backward", q.len(), k.len(), v.len(), shape);
+    let AttnShape { b, t, h, hkv, d } = shape;
     assert_eq!(
         dq.len(),
         q.len(),
@@ -300,21 +254,17 @@ pub fn attention_backward(
                 let (p, ds) = (&mut p[..m * r1], &mut ds[..m * r1]);
                 let (q_blk, do_blk) = (&qh[r0 * d..r1 * d], &doh[r0 * d..r1 * d]);
                 // p = exp(scale · q kᵀ − lse), 0 above the diagonal.
-                matmul_serial(p, q_blk, &kk[..r1 * d], m, r1, d, false, true, scale, 0.0);
+                matmul_serial(p, q_blk, &kk[..r1 * d], GemmShape::nt(m, r1, d), scale, 0.0);
                 // dp = dout · vᵀ
-                matmul_serial(ds, do_blk, &vv[..r1 * d], m, r1, d, false, true, 1.0, 0.0);
-                backward_rows(p, ds, &doh, &oh, lse_row, r0, r1, d);
+                matmul_serial(ds, do_blk, &vv[..r1 * d], GemmShape::nt(m, r1, d), 1.0, 0.0);
+                backward_rows(p, ds, &doh, &oh, lse_row, r0..r1, d);
                 // dq = scale · ds · k;  dk += scale · dsᵀ · q;  dv += pᵀ · dout
                 let dq_blk = &mut dqh[r0 * d..r1 * d];
                 matmul_serial(
                     dq_blk,
                     ds,
                     &kk[..r1 * d],
-                    m,
-                    d,
-                    r1,
-                    false,
-                    false,
+                    GemmShape::nn(m, d, r1),
                     scale,
                     0.0,
                 );
@@ -322,11 +272,7 @@ pub fn attention_backward(
                     &mut dkh[..r1 * d],
                     ds,
                     q_blk,
-                    r1,
-                    d,
-                    m,
-                    true,
-                    false,
+                    GemmShape::tn(r1, d, m),
                     scale,
                     1.0,
                 );
@@ -334,11 +280,7 @@ pub fn attention_backward(
                     &mut dvh[..r1 * d],
                     p,
                     do_blk,
-                    r1,
-                    d,
-                    m,
-                    true,
-                    false,
+                    GemmShape::tn(r1, d, m),
                     1.0,
                     1.0,
                 );

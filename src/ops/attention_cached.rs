@@ -13,23 +13,26 @@
 
 use super::attention::attention_scale;
 use super::math::dot;
+use super::shape::CachedAttnShape;
 use rayon::prelude::*;
 
 /// `out[b,tq,h,d] = softmax(q·kᵀ·scale, causal from position past)·v` over the cache.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_cached_forward(
     out: &mut [f32],
     q: &[f32],
     kcache: &[f32],
     vcache: &[f32],
-    b: usize,
-    tq: usize,
-    past: usize,
-    tmax: usize,
-    h: usize,
-    hkv: usize,
-    d: usize,
+    shape: CachedAttnShape,
 ) {
+    let CachedAttnShape {
+        b,
+        tq,
+        past,
+        tmax,
+        h,
+        hkv,
+        d,
+    } = shape;
     assert!(
         hkv > 0 && h.is_multiple_of(hkv),
         "attention_cached_forward: {h} heads not a multiple of {hkv} kv heads"

@@ -11,60 +11,46 @@
 //! threads from rayon's pool); chosen by measurement, see docs/PERF.md. The test suite checks it
 //! against a naive triple loop for every transpose combination.
 
+use super::shape::GemmShape;
 use gemm::{Parallelism, gemm};
 
 /// `out[m,n] = alpha * op(a)·op(b) + beta * out` (`=` when `beta == 0`, else a blend).
 /// Large products use rayon's pool.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    out: &mut [f32],
-    a: &[f32],
-    b: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    trans_a: bool,
-    trans_b: bool,
-    alpha: f32,
-    beta: f32,
-) {
+pub fn matmul(out: &mut [f32], a: &[f32], b: &[f32], shape: GemmShape, alpha: f32, beta: f32) {
     // Small products are not worth waking the pool for.
-    let threaded = m * n * k >= 64 * 64 * 64;
-    matmul_on(out, a, b, m, n, k, trans_a, trans_b, alpha, beta, threaded);
+    let threaded = shape.m * shape.n * shape.k >= 64 * 64 * 64;
+    matmul_on(out, a, b, shape, (alpha, beta), threaded);
 }
 
 /// [`matmul`] on the calling thread only: for callers that are themselves one of many rayon tasks
 /// (attention's per-head blocks).
-#[allow(clippy::too_many_arguments)]
 pub fn matmul_serial(
     out: &mut [f32],
     a: &[f32],
     b: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    trans_a: bool,
-    trans_b: bool,
+    shape: GemmShape,
     alpha: f32,
     beta: f32,
 ) {
-    matmul_on(out, a, b, m, n, k, trans_a, trans_b, alpha, beta, false);
+    matmul_on(out, a, b, shape, (alpha, beta), false);
 }
 
-#[allow(clippy::too_many_arguments)]
+/// [`matmul`] with `(alpha, beta)`, on rayon's pool when `threaded`.
 fn matmul_on(
     out: &mut [f32],
     a: &[f32],
     b: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    trans_a: bool,
-    trans_b: bool,
-    alpha: f32,
-    beta: f32,
+    shape: GemmShape,
+    (alpha, beta): (f32, f32),
     threaded: bool,
 ) {
+    let GemmShape {
+        m,
+        n,
+        k,
+        trans_a,
+        trans_b,
+    } = shape;
     assert_eq!(out.len(), m * n, "matmul: out is not [m={m}, n={n}]");
     assert_eq!(a.len(), m * k, "matmul: a is not {m}x{k}");
     assert_eq!(b.len(), k * n, "matmul: b is not {k}x{n}");

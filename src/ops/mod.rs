@@ -2,9 +2,9 @@
 //! by side. These are the functions the `Backend` trait's CPU implementation calls by the same name,
 //! and the spec every CUDA kernel is tested against.
 //!
-//! Conventions (see `backend/mod.rs`): outputs first, then inputs, saved statistics, sizes; every
-//! slice has exactly the length its shape implies (asserted); row-major, contiguous. Numerics follow
-//! HF transformers' `LlamaForCausalLM` in f32. Work is spread over rayon's pool; every reduction has a
+//! Conventions (see `backend/mod.rs`): outputs first, then inputs, saved statistics, the shape (a
+//! struct of `shape.rs`); every slice has exactly the length its shape implies (asserted);
+//! row-major, contiguous. Numerics follow HF transformers' `LlamaForCausalLM` in f32. Work is spread over rayon's pool; every reduction has a
 //! fixed order, so results do not depend on the number of threads.
 
 pub mod adamw;
@@ -19,6 +19,7 @@ pub mod math;
 pub mod matmul;
 pub mod rmsnorm;
 pub mod rope;
+pub mod shape;
 pub mod swiglu;
 
 pub use adamw::adamw_step;

@@ -7,6 +7,7 @@
 //! `dx = rstd · (g − x̂ · mean(g ⊙ x̂))`, `dw = Σ_rows dout ⊙ x̂`.
 
 use super::math::simd_fn;
+use super::shape::{RmsNormSaved, RowShape};
 use rayon::prelude::*;
 
 /// Rows per rayon task; also the fixed blocking of the `dw` reduction, so `dw` does not depend on
@@ -75,10 +76,10 @@ pub fn rmsnorm_forward(
     rstd: &mut [f32],
     x: &[f32],
     w: &[f32],
-    n: usize,
-    c: usize,
+    shape: RowShape,
     eps: f32,
 ) {
+    let RowShape { n, c } = shape;
     assert_eq!(
         out.len(),
         n * c,
@@ -98,17 +99,16 @@ pub fn rmsnorm_forward(
 }
 
 /// `dx[n,c] += rstd·(g − x̂·mean(g⊙x̂))` with `g = dout⊙w`, `x̂ = x·rstd`; `dw[c] += Σ dout⊙x̂`.
-#[allow(clippy::too_many_arguments)]
+/// `saved` holds the forward's `x`, `w` and its `rstd`.
 pub fn rmsnorm_backward(
     dx: &mut [f32],
     dw: &mut [f32],
     dout: &[f32],
-    x: &[f32],
-    w: &[f32],
-    rstd: &[f32],
-    n: usize,
-    c: usize,
+    saved: RmsNormSaved<&[f32]>,
+    shape: RowShape,
 ) {
+    let RmsNormSaved { x, w, rstd } = saved;
+    let RowShape { n, c } = shape;
     assert_eq!(
         dx.len(),
         n * c,

@@ -11,6 +11,7 @@
 //! `cos`/`sin` of that f32 angle. We evaluate `pow`, `cos` and `sin` in f64 and round to f32 (the
 //! correctly rounded value; torch's vectorised f32 versions are within 1 ulp of it).
 
+use super::shape::RopeShape;
 use rayon::prelude::*;
 
 /// HF's `inv_freq[i]` for `i < d/2`, in f32.
@@ -36,17 +37,15 @@ pub fn cos_sin(cos: &mut [f32], sin: &mut [f32], theta: f32, d: usize, pos: usiz
 }
 
 /// Shared loop: rotate every head of every token by `sign · angle`.
-#[allow(clippy::too_many_arguments)]
-fn rope_apply(
-    x: &mut [f32],
-    b: usize,
-    t: usize,
-    h: usize,
-    d: usize,
-    theta: f32,
-    pos_offset: usize,
-    backward: bool,
-) {
+fn rope_apply(x: &mut [f32], shape: RopeShape, backward: bool) {
+    let RopeShape {
+        b,
+        t,
+        h,
+        d,
+        theta,
+        pos_offset,
+    } = shape;
     assert_eq!(
         x.len(),
         b * t * h * d,
@@ -86,29 +85,11 @@ fn rope_apply(
 }
 
 /// In place on `x[b,t,h,d]`: rotate by the angles of positions `pos_offset + ti`.
-#[allow(clippy::too_many_arguments)]
-pub fn rope_forward(
-    x: &mut [f32],
-    b: usize,
-    t: usize,
-    h: usize,
-    d: usize,
-    theta: f32,
-    pos_offset: usize,
-) {
-    rope_apply(x, b, t, h, d, theta, pos_offset, false);
+pub fn rope_forward(x: &mut [f32], shape: RopeShape) {
+    rope_apply(x, shape, false);
 }
 
 /// In place on `dx[b,t,h,d]`: the transpose of [`rope_forward`] (rotation by the negative angle).
-#[allow(clippy::too_many_arguments)]
-pub fn rope_backward(
-    dx: &mut [f32],
-    b: usize,
-    t: usize,
-    h: usize,
-    d: usize,
-    theta: f32,
-    pos_offset: usize,
-) {
-    rope_apply(dx, b, t, h, d, theta, pos_offset, true);
+pub fn rope_backward(dx: &mut [f32], shape: RopeShape) {
+    rope_apply(dx, shape, true);
 }

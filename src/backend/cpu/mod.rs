@@ -1,7 +1,10 @@
 //! The CPU reference backend: `f32` vectors in host memory; every op is the same-named function in
 //! `crate::ops` (multi-threaded with rayon). `Role` is ignored: everything is f32.
 
-use super::{AdamW, Backend, Role};
+use super::{
+    AdamW, AttnSaved, AttnShape, Backend, CachedAttnShape, GemmShape, RmsNormSaved, Role,
+    RopeShape, RowShape,
+};
 use crate::ops;
 use anyhow::{Result, ensure};
 use std::ops::Range;
@@ -120,15 +123,11 @@ impl Backend for CpuBackend {
         out: &mut [f32],
         a: &[f32],
         b: &[f32],
-        m: usize,
-        n: usize,
-        k: usize,
-        trans_a: bool,
-        trans_b: bool,
+        shape: GemmShape,
         alpha: f32,
         beta: f32,
     ) {
-        ops::matmul(out, a, b, m, n, k, trans_a, trans_b, alpha, beta)
+        ops::matmul(out, a, b, shape, alpha, beta)
     }
 
     fn rmsnorm_forward(
@@ -137,49 +136,27 @@ impl Backend for CpuBackend {
         rstd: &mut [f32],
         x: &[f32],
         w: &[f32],
-        n: usize,
-        c: usize,
+        shape: RowShape,
         eps: f32,
     ) {
-        ops::rmsnorm_forward(out, rstd, x, w, n, c, eps)
+        ops::rmsnorm_forward(out, rstd, x, w, shape, eps)
     }
     fn rmsnorm_backward(
         &self,
         dx: &mut [f32],
         dw: &mut [f32],
         dout: &[f32],
-        x: &[f32],
-        w: &[f32],
-        rstd: &[f32],
-        n: usize,
-        c: usize,
+        saved: RmsNormSaved<&[f32]>,
+        shape: RowShape,
     ) {
-        ops::rmsnorm_backward(dx, dw, dout, x, w, rstd, n, c)
+        ops::rmsnorm_backward(dx, dw, dout, saved, shape)
     }
 
-    fn rope_forward(
-        &self,
-        x: &mut [f32],
-        b: usize,
-        t: usize,
-        h: usize,
-        d: usize,
-        theta: f32,
-        pos_offset: usize,
-    ) {
-        ops::rope_forward(x, b, t, h, d, theta, pos_offset)
+    fn rope_forward(&self, x: &mut [f32], shape: RopeShape) {
+        ops::rope_forward(x, shape)
     }
-    fn rope_backward(
-        &self,
-        dx: &mut [f32],
-        b: usize,
-        t: usize,
-        h: usize,
-        d: usize,
-        theta: f32,
-        pos_offset: usize,
-    ) {
-        ops::rope_backward(dx, b, t, h, d, theta, pos_offset)
+    fn rope_backward(&self, dx: &mut [f32], shape: RopeShape) {
+        ops::rope_backward(dx, shape)
     }
 
     fn attention_forward(
@@ -189,13 +166,9 @@ impl Backend for CpuBackend {
         q: &[f32],
         k: &[f32],
         v: &[f32],
-        b: usize,
-        t: usize,
-        h: usize,
-        hkv: usize,
-        d: usize,
+        shape: AttnShape,
     ) {
-        ops::attention_forward(out, lse, q, k, v, b, t, h, hkv, d)
+        ops::attention_forward(out, lse, q, k, v, shape)
     }
     fn attention_backward(
         &self,
@@ -203,18 +176,10 @@ impl Backend for CpuBackend {
         dk: &mut [f32],
         dv: &mut [f32],
         dout: &[f32],
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        out: &[f32],
-        lse: &[f32],
-        b: usize,
-        t: usize,
-        h: usize,
-        hkv: usize,
-        d: usize,
+        saved: AttnSaved<&[f32]>,
+        shape: AttnShape,
     ) {
-        ops::attention_backward(dq, dk, dv, dout, q, k, v, out, lse, b, t, h, hkv, d)
+        ops::attention_backward(dq, dk, dv, dout, saved, shape)
     }
 
     fn swiglu_forward(&self, out: &mut [f32], gate: &[f32], up: &[f32]) {
@@ -310,14 +275,8 @@ impl Backend for CpuBackend {
         q: &[f32],
         kcache: &[f32],
         vcache: &[f32],
-        b: usize,
-        tq: usize,
-        past: usize,
-        tmax: usize,
-        h: usize,
-        hkv: usize,
-        d: usize,
+        shape: CachedAttnShape,
     ) {
-        ops::attention_cached_forward(out, q, kcache, vcache, b, tq, past, tmax, h, hkv, d)
+        ops::attention_cached_forward(out, q, kcache, vcache, shape)
     }
 }

@@ -7,6 +7,7 @@ use super::CudaBackend;
 use super::grid;
 use super::launch::{KArg, check_args, kargs, native};
 use super::view::{DView, DViewMut};
+use crate::backend::{AttnRopeShape, AttnSaved, AttnShape};
 use anyhow::{Result, ensure};
 
 fn check_heads(h: usize, hkv: usize, d: usize) -> Result<()> {
@@ -24,7 +25,6 @@ fn check_heads(h: usize, hkv: usize, d: usize) -> Result<()> {
 impl CudaBackend {
     /// Causal GQA attention with RoPE (base `theta`, positions `pos_offset + t`) applied to q and k as
     /// they are loaded; `theta = 0` is plain attention. `out =`, `lse =`; q, k un-rotated.
-    #[allow(clippy::too_many_arguments)]
     pub fn attention_rope_forward(
         &self,
         out: DViewMut<'_>,
@@ -32,14 +32,13 @@ impl CudaBackend {
         q: DView<'_>,
         k: DView<'_>,
         v: DView<'_>,
-        b: usize,
-        t: usize,
-        h: usize,
-        hkv: usize,
-        d: usize,
-        theta: f32,
-        pos_offset: usize,
+        shape: AttnRopeShape,
     ) {
+        let AttnRopeShape {
+            attn: AttnShape { b, t, h, hkv, d },
+            theta,
+            pos_offset,
+        } = shape;
         self.run(|| {
             check_heads(h, hkv, d)?;
             let args = [
@@ -76,27 +75,23 @@ impl CudaBackend {
     }
 
     /// Backward of [`Self::attention_rope_forward`]: `dq =`, `dk =`, `dv =` with respect to the
-    /// un-rotated q and k. Deterministic (no atomics): dk/dv per key tile, then dq per query tile.
-    #[allow(clippy::too_many_arguments)]
+    /// un-rotated q and k (`saved`: the forward's un-rotated q, k, v, its out and lse).
+    /// Deterministic (no atomics): dk/dv per key tile, then dq per query tile.
     pub fn attention_rope_backward(
         &self,
         dq: DViewMut<'_>,
         dk: DViewMut<'_>,
         dv: DViewMut<'_>,
         dout: DView<'_>,
-        q: DView<'_>,
-        k: DView<'_>,
-        v: DView<'_>,
-        out: DView<'_>,
-        lse: DView<'_>,
-        b: usize,
-        t: usize,
-        h: usize,
-        hkv: usize,
-        d: usize,
-        theta: f32,
-        pos_offset: usize,
+        saved: AttnSaved<DView<'_>>,
+        shape: AttnRopeShape,
     ) {
+        let AttnSaved { q, k, v, out, lse } = saved;
+        let AttnRopeShape {
+            attn: AttnShape { b, t, h, hkv, d },
+            theta,
+            pos_offset,
+        } = shape;
         self.run(|| {
             check_heads(h, hkv, d)?;
             let args = [

@@ -6,25 +6,28 @@ use super::CudaBackend;
 use super::grid;
 use super::launch::{KArg, check_args, kargs, native};
 use super::view::{DView, DViewMut};
+use crate::backend::CachedAttnShape;
 use anyhow::{Result, ensure};
 
 impl CudaBackend {
     /// [`crate::backend::Backend::attention_cached_forward`].
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn attention_cached_forward_impl(
         &self,
         out: DViewMut<'_>,
         q: DView<'_>,
         kcache: DView<'_>,
         vcache: DView<'_>,
-        b: usize,
-        tq: usize,
-        past: usize,
-        tmax: usize,
-        h: usize,
-        hkv: usize,
-        d: usize,
+        shape: CachedAttnShape,
     ) -> Result<()> {
+        let CachedAttnShape {
+            b,
+            tq,
+            past,
+            tmax,
+            h,
+            hkv,
+            d,
+        } = shape;
         ensure!(
             hkv > 0 && h.is_multiple_of(hkv) && past + tq <= tmax,
             "attention_cached_forward: bad shape h={h} hkv={hkv} past={past} tq={tq} tmax={tmax}"

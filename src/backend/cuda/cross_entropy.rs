@@ -6,8 +6,27 @@ use super::grid;
 use super::launch::{KArg, check_args, check_view, kargs, suffix};
 use super::view::{DView, DViewMut};
 use super::{CudaBackend, CudaIds};
+use crate::backend::{GemmShape, LmHeadIn, LmHeadShape};
 use crate::tensor::DType;
 use anyhow::{Result, ensure};
+
+/// What the fused lm_head + cross-entropy backward re-reads: the forward's `x[n,c]`, `w[v,c]`,
+/// `targets[n]` and its saved `lse[n]` (it never holds the logits).
+#[derive(Clone, Copy)]
+pub struct LmHeadCeSaved<'a> {
+    pub x: DView<'a>,
+    pub w: DView<'a>,
+    pub lse: DView<'a>,
+    pub targets: &'a CudaIds,
+}
+
+/// The gradients the fused backward writes: `dx[n,c]` (`accumulate`: `+=`, else `=`) and
+/// `dw[v,c] +=` (`None`: a frozen lm_head).
+pub(super) struct LmHeadCeGrads<'a> {
+    pub dx: DViewMut<'a>,
+    pub accumulate: bool,
+    pub dw: Option<DViewMut<'a>>,
+}
 
 impl CudaBackend {
     /// [`crate::backend::Backend::cross_entropy_forward`].
@@ -79,26 +98,23 @@ impl CudaBackend {
         vc: usize,
         c: usize,
     ) -> Result<()> {
-        self.matmul_impl(out, x, w_chunk, n, vc, c, false, true, 1.0, 0.0)
+        self.matmul_impl(out, x, w_chunk, GemmShape::nt(n, vc, c), 1.0, 0.0)
     }
 
     /// Fused lm_head + cross-entropy, never holding the `[n, v]` logits: for each vocabulary chunk
     /// of `chunk_len = chunk.len / n` rows of `w[v, c]`, cuBLAS writes `x·w_chunkᵀ` into `chunk` and a
     /// kernel folds it into per-row running (max, Σexp) and the target's logit.
     /// `losses[n] =` (0 where the target is −100), `lse[n] =` (saved for the backward).
-    #[allow(clippy::too_many_arguments)]
     pub fn lm_head_cross_entropy_forward(
         &self,
         losses: DViewMut<'_>,
         lse: DViewMut<'_>,
         mut chunk: DViewMut<'_>,
-        x: DView<'_>,
-        w: DView<'_>,
-        targets: &CudaIds,
-        n: usize,
-        c: usize,
-        v: usize,
+        input: LmHeadIn<'_, DView<'_>, CudaIds>,
+        shape: LmHeadShape,
     ) {
+        let LmHeadIn { x, w, targets } = input;
+        let LmHeadShape { n, c, v } = shape;
         self.run(|| {
             ensure!(
                 losses.dtype == DType::F32 && lse.dtype == DType::F32,
@@ -158,35 +174,21 @@ impl CudaBackend {
     /// then `dx[n,c] +=` dlogits·w_chunk and `dw[v,c] +=` dlogitsᵀ·x (cuBLAS, beta = 1). A 16-bit
     /// `dx` is summed in fp32 and rounded once (the same code as the `Backend` trait's op, which
     /// writes `dx =`).
-    #[allow(clippy::too_many_arguments)]
     pub fn lm_head_cross_entropy_backward(
         &self,
         dx: DViewMut<'_>,
         dw: DViewMut<'_>,
         chunk: DViewMut<'_>,
-        x: DView<'_>,
-        w: DView<'_>,
-        lse: DView<'_>,
-        targets: &CudaIds,
-        n: usize,
-        c: usize,
-        v: usize,
+        saved: LmHeadCeSaved<'_>,
+        shape: LmHeadShape,
         scale: f32,
     ) {
-        let r = self.lm_head_ce_backward_fp32_dx(
+        let grads = LmHeadCeGrads {
             dx,
-            true,
-            Some(dw),
-            chunk,
-            x,
-            w,
-            lse,
-            targets,
-            n,
-            c,
-            v,
-            scale,
-        );
+            accumulate: true,
+            dw: Some(dw),
+        };
+        let r = self.lm_head_ce_backward_fp32_dx(grads, chunk, saved, shape, scale);
         self.record(r);
     }
 
@@ -195,22 +197,15 @@ impl CudaBackend {
     /// after every chunk, so the sum is kept in fp32 scratch (bf16 inputs with an fp32 output are
     /// native to cuBLAS), starting from dx (`accumulate`: `dx +=`) or zero (`dx =`), and rounded
     /// once at the end, as the composite default rounds once.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn lm_head_ce_backward_fp32_dx(
         &self,
-        dx: DViewMut<'_>,
-        accumulate: bool,
-        dw: Option<DViewMut<'_>>,
+        grads: LmHeadCeGrads<'_>,
         chunk: DViewMut<'_>,
-        x: DView<'_>,
-        w: DView<'_>,
-        lse: DView<'_>,
-        targets: &CudaIds,
-        n: usize,
-        c: usize,
-        v: usize,
+        saved: LmHeadCeSaved<'_>,
+        shape: LmHeadShape,
         scale: f32,
     ) -> Result<()> {
+        let LmHeadCeGrads { dx, accumulate, dw } = grads;
         let len = dx.len;
         let acc = if dx.dtype == DType::F32 {
             dx.ptr
@@ -223,7 +218,7 @@ impl CudaBackend {
         } else if acc != dx.ptr {
             self.cast(acc, DType::F32, dx.ptr, dx.dtype, len)?;
         }
-        self.lm_head_ce_backward(acc_view(), dw, chunk, x, w, lse, targets, n, c, v, scale);
+        self.lm_head_ce_backward(acc_view(), dw, chunk, saved, shape, scale);
         self.take_error()?;
         if acc != dx.ptr {
             self.cast(dx.ptr, dx.dtype, acc, DType::F32, len)?;
@@ -233,21 +228,17 @@ impl CudaBackend {
 
     /// [`Self::lm_head_cross_entropy_backward`] with `dw` optional (`None`: a frozen lm_head, the
     /// per-chunk dW GEMM skipped).
-    #[allow(clippy::too_many_arguments)]
     fn lm_head_ce_backward(
         &self,
         mut dx: DViewMut<'_>,
         mut dw: Option<DViewMut<'_>>,
         mut chunk: DViewMut<'_>,
-        x: DView<'_>,
-        w: DView<'_>,
-        lse: DView<'_>,
-        targets: &CudaIds,
-        n: usize,
-        c: usize,
-        v: usize,
+        saved: LmHeadCeSaved<'_>,
+        shape: LmHeadShape,
         scale: f32,
     ) {
+        let LmHeadCeSaved { x, w, lse, targets } = saved;
+        let LmHeadShape { n, c, v } = shape;
         self.run(|| {
             ensure!(lse.dtype == DType::F32, "lm_head CE: lse must be fp32");
             check_view("lm_head CE dx", dx.len, n * c)?;
@@ -283,11 +274,11 @@ impl CudaBackend {
                 )?;
                 let g = chunk.ro().sub(0, n * vc);
                 // dx[n,c] += g[n,vc] · w_chunk[vc,c]
-                self.matmul_impl(dx.reborrow(), g, wv, n, c, vc, false, false, 1.0, 1.0)?;
+                self.matmul_impl(dx.reborrow(), g, wv, GemmShape::nn(n, c, vc), 1.0, 1.0)?;
                 // dw_chunk[vc,c] += gᵀ[vc,n] · x[n,c]
                 if let Some(dw) = dw.as_mut() {
                     let dwv = dw.sub_mut(v0 * c, vc * c);
-                    self.matmul_impl(dwv, g, x, vc, c, n, true, false, 1.0, 1.0)?;
+                    self.matmul_impl(dwv, g, x, GemmShape::tn(vc, c, n), 1.0, 1.0)?;
                 }
                 v0 += vc;
             }

@@ -4,27 +4,34 @@
 use super::launch::{check_args, suffix, uni16};
 use super::view::{DView, DViewMut};
 use super::{CudaBackend, nvtx};
+use crate::backend::GemmShape;
 use crate::tensor::DType;
 use anyhow::{Result, anyhow};
 use cudarc::cublas::{result as blas_result, sys as blas_sys};
 
+/// The device operands of one cuBLAS call: `out` stored as `od`, `a` and `b` both stored as `ab`.
+#[derive(Clone, Copy)]
+struct GemmPtrs {
+    out: u64,
+    od: DType,
+    a: u64,
+    b: u64,
+    ab: DType,
+}
+
 impl CudaBackend {
     /// [`crate::backend::Backend::matmul`], returning its error: a combination of storage types
     /// cuBLAS does not take is staged through fp32.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn matmul_impl(
         &self,
         out: DViewMut<'_>,
         a: DView<'_>,
         b: DView<'_>,
-        m: usize,
-        n: usize,
-        k: usize,
-        trans_a: bool,
-        trans_b: bool,
+        shape: GemmShape,
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
+        let GemmShape { m, n, k, .. } = shape;
         let o = if beta == 0.0 {
             out.out("out", m * n)
         } else {
@@ -40,45 +47,37 @@ impl CudaBackend {
             || (a.dtype == DType::F32 && b.dtype == DType::F32 && out.dtype == DType::F32);
         if !ok {
             return self.with_f32(&args, |p| {
-                self.gemm(
-                    p[0],
-                    DType::F32,
-                    p[1],
-                    p[2],
-                    DType::F32,
-                    m,
-                    n,
-                    k,
-                    trans_a,
-                    trans_b,
-                    alpha,
-                    beta,
-                )
+                let ptrs = GemmPtrs {
+                    out: p[0],
+                    od: DType::F32,
+                    a: p[1],
+                    b: p[2],
+                    ab: DType::F32,
+                };
+                self.gemm(ptrs, shape, alpha, beta)
             });
         }
-        self.gemm(
-            out.ptr, out.dtype, a.ptr, b.ptr, a.dtype, m, n, k, trans_a, trans_b, alpha, beta,
-        )
+        let ptrs = GemmPtrs {
+            out: out.ptr,
+            od: out.dtype,
+            a: a.ptr,
+            b: b.ptr,
+            ab: a.dtype,
+        };
+        self.gemm(ptrs, shape, alpha, beta)
     }
 
     /// Row-major `out[m,n] = alpha·op(a)·op(b) + beta·out` as the column-major
     /// `outᵀ[n,m] = op(b)ᵀ·op(a)ᵀ`: cuBLAS's A is our b, its B our a.
-    #[allow(clippy::too_many_arguments)]
-    fn gemm(
-        &self,
-        out: u64,
-        od: DType,
-        a: u64,
-        b: u64,
-        ab: DType,
-        m: usize,
-        n: usize,
-        k: usize,
-        trans_a: bool,
-        trans_b: bool,
-        alpha: f32,
-        beta: f32,
-    ) -> Result<()> {
+    fn gemm(&self, ptrs: GemmPtrs, shape: GemmShape, alpha: f32, beta: f32) -> Result<()> {
+        let GemmPtrs { out, od, a, b, ab } = ptrs;
+        let GemmShape {
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+        } = shape;
         use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
         let cty = |d: DType| match d {
             DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,

@@ -50,12 +50,17 @@ mod view;
 
 pub use super::cuda_options::{CudaOptions, Half, KernelTime, device_for_local_rank};
 pub use compile::{CompiledFile, compile_all};
+pub use cross_entropy::LmHeadCeSaved;
 pub use device::{CudaBackend, CudaBuf, CudaIds, keep_pool_memory};
 pub use view::{DView, DViewMut};
 
 use super::cuda_options::LM_HEAD_CE_CHUNK_COLS;
-use super::{AdamW, Backend, LmHeadCeBuffers, Role};
+use super::{
+    AdamW, AttnRopeShape, AttnSaved, AttnShape, Backend, CachedAttnShape, GemmShape,
+    LmHeadCeBuffers, LmHeadIn, LmHeadSaved, LmHeadShape, RmsNormSaved, Role, RopeShape, RowShape,
+};
 use anyhow::Result;
+use cross_entropy::LmHeadCeGrads;
 use rope::Dir;
 use std::ops::Range;
 
@@ -140,15 +145,11 @@ impl Backend for CudaBackend {
         out: DViewMut<'_>,
         a: DView<'_>,
         b: DView<'_>,
-        m: usize,
-        n: usize,
-        k: usize,
-        trans_a: bool,
-        trans_b: bool,
+        shape: GemmShape,
         alpha: f32,
         beta: f32,
     ) {
-        self.run(|| self.matmul_impl(out, a, b, m, n, k, trans_a, trans_b, alpha, beta));
+        self.run(|| self.matmul_impl(out, a, b, shape, alpha, beta));
     }
 
     fn rmsnorm_forward(
@@ -157,49 +158,27 @@ impl Backend for CudaBackend {
         rstd: DViewMut<'_>,
         x: DView<'_>,
         w: DView<'_>,
-        n: usize,
-        c: usize,
+        shape: RowShape,
         eps: f32,
     ) {
-        self.run(|| self.rmsnorm_forward_impl(out, rstd, x, w, n, c, eps));
+        self.run(|| self.rmsnorm_forward_impl(out, rstd, x, w, shape, eps));
     }
     fn rmsnorm_backward(
         &self,
         dx: DViewMut<'_>,
         dw: DViewMut<'_>,
         dout: DView<'_>,
-        x: DView<'_>,
-        w: DView<'_>,
-        rstd: DView<'_>,
-        n: usize,
-        c: usize,
+        saved: RmsNormSaved<DView<'_>>,
+        shape: RowShape,
     ) {
-        self.run(|| self.rmsnorm_backward_impl(dx, dw, dout, x, w, rstd, n, c));
+        self.run(|| self.rmsnorm_backward_impl(dx, dw, dout, saved, shape));
     }
 
-    fn rope_forward(
-        &self,
-        x: DViewMut<'_>,
-        b: usize,
-        t: usize,
-        h: usize,
-        d: usize,
-        theta: f32,
-        pos_offset: usize,
-    ) {
-        self.run(|| self.rope_impl(x, b, t, h, d, theta, pos_offset, Dir::Forward));
+    fn rope_forward(&self, x: DViewMut<'_>, shape: RopeShape) {
+        self.run(|| self.rope_impl(x, shape, Dir::Forward));
     }
-    fn rope_backward(
-        &self,
-        dx: DViewMut<'_>,
-        b: usize,
-        t: usize,
-        h: usize,
-        d: usize,
-        theta: f32,
-        pos_offset: usize,
-    ) {
-        self.run(|| self.rope_impl(dx, b, t, h, d, theta, pos_offset, Dir::Backward));
+    fn rope_backward(&self, dx: DViewMut<'_>, shape: RopeShape) {
+        self.run(|| self.rope_impl(dx, shape, Dir::Backward));
     }
 
     fn attention_forward(
@@ -209,13 +188,9 @@ impl Backend for CudaBackend {
         q: DView<'_>,
         k: DView<'_>,
         v: DView<'_>,
-        b: usize,
-        t: usize,
-        h: usize,
-        hkv: usize,
-        d: usize,
+        shape: AttnShape,
     ) {
-        self.attention_rope_forward(out, lse, q, k, v, b, t, h, hkv, d, 0.0, 0);
+        self.attention_rope_forward(out, lse, q, k, v, shape.with_rope(0.0, 0));
     }
     fn attention_backward(
         &self,
@@ -223,18 +198,10 @@ impl Backend for CudaBackend {
         dk: DViewMut<'_>,
         dv: DViewMut<'_>,
         dout: DView<'_>,
-        q: DView<'_>,
-        k: DView<'_>,
-        v: DView<'_>,
-        out: DView<'_>,
-        lse: DView<'_>,
-        b: usize,
-        t: usize,
-        h: usize,
-        hkv: usize,
-        d: usize,
+        saved: AttnSaved<DView<'_>>,
+        shape: AttnShape,
     ) {
-        self.attention_rope_backward(dq, dk, dv, dout, q, k, v, out, lse, b, t, h, hkv, d, 0.0, 0);
+        self.attention_rope_backward(dq, dk, dv, dout, saved, shape.with_rope(0.0, 0));
     }
 
     fn swiglu_forward(&self, out: DViewMut<'_>, gate: DView<'_>, up: DView<'_>) {
@@ -302,28 +269,16 @@ impl Backend for CudaBackend {
         q: &mut CudaBuf,
         k: &mut CudaBuf,
         v: DView<'_>,
-        b: usize,
-        t: usize,
-        h: usize,
-        hkv: usize,
-        d: usize,
-        theta: f32,
-        pos_offset: usize,
+        shape: AttnRopeShape,
     ) {
         CudaBackend::attention_rope_forward(
             self,
             out,
             lse,
-            self.view(q, 0..b * t * h * d),
-            self.view(k, 0..b * t * hkv * d),
+            self.view(q, 0..shape.attn.q_len()),
+            self.view(k, 0..shape.attn.kv_len()),
             v,
-            b,
-            t,
-            h,
-            hkv,
-            d,
-            theta,
-            pos_offset,
+            shape,
         );
     }
     fn attention_rope_backward(
@@ -332,37 +287,17 @@ impl Backend for CudaBackend {
         dk: &mut CudaBuf,
         dv: DViewMut<'_>,
         dout: DView<'_>,
-        q: DView<'_>,
-        k: DView<'_>,
-        v: DView<'_>,
-        out: DView<'_>,
-        lse: DView<'_>,
-        b: usize,
-        t: usize,
-        h: usize,
-        hkv: usize,
-        d: usize,
-        theta: f32,
-        pos_offset: usize,
+        saved: AttnSaved<DView<'_>>,
+        shape: AttnRopeShape,
     ) {
         CudaBackend::attention_rope_backward(
             self,
-            self.view_mut(dq, 0..b * t * h * d),
-            self.view_mut(dk, 0..b * t * hkv * d),
+            self.view_mut(dq, 0..shape.attn.q_len()),
+            self.view_mut(dk, 0..shape.attn.kv_len()),
             dv,
             dout,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            b,
-            t,
-            h,
-            hkv,
-            d,
-            theta,
-            pos_offset,
+            saved,
+            shape,
         );
     }
     /// Fused: one `[n, LM_HEAD_CE_CHUNK_COLS]` vocabulary chunk and the per-row lse, never the
@@ -385,25 +320,17 @@ impl Backend for CudaBackend {
         lse: &mut CudaBuf,
         _logits: &mut CudaBuf,
         scratch: &mut CudaBuf,
-        x: DView<'_>,
-        w: DView<'_>,
-        targets: &CudaIds,
-        n: usize,
-        c: usize,
-        v: usize,
+        input: LmHeadIn<'_, DView<'_>, CudaIds>,
+        shape: LmHeadShape,
     ) {
         let (ll, sl) = (lse.len, scratch.len);
         CudaBackend::lm_head_cross_entropy_forward(
             self,
             losses,
-            self.view_mut(lse, 0..ll.min(n)),
+            self.view_mut(lse, 0..ll.min(shape.n)),
             self.view_mut(scratch, 0..sl),
-            x,
-            w,
-            targets,
-            n,
-            c,
-            v,
+            input,
+            shape,
         );
     }
     fn lm_head_cross_entropy_backward(
@@ -411,29 +338,27 @@ impl Backend for CudaBackend {
         dx: DViewMut<'_>,
         dw: Option<DViewMut<'_>>,
         scratch: &mut CudaBuf,
-        x: DView<'_>,
-        w: DView<'_>,
-        _logits: &CudaBuf,
-        lse: &CudaBuf,
-        targets: &CudaIds,
-        n: usize,
-        c: usize,
-        v: usize,
+        saved: LmHeadSaved<'_, DView<'_>, CudaBuf, CudaIds>,
+        shape: LmHeadShape,
         scale: f32,
     ) {
-        let (sl, ll) = (scratch.len, lse.len.min(n));
-        let r = self.lm_head_ce_backward_fp32_dx(
+        let (sl, ll) = (scratch.len, saved.lse.len.min(shape.n));
+        let grads = LmHeadCeGrads {
             dx,
-            false,
+            accumulate: false,
             dw,
+        };
+        let fused = LmHeadCeSaved {
+            x: saved.x,
+            w: saved.w,
+            lse: self.view(saved.lse, 0..ll),
+            targets: saved.targets,
+        };
+        let r = self.lm_head_ce_backward_fp32_dx(
+            grads,
             self.view_mut(scratch, 0..sl),
-            x,
-            w,
-            self.view(lse, 0..ll),
-            targets,
-            n,
-            c,
-            v,
+            fused,
+            shape,
             scale,
         );
         self.record(r);
@@ -469,16 +394,8 @@ impl Backend for CudaBackend {
         q: DView<'_>,
         kcache: DView<'_>,
         vcache: DView<'_>,
-        b: usize,
-        tq: usize,
-        past: usize,
-        tmax: usize,
-        h: usize,
-        hkv: usize,
-        d: usize,
+        shape: CachedAttnShape,
     ) {
-        self.run(|| {
-            self.attention_cached_forward_impl(out, q, kcache, vcache, b, tq, past, tmax, h, hkv, d)
-        });
+        self.run(|| self.attention_cached_forward_impl(out, q, kcache, vcache, shape));
     }
 }

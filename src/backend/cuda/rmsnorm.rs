@@ -6,6 +6,7 @@ use super::CudaBackend;
 use super::grid;
 use super::launch::{KArg, check_args, kargs, native};
 use super::view::{DView, DViewMut};
+use crate::backend::{RmsNormSaved, RowShape};
 use anyhow::{Result, ensure};
 
 fn check_width(c: usize) -> Result<()> {
@@ -18,17 +19,16 @@ fn check_width(c: usize) -> Result<()> {
 
 impl CudaBackend {
     /// [`crate::backend::Backend::rmsnorm_forward`].
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn rmsnorm_forward_impl(
         &self,
         out: DViewMut<'_>,
         rstd: DViewMut<'_>,
         x: DView<'_>,
         w: DView<'_>,
-        n: usize,
-        c: usize,
+        shape: RowShape,
         eps: f32,
     ) -> Result<()> {
+        let RowShape { n, c } = shape;
         check_width(c)?;
         let args = [
             out.out("out", n * c).half(),
@@ -50,18 +50,16 @@ impl CudaBackend {
     }
 
     /// [`crate::backend::Backend::rmsnorm_backward`].
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn rmsnorm_backward_impl(
         &self,
         dx: DViewMut<'_>,
         dw: DViewMut<'_>,
         dout: DView<'_>,
-        x: DView<'_>,
-        w: DView<'_>,
-        rstd: DView<'_>,
-        n: usize,
-        c: usize,
+        saved: RmsNormSaved<DView<'_>>,
+        shape: RowShape,
     ) -> Result<()> {
+        let RmsNormSaved { x, w, rstd } = saved;
+        let RowShape { n, c } = shape;
         check_width(c)?;
         let args = [
             dx.inout("dx", n * c).half(),

@@ -5,6 +5,7 @@ use super::CudaBackend;
 use super::grid;
 use super::launch::{KArg, check_view, suffix};
 use super::view::DViewMut;
+use crate::backend::RopeShape;
 use anyhow::{Result, anyhow, ensure};
 use cudarc::driver::DevicePtr;
 
@@ -47,18 +48,15 @@ impl CudaBackend {
     }
 
     /// [`crate::backend::Backend::rope_forward`] / [`crate::backend::Backend::rope_backward`].
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn rope_impl(
-        &self,
-        x: DViewMut<'_>,
-        b: usize,
-        t: usize,
-        h: usize,
-        d: usize,
-        theta: f32,
-        pos_offset: usize,
-        dir: Dir,
-    ) -> Result<()> {
+    pub(super) fn rope_impl(&self, x: DViewMut<'_>, shape: RopeShape, dir: Dir) -> Result<()> {
+        let RopeShape {
+            b,
+            t,
+            h,
+            d,
+            theta,
+            pos_offset,
+        } = shape;
         ensure!(d.is_multiple_of(2), "rope: head dim {d} is odd");
         check_view("rope x", x.len, b * t * h * d)?;
         let pairs = b * t * h * d / 2;

@@ -1,22 +1,30 @@
 //! One decoder layer's backward, the RMSNorm and projection backwards, LoRA included.
 
 use super::activations::{BackwardBufs, LayerActs, LoraActs, LoraScratch};
-use super::{LayerLocs, LinCtx, Llama, ProjLocs, v, vm};
+use super::{LinCtx, Llama, v, vm};
 use crate::backend::Backend;
+use crate::backend::{AttnSaved, AttnShape, GemmShape, RmsNormSaved, RowShape};
 use crate::model::lora::{Proj, dropout_key};
 use crate::model::params::Loc;
 use anyhow::Result;
+
+/// What one projection's backward re-reads: the call's context, which projection, its input `x`
+/// and the LoRA intermediates its forward saved (`None` without an adapter on it).
+pub(super) struct LinSaved<'a, B: Backend> {
+    pub(super) ctx: &'a LinCtx,
+    pub(super) proj: Proj,
+    pub(super) x: &'a B::Buf,
+    pub(super) lora: Option<&'a LoraActs<B>>,
+}
 
 impl<B: Backend> Llama<B> {
     /// One decoder layer's backward from `bw.dres` = the gradient of its output: `bw.dres +=`
     /// the gradient through the layer to its input `x`; `grads +=` the layer's trainable tensors.
     /// `la` holds what the layer's forward (or its recompute) saved.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn layer_backward(
         &self,
         la: &LayerActs<B>,
         x: &B::Buf,
-        ll: &LayerLocs,
         ctx: &LinCtx,
         (b, t): (usize, usize),
         bw: &mut BackwardBufs<B>,
@@ -24,6 +32,7 @@ impl<B: Backend> Llama<B> {
     ) -> Result<()> {
         let be = &*self.backend;
         let cfg = &self.config;
+        let ll = &self.layers[ctx.li];
         let (n, h, hkv, d) = (
             ctx.n,
             cfg.num_attention_heads,
@@ -36,11 +45,12 @@ impl<B: Backend> Llama<B> {
             &mut bw.dhid,
             0.0,
             &bw.dres,
-            &la.hid,
-            ld.as_ref(),
-            &ll.proj[6],
-            Proj::Down,
-            ctx,
+            LinSaved {
+                ctx,
+                proj: Proj::Down,
+                x: &la.hid,
+                lora: ld.as_ref(),
+            },
             grads,
             &mut bw.scratch,
         )?;
@@ -55,11 +65,12 @@ impl<B: Backend> Llama<B> {
             &mut bw.dln,
             0.0,
             &bw.dgate,
-            &la.ln2,
-            lg.as_ref(),
-            &ll.proj[4],
-            Proj::Gate,
-            ctx,
+            LinSaved {
+                ctx,
+                proj: Proj::Gate,
+                x: &la.ln2,
+                lora: lg.as_ref(),
+            },
             grads,
             &mut bw.scratch,
         )?;
@@ -67,11 +78,12 @@ impl<B: Backend> Llama<B> {
             &mut bw.dln,
             1.0,
             &bw.dup,
-            &la.ln2,
-            lu.as_ref(),
-            &ll.proj[5],
-            Proj::Up,
-            ctx,
+            LinSaved {
+                ctx,
+                proj: Proj::Up,
+                x: &la.ln2,
+                lora: lu.as_ref(),
+            },
             grads,
             &mut bw.scratch,
         )?;
@@ -81,11 +93,12 @@ impl<B: Backend> Llama<B> {
             &mut bw.datt,
             0.0,
             &bw.dres,
-            &la.att,
-            lo.as_ref(),
-            &ll.proj[3],
-            Proj::O,
-            ctx,
+            LinSaved {
+                ctx,
+                proj: Proj::O,
+                x: &la.att,
+                lora: lo.as_ref(),
+            },
             grads,
             &mut bw.scratch,
         )?;
@@ -94,28 +107,25 @@ impl<B: Backend> Llama<B> {
             &mut bw.dk,
             vm(be, &mut bw.dv),
             v(be, &bw.datt),
-            v(be, &la.q),
-            v(be, &la.k),
-            v(be, &la.v),
-            v(be, &la.att),
-            v(be, &la.lse),
-            b,
-            t,
-            h,
-            hkv,
-            d,
-            cfg.rope_theta,
-            0,
+            AttnSaved {
+                q: v(be, &la.q),
+                k: v(be, &la.k),
+                v: v(be, &la.v),
+                out: v(be, &la.att),
+                lse: v(be, &la.lse),
+            },
+            AttnShape { b, t, h, hkv, d }.with_rope(cfg.rope_theta, 0),
         );
         self.linear_backward(
             &mut bw.dln,
             0.0,
             &bw.dq,
-            &la.ln1,
-            lq.as_ref(),
-            &ll.proj[0],
-            Proj::Q,
-            ctx,
+            LinSaved {
+                ctx,
+                proj: Proj::Q,
+                x: &la.ln1,
+                lora: lq.as_ref(),
+            },
             grads,
             &mut bw.scratch,
         )?;
@@ -123,11 +133,12 @@ impl<B: Backend> Llama<B> {
             &mut bw.dln,
             1.0,
             &bw.dk,
-            &la.ln1,
-            lk.as_ref(),
-            &ll.proj[1],
-            Proj::K,
-            ctx,
+            LinSaved {
+                ctx,
+                proj: Proj::K,
+                x: &la.ln1,
+                lora: lk.as_ref(),
+            },
             grads,
             &mut bw.scratch,
         )?;
@@ -135,11 +146,12 @@ impl<B: Backend> Llama<B> {
             &mut bw.dln,
             1.0,
             &bw.dv,
-            &la.ln1,
-            lv.as_ref(),
-            &ll.proj[2],
-            Proj::V,
-            ctx,
+            LinSaved {
+                ctx,
+                proj: Proj::V,
+                x: &la.ln1,
+                lora: lv.as_ref(),
+            },
             grads,
             &mut bw.scratch,
         )?;
@@ -168,30 +180,37 @@ impl<B: Backend> Llama<B> {
             vm(be, &mut bw.dres),
             dw,
             v(be, &bw.dln),
-            v(be, x),
-            self.p(w),
-            v(be, rstd),
-            n,
-            self.config.hidden_size,
+            RmsNormSaved {
+                x: v(be, x),
+                w: self.p(w),
+                rstd: v(be, rstd),
+            },
+            RowShape {
+                n,
+                c: self.config.hidden_size,
+            },
         );
     }
 
     /// For `y = x·Wᵀ (+ s·x_d·Aᵀ·Bᵀ)` given `dy`: `dx (beta)=` the input gradient; `grads +=` the
-    /// weight gradients of the trainable tensors among W, A, B.
-    #[allow(clippy::too_many_arguments)]
+    /// weight gradients of the trainable tensors among W, A, B; `saved` names the projection and
+    /// what its forward read.
     pub(super) fn linear_backward(
         &self,
         dx: &mut B::Buf,
         dx_beta: f32,
         dy: &B::Buf,
-        x: &B::Buf,
-        lora_acts: Option<&LoraActs<B>>,
-        pl: &ProjLocs,
-        proj: Proj,
-        ctx: &LinCtx,
+        saved: LinSaved<'_, B>,
         grads: &mut B::Buf,
         scratch: &mut LoraScratch<B>,
     ) -> Result<()> {
+        let LinSaved {
+            ctx,
+            proj,
+            x,
+            lora: lora_acts,
+        } = saved;
+        let pl = &self.layers[ctx.li].proj[proj.index()];
         let be = &*self.backend;
         let n = ctx.n;
         if pl.w.trainable() {
@@ -200,11 +219,7 @@ impl<B: Backend> Llama<B> {
                 be.view_mut(grads, pl.w.range()),
                 v(be, dy),
                 v(be, x),
-                pl.out,
-                pl.inp,
-                n,
-                true,
-                false,
+                GemmShape::tn(pl.out, pl.inp, n),
                 1.0,
                 1.0,
             );
@@ -214,11 +229,7 @@ impl<B: Backend> Llama<B> {
             vm(be, dx),
             v(be, dy),
             self.p(pl.w),
-            n,
-            pl.inp,
-            pl.out,
-            false,
-            false,
+            GemmShape::nn(n, pl.inp, pl.out),
             1.0,
             dx_beta,
         );
@@ -236,11 +247,7 @@ impl<B: Backend> Llama<B> {
                 be.view_mut(grads, bl.range()),
                 v(be, dy),
                 v(be, &la.xa),
-                pl.out,
-                r,
-                n,
-                true,
-                false,
+                GemmShape::tn(pl.out, r, n),
                 s,
                 1.0,
             );
@@ -249,11 +256,7 @@ impl<B: Backend> Llama<B> {
                 be.view_mut(&mut scratch.dxa, dxa_range.clone()),
                 v(be, dy),
                 self.p(bl),
-                n,
-                r,
-                pl.out,
-                false,
-                false,
+                GemmShape::nn(n, r, pl.out),
                 s,
                 0.0,
             );
@@ -262,11 +265,7 @@ impl<B: Backend> Llama<B> {
                 be.view_mut(grads, a.range()),
                 be.view(&scratch.dxa, dxa_range.clone()),
                 v(be, xin),
-                r,
-                pl.inp,
-                n,
-                true,
-                false,
+                GemmShape::tn(r, pl.inp, n),
                 1.0,
                 1.0,
             );
@@ -280,11 +279,7 @@ impl<B: Backend> Llama<B> {
                     vm(be, buf),
                     be.view(&scratch.dxa, dxa_range),
                     self.p(a),
-                    n,
-                    pl.inp,
-                    r,
-                    false,
-                    false,
+                    GemmShape::nn(n, pl.inp, r),
                     1.0,
                     0.0,
                 );
@@ -300,11 +295,7 @@ impl<B: Backend> Llama<B> {
                     vm(be, dx),
                     be.view(&scratch.dxa, dxa_range),
                     self.p(a),
-                    n,
-                    pl.inp,
-                    r,
-                    false,
-                    false,
+                    GemmShape::nn(n, pl.inp, r),
                     1.0,
                     1.0,
                 );

@@ -2,8 +2,9 @@
 //! projections with their LoRA branch.
 
 use super::activations::{LayerActs, LoraActs};
-use super::{KvCache, LinCtx, Llama, ProjLocs, v, vm};
+use super::{KvCache, LinCtx, Llama, v, vm};
 use crate::backend::Backend;
+use crate::backend::{AttnShape, CachedAttnShape, GemmShape, RopeShape, RowShape};
 use crate::model::lora::{Proj, dropout_key};
 use anyhow::{Result, ensure};
 
@@ -11,7 +12,6 @@ impl<B: Backend> Llama<B> {
     /// One decoder layer's forward: `la =` everything its backward reads, `next =` (when given)
     /// the residual stream after the layer, from its input `x`. With a KV cache, this layer's new
     /// keys/values are appended at `past` and attention runs over the cache (inference only).
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn layer_forward(
         &self,
         la: &mut LayerActs<B>,
@@ -36,38 +36,13 @@ impl<B: Backend> Llama<B> {
             vm(be, &mut la.rstd1),
             v(be, x),
             self.p(ll.ln1),
-            n,
-            c,
+            RowShape { n, c },
             cfg.rms_norm_eps,
         );
         let [lq, lk, lv, lo, lg, lu, ld] = &mut la.lora;
-        self.linear_forward(
-            Some(&mut la.q),
-            0.0,
-            &la.ln1,
-            lq.as_mut(),
-            &ll.proj[0],
-            Proj::Q,
-            ctx,
-        )?;
-        self.linear_forward(
-            Some(&mut la.k),
-            0.0,
-            &la.ln1,
-            lk.as_mut(),
-            &ll.proj[1],
-            Proj::K,
-            ctx,
-        )?;
-        self.linear_forward(
-            Some(&mut la.v),
-            0.0,
-            &la.ln1,
-            lv.as_mut(),
-            &ll.proj[2],
-            Proj::V,
-            ctx,
-        )?;
+        self.linear_forward(Some(&mut la.q), 0.0, &la.ln1, lq.as_mut(), Proj::Q, ctx)?;
+        self.linear_forward(Some(&mut la.k), 0.0, &la.ln1, lk.as_mut(), Proj::K, ctx)?;
+        self.linear_forward(Some(&mut la.v), 0.0, &la.ln1, lv.as_mut(), Proj::V, ctx)?;
         if ctx.train {
             ensure!(cache.is_none(), "a training forward takes no KV cache");
             be.attention_rope_forward(
@@ -76,13 +51,7 @@ impl<B: Backend> Llama<B> {
                 &mut la.q,
                 &mut la.k,
                 v(be, &la.v),
-                b,
-                t,
-                h,
-                hkv,
-                d,
-                cfg.rope_theta,
-                past,
+                AttnShape { b, t, h, hkv, d }.with_rope(cfg.rope_theta, past),
             );
         } else {
             let qkv = (&mut la.q, &mut la.k, &la.v);
@@ -94,7 +63,6 @@ impl<B: Backend> Llama<B> {
             1.0,
             &la.att,
             lo.as_mut(),
-            &ll.proj[3],
             Proj::O,
             ctx,
         )?;
@@ -103,8 +71,7 @@ impl<B: Backend> Llama<B> {
             vm(be, &mut la.rstd2),
             v(be, &la.resid_mid),
             self.p(ll.ln2),
-            n,
-            c,
+            RowShape { n, c },
             cfg.rms_norm_eps,
         );
         self.linear_forward(
@@ -112,34 +79,17 @@ impl<B: Backend> Llama<B> {
             0.0,
             &la.ln2,
             lg.as_mut(),
-            &ll.proj[4],
             Proj::Gate,
             ctx,
         )?;
-        self.linear_forward(
-            Some(&mut la.up),
-            0.0,
-            &la.ln2,
-            lu.as_mut(),
-            &ll.proj[5],
-            Proj::Up,
-            ctx,
-        )?;
+        self.linear_forward(Some(&mut la.up), 0.0, &la.ln2, lu.as_mut(), Proj::Up, ctx)?;
         be.swiglu_forward(vm(be, &mut la.hid), v(be, &la.gate), v(be, &la.up));
         // A recompute passes no `next`: the down projection's output (the next layer's input) is
         // not needed again, only its LoRA intermediates are.
         if let Some(next) = next.as_deref_mut() {
             be.copy(vm(be, next), v(be, &la.resid_mid));
         }
-        self.linear_forward(
-            next,
-            1.0,
-            &la.hid,
-            ld.as_mut(),
-            &ll.proj[6],
-            Proj::Down,
-            ctx,
-        )?;
+        self.linear_forward(next, 1.0, &la.hid, ld.as_mut(), Proj::Down, ctx)?;
         Ok(())
     }
 
@@ -163,8 +113,28 @@ impl<B: Backend> Llama<B> {
             cfg.head_dim(),
         );
         let kvd = hkv * d;
-        be.rope_forward(vm(be, q), b, t, h, d, cfg.rope_theta, past);
-        be.rope_forward(vm(be, k), b, t, hkv, d, cfg.rope_theta, past);
+        be.rope_forward(
+            vm(be, q),
+            RopeShape {
+                b,
+                t,
+                h,
+                d,
+                theta: cfg.rope_theta,
+                pos_offset: past,
+            },
+        );
+        be.rope_forward(
+            vm(be, k),
+            RopeShape {
+                b,
+                t,
+                h: hkv,
+                d,
+                theta: cfg.rope_theta,
+                pos_offset: past,
+            },
+        );
         if let Some(kc) = cache.as_deref_mut() {
             // Rows past..past+t of each sequence's cache = the new keys/values.
             let tmax = kc.tmax;
@@ -184,13 +154,15 @@ impl<B: Backend> Llama<B> {
                 v(be, q),
                 v(be, &kc.k[li]),
                 v(be, &kc.v[li]),
-                b,
-                t,
-                past,
-                kc.tmax,
-                h,
-                hkv,
-                d,
+                CachedAttnShape {
+                    b,
+                    tq: t,
+                    past,
+                    tmax: kc.tmax,
+                    h,
+                    hkv,
+                    d,
+                },
             ),
             _ => be.attention_forward(
                 vm(be, att),
@@ -198,26 +170,21 @@ impl<B: Backend> Llama<B> {
                 v(be, q),
                 v(be, k),
                 v(be, vb),
-                b,
-                t,
-                h,
-                hkv,
-                d,
+                AttnShape { b, t, h, hkv, d },
             ),
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn linear_forward(
         &self,
         mut out: Option<&mut B::Buf>,
         beta: f32,
         x: &B::Buf,
         lora_acts: Option<&mut LoraActs<B>>,
-        pl: &ProjLocs,
         proj: Proj,
         ctx: &LinCtx,
     ) -> Result<()> {
+        let pl = &self.layers[ctx.li].proj[proj.index()];
         let be = &*self.backend;
         let n = ctx.n;
         // out[n,out] (+)= x[n,in] · W[out,in]ᵀ (no `out`: only the LoRA intermediates)
@@ -226,11 +193,7 @@ impl<B: Backend> Llama<B> {
                 vm(be, out),
                 v(be, x),
                 self.p(pl.w),
-                n,
-                pl.out,
-                pl.inp,
-                false,
-                true,
+                GemmShape::nt(n, pl.out, pl.inp),
                 1.0,
                 beta,
             );
@@ -251,11 +214,7 @@ impl<B: Backend> Llama<B> {
                 vm(be, &mut la.xa),
                 v(be, xin),
                 self.p(a),
-                n,
-                r,
-                pl.inp,
-                false,
-                true,
+                GemmShape::nt(n, r, pl.inp),
                 1.0,
                 0.0,
             );
@@ -264,11 +223,7 @@ impl<B: Backend> Llama<B> {
                     vm(be, out),
                     v(be, &la.xa),
                     self.p(bl),
-                    n,
-                    pl.out,
-                    r,
-                    false,
-                    true,
+                    GemmShape::nt(n, pl.out, r),
                     s,
                     1.0,
                 );
