@@ -101,6 +101,19 @@ fn rust_files() -> Vec<String> {
         .collect()
 }
 
+/// Library files that may still silence `clippy::too_many_arguments`, and why (each entry must
+/// still need it: the test fails once the file has no such allow).
+const ARGUMENT_ALLOW_EXCEPTIONS: &[(&str, &str)] = &[
+    (
+        "src/demo/run.rs",
+        "`train_stage` takes the demo stage's paths and settings positionally",
+    ),
+    (
+        "src/distributed/zero_device.rs",
+        "`DeviceZero2::step` takes `Zero2::step`'s arguments plus the backend and the poison value",
+    ),
+];
+
 fn read(rel: &str) -> String {
     std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
 }
@@ -815,6 +828,67 @@ fn no_source_file_over_the_line_limit() {
         bad.is_empty(),
         "over {MAX_LINES} lines:\n{}",
         bad.join("\n")
+    );
+}
+
+/// Where `src` (a file's text, named `file`) silences `clippy::too_many_arguments` — an `allow`,
+/// `expect` or `cfg_attr` naming it — as `file:line`; comments and string literals do not count
+/// (read through [`code_of`]).
+fn argument_allows(file: &str, src: &str) -> Vec<String> {
+    let code = code_of(src);
+    code.match_indices("too_many_arguments")
+        .map(|(at, _)| format!("{file}:{}", line_of(&code, at)))
+        .collect()
+}
+
+/// Architecture invariant: op signatures take shape structs (`backend::GemmShape`, `AttnShape`,
+/// ...) and a backward takes what its forward saved as one group, so no function in `src/` needs
+/// `#[allow(clippy::too_many_arguments)]` (exceptions listed with their reasons).
+#[test]
+fn no_too_many_arguments_allow_in_src() {
+    let mut bad = Vec::new();
+    for f in rust_files() {
+        if ARGUMENT_ALLOW_EXCEPTIONS.iter().any(|(e, _)| *e == f) {
+            continue;
+        }
+        bad.extend(argument_allows(&f, &read(&f)));
+    }
+    assert!(
+        bad.is_empty(),
+        "clippy::too_many_arguments silenced (group the sizes into a shape struct, the saved tensors \
+         into a struct, or the settings into a context):\n{}",
+        bad.join("\n")
+    );
+    for (f, why) in ARGUMENT_ALLOW_EXCEPTIONS {
+        assert!(
+            root().join(f).exists() && !argument_allows(f, &read(f)).is_empty(),
+            "ARGUMENT_ALLOW_EXCEPTIONS lists {f} ({why}), which no longer silences the lint: \
+             remove the entry"
+        );
+    }
+}
+
+/// The reading itself: an allow, an `expect` and a `cfg_attr` written into a copy of a file are
+/// reported at their lines; the same words in a comment or a string are not.
+#[test]
+fn the_argument_allow_reader_sees_what_it_must() {
+    let f = "src/ops/matmul.rs";
+    let src = read(f);
+    assert!(argument_allows(f, &src).is_empty(), "{f} has an allow");
+    let planted = format!(
+        "// #[allow(clippy::too_many_arguments)]\n\
+         const S: &str = \"#[allow(clippy::too_many_arguments)]\";\n\
+         #[allow(clippy::too_many_arguments)]\n\
+         fn a() {{}}\n\
+         #[expect(clippy::too_many_arguments)]\n\
+         fn b() {{}}\n\
+         #[cfg_attr(not(test), allow(clippy::too_many_arguments))]\n\
+         {src}"
+    );
+    assert_eq!(
+        argument_allows(f, &planted),
+        [3, 5, 7].map(|l| format!("{f}:{l}")),
+        "planted allows not reported at their lines"
     );
 }
 

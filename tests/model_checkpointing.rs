@@ -163,7 +163,14 @@ fn bytes_match_the_dry_run_formula() {
         let (b, t) = (3, 7);
         let full = Activations::new(&model, b, t).unwrap().bytes() as u64;
         let ckpt = Activations::new_checkpointed(&model, b, t).unwrap().bytes() as u64;
-        let want = |on| dryrun::activation_bytes(&dims, &tc, b, t, vocab, 4, on, None);
+        let want = |on| {
+            let layout = dryrun::ActLayout {
+                bytes: 4,
+                checkpointing: on,
+                ce_chunk: None,
+            };
+            dryrun::activation_bytes(&dims, &tc, (b, t), vocab, layout)
+        };
         assert_eq!(full, want(false), "{stage}: without checkpointing");
         assert_eq!(ckpt, want(true), "{stage}: with checkpointing");
         assert!(ckpt < full, "{stage}: {ckpt} !< {full}");
@@ -248,7 +255,14 @@ fn dry_run_reports_both_sizes() {
         chunk.is_some(),
         "bf16 is the CUDA layout: fused lm_head + CE"
     );
-    let want = |on| dryrun::activation_bytes(&dims, &tc, 4, 512, 49954, 2, on, chunk);
+    let want = |on| {
+        let layout = dryrun::ActLayout {
+            bytes: 2,
+            checkpointing: on,
+            ce_chunk: chunk,
+        };
+        dryrun::activation_bytes(&dims, &tc, (4, 512), 49954, layout)
+    };
     for on in [false, true] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_zhllama"))
             .args(["train", "--stage", "sft", "--dry-run", "--model"])

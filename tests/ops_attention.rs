@@ -16,17 +16,8 @@ use ops_common::*;
 use zhllama::backend::{AttnSaved, AttnShape};
 use zhllama::ops;
 
-#[allow(clippy::too_many_arguments)]
-fn attention_ref(
-    q: &[f64],
-    k: &[f64],
-    v: &[f64],
-    b: usize,
-    t: usize,
-    h: usize,
-    hkv: usize,
-    d: usize,
-) -> (Vec<f64>, Vec<f64>) {
+fn attention_ref(q: &[f64], k: &[f64], v: &[f64], shape: AttnShape) -> (Vec<f64>, Vec<f64>) {
+    let AttnShape { b, t, h, hkv, d } = shape;
     let mut out = vec![0.0; q.len()];
     let mut lse = vec![0.0; b * h * t];
     let scale = 1.0 / (d as f64).sqrt();
@@ -65,6 +56,15 @@ struct Case {
     d: usize,
     /// Scale of q and k: large values give peaked softmaxes (stability of max subtraction).
     qk: f32,
+}
+
+impl Case {
+    fn shape(&self) -> AttnShape {
+        let &Case {
+            b, t, h, hkv, d, ..
+        } = self;
+        AttnShape { b, t, h, hkv, d }
+    }
 }
 
 /// `(q, k, v, out, lse)` of a random case.
@@ -157,8 +157,7 @@ fn attention_forward_matches_reference() {
             c.b, c.t, c.h, c.hkv, c.d, c.qk
         );
         let (q, k, v, out, lse) = run_forward(c, &mut rng);
-        let (want_out, want_lse) =
-            attention_ref(&to64(&q), &to64(&k), &to64(&v), c.b, c.t, c.h, c.hkv, c.d);
+        let (want_out, want_lse) = attention_ref(&to64(&q), &to64(&k), &to64(&v), c.shape());
         check(&name, "out", &out, &want_out, 1.5e-6, 0.0);
         // lse: a log of a sum of ≤ t exps of scores up to |q||k|·√d·qk² (see the header).
         check(&name, "lse", &lse, &want_lse, 3e-6, 1.5e-6);
@@ -245,7 +244,10 @@ fn attention_backward_matches_finite_differences() {
         );
         let (q64, k64, v64) = (to64(&q), to64(&k), to64(&v));
         let loss = |q: &[f64], k: &[f64], v: &[f64]| {
-            weighted_sum(&dout, &attention_ref(q, k, v, b, t, h, hkv, d).0)
+            weighted_sum(
+                &dout,
+                &attention_ref(q, k, v, AttnShape { b, t, h, hkv, d }).0,
+            )
         };
         let gq = fd_grad(&|x| loss(x, &k64, &v64), &q64, 1e-5);
         let gk = fd_grad(&|x| loss(&q64, x, &v64), &k64, 1e-5);

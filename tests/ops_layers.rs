@@ -141,8 +141,15 @@ fn hf_angle(theta: f32, d: usize, i: usize, pos: usize) -> f32 {
 }
 
 /// `q·cos + rotate_half(q)·sin` in f64 on those angles.
-#[allow(clippy::too_many_arguments)]
-fn rope_ref(x: &[f64], b: usize, t: usize, h: usize, d: usize, theta: f32, off: usize) -> Vec<f64> {
+fn rope_ref(x: &[f64], shape: RopeShape) -> Vec<f64> {
+    let RopeShape {
+        b,
+        t,
+        h,
+        d,
+        theta,
+        pos_offset: off,
+    } = shape;
     let mut y = vec![0.0; x.len()];
     let half = d / 2;
     for bi in 0..b {
@@ -180,38 +187,26 @@ fn rope_forward_and_backward() {
     for &(b, t, h, d, theta, off) in &cases {
         let case = format!("rope b={b} t={t} h={h} d={d} theta={theta} off={off}");
         let x = rng.vec(b * t * h * d, 1.0);
+        let shape = RopeShape {
+            b,
+            t,
+            h,
+            d,
+            theta,
+            pos_offset: off,
+        };
         let mut y = x.clone();
-        ops::rope_forward(
-            &mut y,
-            RopeShape {
-                b,
-                t,
-                h,
-                d,
-                theta,
-                pos_offset: off,
-            },
-        );
+        ops::rope_forward(&mut y, shape);
         // Each output is a·cos + b·sin with |a|,|b| ≤ 1: ≤ 3 roundings of O(1) values plus the
         // 1-ulp cos/sin: 4u·2 absolute.
-        let want = rope_ref(&to64(&x), b, t, h, d, theta, off);
+        let want = rope_ref(&to64(&x), shape);
         check(&case, "forward", &y, &want, 8.0 * U32, 0.0);
         // Backward is the transpose: FD of Σ dout·rope(x) w.r.t. x.
         let dout = rng.vec(x.len(), 1.0);
         let mut dx = dout.clone();
-        ops::rope_backward(
-            &mut dx,
-            RopeShape {
-                b,
-                t,
-                h,
-                d,
-                theta,
-                pos_offset: off,
-            },
-        );
+        ops::rope_backward(&mut dx, shape);
         let g = fd_grad(
-            &|xx| weighted_sum(&dout, &rope_ref(xx, b, t, h, d, theta, off)),
+            &|xx| weighted_sum(&dout, &rope_ref(xx, shape)),
             &to64(&x),
             H,
         );

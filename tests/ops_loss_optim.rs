@@ -92,8 +92,8 @@ struct AdamRef {
 }
 
 impl AdamRef {
-    #[allow(clippy::too_many_arguments)]
-    fn step(&mut self, g: &[f64], lr: f64, b1: f64, b2: f64, eps: f64, wd: f64, step: i32) {
+    /// One step with the decimal `(lr, beta1, beta2, eps, weight decay)` of a case.
+    fn step(&mut self, g: &[f64], (lr, b1, b2, eps, wd): (f64, f64, f64, f64, f64), step: i32) {
         let (bc1, bc2) = (1.0 - b1.powi(step), 1.0 - b2.powi(step));
         #[allow(clippy::needless_range_loop)] // seven parallel arrays: indexing reads best
         for i in 0..self.p.len() {
@@ -127,7 +127,8 @@ fn adamw_matches_torch_algorithm_over_several_steps() {
     ];
     let len = 20_000; // several rayon chunks
     let mut rng = Rng::new(70);
-    for &(lr, b1, b2, eps, wd) in &cases {
+    for &hp64 in &cases {
+        let (lr, b1, b2, eps, wd) = hp64;
         let case = format!("adamw lr={lr} b1={b1} b2={b2} eps={eps} wd={wd}");
         let mut p = rng.vec(len, 1.0);
         let (mut m, mut v) = (vec![0.0f32; len], vec![0.0f32; len]);
@@ -154,7 +155,7 @@ fn adamw_matches_torch_algorithm_over_several_steps() {
                 step,
             };
             ops::adamw_step(&mut p, &mut m, &mut v, &g, hp);
-            r.step(&to64(&g), lr, b1, b2, eps, wd, step as i32);
+            r.step(&to64(&g), hp64, step as i32);
         }
         check_tol(&case, "param", &p, &r.p, &r.ptol);
         check_tol(&case, "m", &m, &r.m, &r.mtol);

@@ -11,19 +11,21 @@ use zhllama::ops;
 /// bound `γ_k` for a length-k dot product (k roundings of products and sums, any order or FMA),
 /// doubled, plus the two roundings of the blend. A wrong index or transpose errs by O(|a||b|),
 /// i.e. ~1/(k·u) times more.
-#[allow(clippy::too_many_arguments)]
 fn reference(
     out: &[f32],
     a: &[f32],
     b: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    ta: bool,
-    tb: bool,
+    shape: GemmShape,
     alpha: f32,
     beta: f32,
 ) -> (Vec<f64>, Vec<f64>) {
+    let GemmShape {
+        m,
+        n,
+        k,
+        trans_a: ta,
+        trans_b: tb,
+    } = shape;
     let at = |i: usize, p: usize| if ta { a[p * m + i] } else { a[i * k + p] } as f64;
     let bt = |p: usize, j: usize| if tb { b[j * k + p] } else { b[p * n + j] } as f64;
     let mut want = vec![0.0; m * n];
@@ -81,15 +83,9 @@ fn matmul_matches_naive_reference() {
                     } else {
                         rng.vec(m * n, 1.0)
                     };
-                    let (want, tol) = reference(&out, &a, &b, m, n, k, ta, tb, alpha, beta);
-                    ops::matmul(
-                        &mut out,
-                        &a,
-                        &b,
-                        GemmShape::new(m, n, k, ta, tb),
-                        alpha,
-                        beta,
-                    );
+                    let shape = GemmShape::new(m, n, k, ta, tb);
+                    let (want, tol) = reference(&out, &a, &b, shape, alpha, beta);
+                    ops::matmul(&mut out, &a, &b, shape, alpha, beta);
                     check_tol(&case, "out", &out, &want, &tol);
                 }
             }
@@ -106,8 +102,9 @@ fn matmul_large_threaded_matches_reference() {
         let a = rng.vec(m * k, 1.0);
         let b = rng.vec(k * n, 1.0);
         let mut out = rng.vec(m * n, 1.0);
-        let (want, tol) = reference(&out, &a, &b, m, n, k, ta, tb, 1.0, 1.0);
-        ops::matmul(&mut out, &a, &b, GemmShape::new(m, n, k, ta, tb), 1.0, 1.0);
+        let shape = GemmShape::new(m, n, k, ta, tb);
+        let (want, tol) = reference(&out, &a, &b, shape, 1.0, 1.0);
+        ops::matmul(&mut out, &a, &b, shape, 1.0, 1.0);
         check_tol(&format!("large ta={ta} tb={tb}"), "out", &out, &want, &tol);
     }
 }

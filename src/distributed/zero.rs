@@ -238,17 +238,14 @@ impl Zero2 {
         )
     }
 
-    /// A state holding `master`, `m`, `v` (each `⌈P/N⌉` long) after `updates` updates: what a
+    /// A state holding `[master, m, v]` (each `⌈P/N⌉` long) after `updates` updates: what a
     /// device-resident twin downloads to save a checkpoint in this module's format.
-    #[allow(clippy::too_many_arguments)]
     pub fn from_parts(
         rank: usize,
         world: usize,
         n_params: usize,
         bucket_elems: usize,
-        master: Vec<f32>,
-        m: Vec<f32>,
-        v: Vec<f32>,
+        [master, m, v]: [Vec<f32>; 3],
         updates: u64,
     ) -> Result<Self> {
         let mut z = Zero2::new(rank, world, n_params, bucket_elems);

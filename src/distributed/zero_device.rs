@@ -118,7 +118,6 @@ impl<B: Backend> DeviceZero2<B> {
         for (h, d) in bufs.iter_mut().zip([&self.master, &self.m, &self.v]) {
             be.download(d, h)?;
         }
-        let [master, m, v] = bufs;
         ensure!(
             self.has_master,
             "ZeRO-2 has no master weights yet (neither stepped nor loaded): nothing to save"
@@ -128,9 +127,7 @@ impl<B: Backend> DeviceZero2<B> {
             self.layout.world,
             self.layout.n_params,
             self.bucket_elems,
-            master,
-            m,
-            v,
+            bufs,
             self.updates,
         )
     }

@@ -828,7 +828,15 @@ fn worker(sh: &Shared, agent: &ureq::Agent, id: u64) {
                     content,
                     usage,
                     cut,
-                } => break Some((content, usage, cut, attempt, est)),
+                } => {
+                    break Some(Reply {
+                        content,
+                        usage,
+                        cut,
+                        attempt,
+                        est,
+                    });
+                }
                 Attempt::Fatal(msg) => {
                     let mut st = sh.state.lock().unwrap();
                     let e = anyhow!("{}", sh.redact.apply(&msg));
@@ -905,13 +913,11 @@ fn worker(sh: &Shared, agent: &ureq::Agent, id: u64) {
                 }
             }
         };
-        let Some((content, usage, cut, attempt, est)) = reply else {
+        let Some(reply) = reply else {
             continue;
         };
         let mut st = sh.state.lock().unwrap();
-        if let Err(e) = absorb(
-            sh, &mut st, req, attempt, &prompt, &content, usage, cut, est,
-        ) {
+        if let Err(e) = absorb(sh, &mut st, req, &prompt, &reply) {
             sh.fail(&mut st, e);
         }
         st.stats.elapsed = sh.start.elapsed();
@@ -919,19 +925,26 @@ fn worker(sh: &Shared, agent: &ureq::Agent, id: u64) {
     }
 }
 
-/// Parse, filter and append one reply's items, then write its raw line (the commit marker).
-#[allow(clippy::too_many_arguments)]
-fn absorb(
-    sh: &Shared,
-    st: &mut State,
-    req: u64,
-    attempt: u32,
-    prompt: &str,
-    content: &str,
+/// A request's successful reply: its text, the usage the API reported, whether it was cut at the
+/// token limit, the attempt that got it, and the tokens reserved for it.
+struct Reply {
+    content: String,
     usage: Option<(u64, u64)>,
     cut: bool,
+    attempt: u32,
     est: u64,
-) -> Result<()> {
+}
+
+/// Parse, filter and append the items of request `req`'s reply to `prompt`, then write its raw
+/// line (the commit marker).
+fn absorb(sh: &Shared, st: &mut State, req: u64, prompt: &str, reply: &Reply) -> Result<()> {
+    let Reply {
+        ref content,
+        usage,
+        cut,
+        attempt,
+        est,
+    } = *reply;
     let cfg = sh.cfg;
     st.failed_in_a_row = 0;
     st.stats.replies += 1;

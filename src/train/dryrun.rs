@@ -137,10 +137,23 @@ fn precision_bytes(precision: &str) -> Result<(u64, u64)> {
     }
 }
 
+/// How a backend lays out a micro-batch's activations (the inputs of [`activation_bytes`] that
+/// depend on the backend and precision rather than on the model).
+#[derive(Clone, Copy, Debug)]
+pub struct ActLayout {
+    /// Bytes per activation element (`a` below: 4 f32, 2 bf16/f16).
+    pub bytes: u64,
+    /// Gradient checkpointing: one layer set shared by all layers.
+    pub checkpointing: bool,
+    /// The fused lm_head + cross-entropy's vocabulary chunk ([`lm_head_ce_chunk`]), `None` for
+    /// whole logits.
+    pub ce_chunk: Option<usize>,
+}
+
 /// Device bytes of the activations of one training micro-batch of `b` sequences of `t` tokens:
 /// exactly what [`crate::model::Activations`] allocates (checked against `Activations::bytes()`
 /// in `tests/model_checkpointing.rs`). With N = b·t, C hidden, K = kv width, F ffn, H heads,
-/// V vocab, L layers, `a` bytes per activation element (4 f32, 2 bf16/f16), 4 bytes per fp32
+/// V vocab, L layers, `a` = `layout.bytes` per activation element, 4 bytes per fp32
 /// statistic and per id; LoRA rank r on the targets P (with `in_p` their input width), and
 /// `δ` = 1 when the LoRA dropout is > 0:
 ///
@@ -153,23 +166,24 @@ fn precision_bytes(precision: &str) -> Result<(u64, u64)> {
 ///   (d-logits, d-residual, d-norm, dq, d-attention, dk/dv, d-gate/up/SwiGLU, LoRA `dxa`, the
 ///   dropout's `dx` per input width, W = C + F, or C when F = C; the norm-weight scratch).
 ///
-/// Total = R + E + G + L·S without checkpointing, R + E + G + S with it (one layer set shared
-/// by all layers; each layer's forward is recomputed before its backward). With `ce_chunk =
+/// Total = R + E + G + L·S without `layout.checkpointing`, R + E + G + S with it (one layer set
+/// shared by all layers; each layer's forward is recomputed before its backward). With `ce_chunk =
 /// Some(k)` (the CUDA backend's fused lm_head + cross-entropy,
 /// `Backend::lm_head_cross_entropy_buffers`) the logits and d-logits (2·a·N·V) are replaced by one
 /// `[N, min(V, k)]` chunk and an fp32 log-sum-exp per token: a·N·min(V, k) + 4·N.
-#[allow(clippy::too_many_arguments)]
 pub fn activation_bytes(
     dims: &Dims,
     cfg: &TrainConfig,
-    b: usize,
-    t: usize,
+    (b, t): (usize, usize),
     vocab: usize,
-    act_bytes: u64,
-    checkpointing: bool,
-    ce_chunk: Option<usize>,
+    layout: ActLayout,
 ) -> u64 {
-    let (a, n) = (act_bytes, (b * t) as u64);
+    let ActLayout {
+        bytes: a,
+        checkpointing,
+        ce_chunk,
+    } = layout;
+    let n = (b * t) as u64;
     let c = dims.hidden_size as u64;
     let h = dims.num_attention_heads as u64;
     let k = (dims.kv_heads() * dims.head_dim()) as u64;
@@ -230,16 +244,18 @@ pub fn plan(
     let accumulation = gradients
         * crate::distributed::zero::accumulator_buffers(cfg.accumulation_steps(world)?) as u64;
     let optimizer = p * 12;
-    let act_mem = |ckpt| {
+    let act_mem = |checkpointing| {
+        let layout = ActLayout {
+            bytes: ab,
+            checkpointing,
+            ce_chunk: lm_head_ce_chunk(precision),
+        };
         activation_bytes(
             dims,
             cfg,
-            cfg.micro_batch_size,
-            cfg.max_length,
+            (cfg.micro_batch_size, cfg.max_length),
             vocab,
-            ab,
-            ckpt,
-            lm_head_ce_chunk(precision),
+            layout,
         )
     };
     let (acts_full, acts_ckpt) = (act_mem(false), act_mem(true));
