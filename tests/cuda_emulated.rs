@@ -287,39 +287,13 @@ fn attention() {
             rand(b * t * h * d, 1.0),
         );
         let (mut qr, mut kr) = (q.clone(), k.clone());
+        let attn_rope = AttnShape { b, t, h, hkv, d }.with_rope(theta, pos0);
         if theta > 0.0 {
-            cpu.rope_forward(
-                &mut qr,
-                RopeShape {
-                    b,
-                    t,
-                    h,
-                    d,
-                    theta,
-                    pos_offset: pos0,
-                },
-            );
-            cpu.rope_forward(
-                &mut kr,
-                RopeShape {
-                    b,
-                    t,
-                    h: hkv,
-                    d,
-                    theta,
-                    pos_offset: pos0,
-                },
-            );
+            cpu.rope_forward(&mut qr, attn_rope.rope_q());
+            cpu.rope_forward(&mut kr, attn_rope.rope_k());
         }
         let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; b * h * t]);
-        cpu.attention_forward(
-            &mut out,
-            &mut lse,
-            &qr,
-            &kr,
-            &v,
-            AttnShape { b, t, h, hkv, d },
-        );
+        cpu.attention_forward(&mut out, &mut lse, &qr, &kr, &v, attn_rope.attn);
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
         cpu.attention_backward(
             &mut dq,
@@ -333,31 +307,11 @@ fn attention() {
                 out: &out,
                 lse: &lse,
             },
-            AttnShape { b, t, h, hkv, d },
+            attn_rope.attn,
         );
         if theta > 0.0 {
-            cpu.rope_backward(
-                &mut dq,
-                RopeShape {
-                    b,
-                    t,
-                    h,
-                    d,
-                    theta,
-                    pos_offset: pos0,
-                },
-            );
-            cpu.rope_backward(
-                &mut dk,
-                RopeShape {
-                    b,
-                    t,
-                    h: hkv,
-                    d,
-                    theta,
-                    pos_offset: pos0,
-                },
-            );
+            cpu.rope_backward(&mut dq, attn_rope.rope_q());
+            cpu.rope_backward(&mut dk, attn_rope.rope_k());
         }
         let (iq, ik, iv, id) = (e.f32(&q), e.f32(&k), e.f32(&v), e.f32(&dout));
         let (io, il) = (e.zeros(q.len()), e.zeros(b * h * t));
