@@ -9,8 +9,9 @@
 //! - argument order: outputs, inputs, saved statistics, shape, scalars;
 //! - shapes: a `Copy` struct per op family ([`GemmShape`], [`RowShape`], [`RopeShape`],
 //!   [`AttnShape`], [`AttnRopeShape`], [`CachedAttnShape`], [`LmHeadShape`]) rather than positional
-//!   sizes; a backward takes what its forward saved as one group ([`AttnSaved`], [`RmsNormSaved`],
-//!   [`LmHeadSaved`]), so a signature reads "gradients out, saved in, shape";
+//!   sizes (the short ops, embedding and cross-entropy, keep their `n, c` / `n, v`); a backward
+//!   takes what its forward saved as one group ([`AttnSaved`], [`RmsNormSaved`], [`LmHeadSaved`]),
+//!   so a signature reads "gradients out, saved in, shape";
 //! - sizes: `n` rows (= B·T), `c` channels, `b` batch, `t` sequence, `h` query heads, `hkv` key/value
 //!   heads, `d` head dim, `v` vocab;
 //! - every tensor is row-major and contiguous; activations are `[B, T, ...]`;
