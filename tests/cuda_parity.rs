@@ -445,55 +445,23 @@ fn rope(c: &mut Ctx, mode: Mode) {
     for (b, t, h, d, off) in [(1, 1, 1, 2, 0), (2, 37, 3, 64, 5), (1, 300, 2, 128, 0)] {
         let x = c.rand(b * t * h * d, 1.0, r);
         let shape = format!("b{b} t{t} h{h} d{d} +{off}");
+        let rs = RopeShape {
+            b,
+            t,
+            h,
+            d,
+            theta: 10000.0,
+            pos_offset: off,
+        };
         for fwd in [true, false] {
             let mut want = x.clone();
             let mut gx = c.up(&x, r);
             if fwd {
-                c.cpu.rope_forward(
-                    &mut want,
-                    RopeShape {
-                        b,
-                        t,
-                        h,
-                        d,
-                        theta: 10000.0,
-                        pos_offset: off,
-                    },
-                );
-                c.gpu.rope_forward(
-                    gm!(c, gx),
-                    RopeShape {
-                        b,
-                        t,
-                        h,
-                        d,
-                        theta: 10000.0,
-                        pos_offset: off,
-                    },
-                );
+                c.cpu.rope_forward(&mut want, rs);
+                c.gpu.rope_forward(gm!(c, gx), rs);
             } else {
-                c.cpu.rope_backward(
-                    &mut want,
-                    RopeShape {
-                        b,
-                        t,
-                        h,
-                        d,
-                        theta: 10000.0,
-                        pos_offset: off,
-                    },
-                );
-                c.gpu.rope_backward(
-                    gm!(c, gx),
-                    RopeShape {
-                        b,
-                        t,
-                        h,
-                        d,
-                        theta: 10000.0,
-                        pos_offset: off,
-                    },
-                );
+                c.cpu.rope_backward(&mut want, rs);
+                c.gpu.rope_backward(gm!(c, gx), rs);
             }
             let got = c.down(&gx);
             c.check(
@@ -525,40 +493,15 @@ fn attention(c: &mut Ctx, mode: Mode) {
             let v = c.rand(b * t * hkv * d, 1.0, r);
             let dout = c.rand(b * t * h * d, 1.0, r);
             // CPU: rotate explicitly, then plain attention (the fused GPU kernel rotates on load).
+            let ars = AttnShape { b, t, h, hkv, d }.with_rope(theta, 0);
             let (mut qr, mut kr) = (q.clone(), k.clone());
             if theta > 0.0 {
-                c.cpu.rope_forward(
-                    &mut qr,
-                    RopeShape {
-                        b,
-                        t,
-                        h,
-                        d,
-                        theta,
-                        pos_offset: 0,
-                    },
-                );
-                c.cpu.rope_forward(
-                    &mut kr,
-                    RopeShape {
-                        b,
-                        t,
-                        h: hkv,
-                        d,
-                        theta,
-                        pos_offset: 0,
-                    },
-                );
+                c.cpu.rope_forward(&mut qr, ars.rope_q());
+                c.cpu.rope_forward(&mut kr, ars.rope_k());
             }
             let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; b * h * t]);
-            c.cpu.attention_forward(
-                &mut out,
-                &mut lse,
-                &qr,
-                &kr,
-                &v,
-                AttnShape { b, t, h, hkv, d },
-            );
+            c.cpu
+                .attention_forward(&mut out, &mut lse, &qr, &kr, &v, ars.attn);
             let (gq, gk, gvv, gd) = (c.up(&q, r), c.up(&k, r), c.up(&v, r), c.up(&dout, r));
             let mut gout = c.gpu.alloc(q.len(), r).unwrap();
             let mut glse = c.gpu.alloc(b * h * t, Role::Fp32).unwrap();
@@ -568,7 +511,7 @@ fn attention(c: &mut Ctx, mode: Mode) {
                 gv!(c, gq),
                 gv!(c, gk),
                 gv!(c, gvv),
-                AttnShape { b, t, h, hkv, d }.with_rope(theta, 0),
+                ars,
             );
             let gout_h = c.down(&gout);
             c.check("attention_forward out", &shape, mode, &gout_h, &out);
@@ -589,31 +532,11 @@ fn attention(c: &mut Ctx, mode: Mode) {
                     out: &out,
                     lse: &lse,
                 },
-                AttnShape { b, t, h, hkv, d },
+                ars.attn,
             );
             if theta > 0.0 {
-                c.cpu.rope_backward(
-                    &mut dq,
-                    RopeShape {
-                        b,
-                        t,
-                        h,
-                        d,
-                        theta,
-                        pos_offset: 0,
-                    },
-                );
-                c.cpu.rope_backward(
-                    &mut dk,
-                    RopeShape {
-                        b,
-                        t,
-                        h: hkv,
-                        d,
-                        theta,
-                        pos_offset: 0,
-                    },
-                );
+                c.cpu.rope_backward(&mut dq, ars.rope_q());
+                c.cpu.rope_backward(&mut dk, ars.rope_k());
             }
             let mut gdq = c.gpu.alloc(q.len(), r).unwrap();
             let mut gdk = c.gpu.alloc(k.len(), r).unwrap();
@@ -630,7 +553,7 @@ fn attention(c: &mut Ctx, mode: Mode) {
                     out: gv!(c, gout),
                     lse: gv!(c, glse),
                 },
-                AttnShape { b, t, h, hkv, d }.with_rope(theta, 0),
+                ars,
             );
             // With one position the softmax is constant (P = 1), so dq and dk are exactly zero:
             // dS = P·(dP − D) with dP = dout·v and D = dout·out = dout·v. Each side then returns

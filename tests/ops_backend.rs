@@ -109,52 +109,20 @@ fn cpu_backend_calls_each_op_with_its_arguments_in_order() {
 
     // RoPE
     let qx = rng.vec(b * t * h * d, 1.0);
+    let rs = RopeShape {
+        b,
+        t,
+        h,
+        d,
+        theta: 5000.0,
+        pos_offset: 3,
+    };
     let (mut q1, mut q2) = (qx.clone(), qx.clone());
-    be.rope_forward(
-        &mut q1,
-        RopeShape {
-            b,
-            t,
-            h,
-            d,
-            theta: 5000.0,
-            pos_offset: 3,
-        },
-    );
-    ops::rope_forward(
-        &mut q2,
-        RopeShape {
-            b,
-            t,
-            h,
-            d,
-            theta: 5000.0,
-            pos_offset: 3,
-        },
-    );
+    be.rope_forward(&mut q1, rs);
+    ops::rope_forward(&mut q2, rs);
     assert_eq!(q1, q2, "rope_forward");
-    be.rope_backward(
-        &mut q1,
-        RopeShape {
-            b,
-            t,
-            h,
-            d,
-            theta: 5000.0,
-            pos_offset: 3,
-        },
-    );
-    ops::rope_backward(
-        &mut q2,
-        RopeShape {
-            b,
-            t,
-            h,
-            d,
-            theta: 5000.0,
-            pos_offset: 3,
-        },
-    );
+    be.rope_backward(&mut q1, rs);
+    ops::rope_backward(&mut q2, rs);
     assert_eq!(q1, q2, "rope_backward");
 
     // attention
