@@ -36,7 +36,7 @@ enum Command {
     Tokenize(cli::tokenize::Args),
     /// Build pre-training or SFT token shards.
     Data(cli::data::Args),
-    /// Draw the loss curve of a run directory to PNG.
+    /// Draw the loss curves of one or more run directories (overlaid) to PNG.
     Plot(cli::plot::Args),
 }
 

@@ -35,11 +35,12 @@ fn quick_demo_runs_the_recipe_and_sft_teaches_the_held_out_tasks() {
     let after = report["accuracy_after_sft"].as_f64().unwrap();
     let n = report["heldout_tasks"].as_u64().unwrap();
     assert!(n >= 50, "too few held-out tasks to measure ({n})");
-    // "Clearly above": at least 10 percentage points (≥ 10 more tasks right out of 100). The run
-    // is seeded and deterministic; its measured gain is 0% → 30% (docs/PERF.md), so this margin
-    // leaves room for platform differences in floating-point rounding, not for a broken SFT.
+    // "Clearly above": at least 25 percentage points (≥ 25 more tasks right out of 100). The run
+    // is seeded and deterministic; its measured gain is 0% → 56% (docs/PERF.md). Less than half of
+    // that leaves room for platform differences in floating-point rounding, which change a few
+    // greedy answers, but not for a weakened SFT: 300 instead of 450 steps gives 20%.
     assert!(
-        after >= before + 0.10,
+        after >= before + 0.25,
         "SFT did not clearly improve held-out accuracy: before {before}, after {after}"
     );
 

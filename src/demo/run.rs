@@ -94,7 +94,7 @@ impl DemoPlan {
                 base_steps: 150,
                 pt1_steps: 10,
                 pt2_steps: 50,
-                sft_steps: 300,
+                sft_steps: 450,
                 sft_pretrain_mix: 30,
                 batch: 16,
             }
@@ -285,16 +285,27 @@ fn resize_model(src: &Path, dst: &Path, old_tok: &Tokenizer, new_tok: &Tokenizer
     )
 }
 
-/// Train `model` on `data_dir` with `cfg`; returns the written output (model dir or adapter dir).
+/// One training stage of the demo: its kind and settings, the shards it reads and its output folder.
+struct StageRun<'a> {
+    stage: Stage,
+    cfg: TrainConfig,
+    data_dir: &'a Path,
+    out: &'a Path,
+}
+
+/// Train `model` as `run` says; returns the written output (model dir or adapter dir).
 fn run_stage(
     opts: &DemoOptions,
     model: Llama<CpuBackend>,
-    data_dir: &Path,
-    cfg: TrainConfig,
-    stage: Stage,
-    out: &Path,
+    run: StageRun<'_>,
     base: &Path,
 ) -> Result<PathBuf> {
+    let StageRun {
+        stage,
+        cfg,
+        data_dir,
+        out,
+    } = run;
     let comm = LocalComm;
     let data = Data::open(data_dir)?;
     let mut t = trainer::Trainer::new(model, &data, cfg.clone(), stage, &comm, out, None)?;
@@ -316,22 +327,20 @@ fn run_stage(
     Ok(written)
 }
 
-/// Load `model_dir` for `stage` at `vocab` rows, train it on `data_dir` into `out`, and return the
-/// stage's model: stage 1 writes a whole model; a LoRA stage's adapter is merged into `out/merged`.
-#[allow(clippy::too_many_arguments)]
+/// Load `model_dir` for `run.stage` at `vocab` rows, train it as `run` says, and return the
+/// stage's model: stage 1 writes a whole model; a LoRA stage's adapter is merged into
+/// `run.out/merged`.
 fn train_stage(
     opts: &DemoOptions,
     be: &Arc<CpuBackend>,
     model_dir: &Path,
-    cfg: TrainConfig,
-    stage: Stage,
     vocab: usize,
-    data_dir: &Path,
-    out: &Path,
+    run: StageRun<'_>,
 ) -> Result<PathBuf> {
-    let lora = !cfg.lora_targets.is_empty();
-    let model = setup::load_model(be.clone(), model_dir, &cfg, stage, vocab, None)?;
-    let written = run_stage(opts, model, data_dir, cfg, stage, out, model_dir)?;
+    let lora = !run.cfg.lora_targets.is_empty();
+    let out = run.out;
+    let model = setup::load_model(be.clone(), model_dir, &run.cfg, run.stage, vocab, None)?;
+    let written = run_stage(opts, model, run, model_dir)?;
     if !lora {
         return Ok(written);
     }
@@ -521,10 +530,12 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     let base_dir = run_stage(
         opts,
         base_model,
-        &shards.join("base"),
-        cfg,
-        Stage::Pt1,
-        &out.join("base"),
+        StageRun {
+            stage: Stage::Pt1,
+            cfg,
+            data_dir: &shards.join("base"),
+            out: &out.join("base"),
+        },
         &out.join("base"),
     )?;
     let base_secs = ts.elapsed().as_secs_f64();
@@ -547,11 +558,13 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         opts,
         &be,
         &resized,
-        cfg,
-        Stage::Pt1,
         merged_tok.vocab_size(),
-        &shards.join("zh"),
-        &out.join("pt1"),
+        StageRun {
+            stage: Stage::Pt1,
+            cfg,
+            data_dir: &shards.join("zh"),
+            out: &out.join("pt1"),
+        },
     )?;
     stages.push(StageRow::measure(
         "pt1 (embedding)",
@@ -568,11 +581,13 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         opts,
         &be,
         &pt1_dir,
-        cfg,
-        Stage::Pt2,
         merged_tok.vocab_size(),
-        &shards.join("zh"),
-        &out.join("pt2"),
+        StageRun {
+            stage: Stage::Pt2,
+            cfg,
+            data_dir: &shards.join("zh"),
+            out: &out.join("pt2"),
+        },
     )?;
     stages.push(StageRow::measure(
         "pt2 (LoRA, merged)",
@@ -595,11 +610,13 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         opts,
         &be,
         &pt2_pad,
-        cfg,
-        Stage::Sft,
         pad_tok.vocab_size(),
-        &shards.join("sft"),
-        &out.join("sft"),
+        StageRun {
+            stage: Stage::Sft,
+            cfg,
+            data_dir: &shards.join("sft"),
+            out: &out.join("sft"),
+        },
     )?;
     stages.push(StageRow::measure(
         "sft (LoRA, merged)",
