@@ -14,10 +14,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo-mutants >/dev/null 2>&1 || cargo install cargo-mutants --locked
 export CARGO_PROFILE_RELEASE_INCREMENTAL=true
+# The live PEFT check in train_parity needs the oracle venv tools/test.sh installs; without it that
+# test skips and its mutants would count as missed.
+peft_venv="${ZHLLAMA_ORACLE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/zhllama}/peft-oracle-$(sha256sum tools/oracle/peft_requirements.txt | cut -c1-16)"
+if [ -z "${ZHLLAMA_PEFT_PYTHON:-}" ] && [ -x "$peft_venv/bin/python" ]; then
+  export ZHLLAMA_PEFT_PYTHON="$peft_venv/bin/python"
+fi
 
 # group | files (-f, globs allowed) | test targets
 GROUPS_SPEC=(
-  "peft|src/model/peft.rs|train_parity generate_cli"
+  "peft|src/model/peft.rs|train_parity generate_cli peft_adapters hostile_adapter train_init_adapter"
   "model|src/model/config.rs src/model/generate.rs src/model/llama.rs src/model/llama/activations.rs src/model/llama/layer_backward.rs src/model/llama/layer_forward.rs src/model/lora.rs src/model/params.rs src/model/resize.rs src/model/weights.rs src/model/mod.rs|model_parity model_lora model_backward_hook model_checkpointing model_weights model_eval generate_model train_resize"
   "train|src/train/*.rs|train_parity train_config train_fp16 train_nonfinite train_world train_resume train_dryrun train_cli"
   "zero|src/distributed/zero.rs|distributed_zero distributed_overlap train_world"
