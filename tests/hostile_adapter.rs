@@ -70,9 +70,8 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 const Q_A: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
 const V_A: &str = "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight";
 
-/// Copy the fixture adapter, let `edit` break it, run merge-lora and expect a refusal whose
-/// message contains every string of `names`.
-fn refused(edit: impl FnOnce(&mut Value, &mut Tensors), names: &[&str]) {
+/// A copy of the fixture adapter in a fresh temp dir, changed by `edit`: (temp dir, adapter dir).
+fn edited_adapter(edit: impl FnOnce(&mut Value, &mut Tensors)) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let ad = tmp.path().join("adapter");
     std::fs::create_dir(&ad).unwrap();
@@ -84,18 +83,30 @@ fn refused(edit: impl FnOnce(&mut Value, &mut Tensors), names: &[&str]) {
     edit(&mut cfg, &mut t);
     std::fs::write(ad.join("adapter_config.json"), cfg.to_string()).unwrap();
     write_tensors(&ad.join("adapter_model.safetensors"), &t);
+    (tmp, ad)
+}
+
+/// `zhllama merge-lora` of adapter `ad` into the fixture base, written to `merged`.
+fn merge_lora(ad: &Path, merged: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_zhllama"))
+        .args(["merge-lora", "--base"])
+        .arg(fixtures().join("base"))
+        .arg("--adapter")
+        .arg(ad)
+        .arg("--output")
+        .arg(merged)
+        .output()
+        .unwrap()
+}
+
+/// Copy the fixture adapter, let `edit` break it, run merge-lora and expect a refusal whose
+/// message contains every string of `names`.
+fn refused(edit: impl FnOnce(&mut Value, &mut Tensors), names: &[&str]) {
+    let (tmp, ad) = edited_adapter(edit);
     let base = fixtures().join("base");
     let (before_ad, before_base) = (snapshot(&ad), snapshot(&base));
     let merged = tmp.path().join("merged");
-    let out = Command::new(env!("CARGO_BIN_EXE_zhllama"))
-        .args(["merge-lora", "--base"])
-        .arg(&base)
-        .arg("--adapter")
-        .arg(&ad)
-        .arg("--output")
-        .arg(&merged)
-        .output()
-        .unwrap();
+    let out = merge_lora(&ad, &merged);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!out.status.success(), "accepted; stderr: {err}");
     for n in names {
@@ -218,4 +229,71 @@ fn factor_that_does_not_fit_the_base() {
         },
         &["q_proj.lora_A.weight", "do not fit"],
     );
+}
+
+/// Copy the fixture adapter, let `edit` change it, and expect merge-lora to accept it.
+fn accepted(edit: impl FnOnce(&mut Value, &mut Tensors)) {
+    let (tmp, ad) = edited_adapter(edit);
+    let merged = tmp.path().join("merged");
+    let out = merge_lora(&ad, &merged);
+    assert!(
+        out.status.success(),
+        "refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(merged.join("config.json").is_file(), "no merged model");
+}
+
+#[test]
+fn keys_of_no_known_layout() {
+    // Keys that end like a LoRA factor or a module but are not one (a factor of a factor, a
+    // factor inside a modules_to_save copy, a DoRA magnitude vector): refused by name, never
+    // treated as a base tensor.
+    for key in [
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.lora_A.weight",
+        "base_model.model.model.layers.0.self_attn.q_proj.modules_to_save.lora_A.weight",
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector.weight",
+    ] {
+        refused(
+            |_, t| {
+                let v = t[Q_A].clone();
+                t.insert(key.to_string(), v);
+            },
+            &[key, "not a LoRA factor"],
+        );
+    }
+}
+
+#[test]
+fn rank_pattern_that_is_not_an_object() {
+    refused(
+        |c, _| c["rank_pattern"] = serde_json::json!([8]),
+        &["adapter_config.json", "an object of pattern"],
+    );
+}
+
+#[test]
+fn unsupported_keys_are_refused_only_when_set() {
+    // PEFT writes these keys with neutral values (false, null, [] or {}); a set value is refused.
+    refused(
+        |c, _| c["layer_replication"] = serde_json::json!([[0, 1]]),
+        &["layer_replication", "not supported"],
+    );
+    refused(
+        |c, _| c["megatron_config"] = serde_json::json!({"tensor_model_parallel_size": 2}),
+        &["megatron_config", "not supported"],
+    );
+    accepted(|c, _| {
+        c["layer_replication"] = serde_json::json!([]);
+        c["megatron_config"] = serde_json::json!({});
+        c["use_dora"] = serde_json::json!(false);
+    });
+}
+
+#[test]
+fn a_config_without_bias_means_none() {
+    // PEFT's LoraConfig defaults `bias` to "none"; an older adapter_config.json may lack the key.
+    accepted(|c, _| {
+        c.as_object_mut().unwrap().remove("bias");
+    });
 }

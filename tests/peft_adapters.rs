@@ -167,3 +167,44 @@ fn normalised_names_and_per_module_scaling() {
     assert_eq!(c.scaling_of(down).unwrap(), (4.0f64 / 8f64.sqrt()) as f32);
     assert_eq!(p.tensors[&format!("{q}.lora_A.weight")].0, vec![2, 16]);
 }
+
+#[test]
+fn save_adapter_writes_only_the_listed_full_modules() {
+    // Both embed_tokens and lm_head train, but only the modules named in `modules_to_save` are
+    // written in full (next to every LoRA factor); the rest stay with the base model.
+    use zhllama::model::LlamaConfig;
+    use zhllama::model::lora::{LoraConfig, Proj};
+    let lora = LoraConfig::new(2, 4.0, 0.0, &[Proj::Q, Proj::V], 0).unwrap();
+    let spec = TrainSpec {
+        lm_head: true,
+        lora: Some(lora),
+        ..TrainSpec::embeddings_only()
+    };
+    let cfg = LlamaConfig::new(64, 16, 32, 1, 2, 2);
+    let model = Llama::random(Arc::new(CpuBackend::new()), cfg, spec, 0).unwrap();
+    let host = model.download_params().unwrap();
+    for list in [
+        &["embed_tokens"][..],
+        &["lm_head"],
+        &[],
+        &["embed_tokens", "lm_head"],
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("adapter");
+        let list: Vec<String> = list.iter().map(|s| s.to_string()).collect();
+        zhllama::model::peft::save_adapter(&dir, &host, model.lora(), &list, None).unwrap();
+        let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
+        let full: Vec<&str> = ["embed_tokens", "lm_head"]
+            .into_iter()
+            .filter(|m| names.iter().any(|n| n.ends_with(&format!("{m}.weight"))))
+            .collect();
+        assert_eq!(
+            full, list,
+            "full modules written for modules_to_save {list:?}: {names:?}"
+        );
+        let factors = names.iter().filter(|n| n.contains(".lora_")).count();
+        assert_eq!(factors, 4, "LoRA factors (q, v × A, B) in {names:?}");
+    }
+}
