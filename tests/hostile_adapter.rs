@@ -297,3 +297,17 @@ fn a_config_without_bias_means_none() {
         c.as_object_mut().unwrap().remove("bias");
     });
 }
+
+#[test]
+fn finite_factors_whose_product_overflows() {
+    // Every value of the q_proj pair is finite (1e30) but B·A·s is far beyond f32's range.
+    let q_b = Q_A.replace("lora_A", "lora_B");
+    refused(
+        |_, t| {
+            for key in [Q_A, q_b.as_str()] {
+                t.get_mut(key).unwrap().1.iter_mut().for_each(|x| *x = 1e30);
+            }
+        },
+        &["merged tensor", "q_proj.weight", "non-finite"],
+    );
+}
