@@ -162,10 +162,6 @@ impl<'a, E: Encoder + ?Sized> HfText<'a, E> {
     pub fn pad_id(&self) -> Option<u32> {
         self.pad_id
     }
-    pub fn bos_id(&self) -> u32 {
-        self.enc.bos_id()
-    }
-
     /// `out += tokenizer(text, add_special_tokens=False)["input_ids"]`.
     pub fn encode_into(&self, text: &str, out: &mut Vec<u32>) {
         if !text.contains(['<', '[']) {
@@ -219,13 +215,6 @@ impl<'a, E: Encoder + ?Sized> HfText<'a, E> {
                 Piece::Special(id, _) => out.push(id),
             }
         }
-    }
-
-    /// `tokenizer(text, add_special_tokens=False)["input_ids"]`.
-    pub fn encode(&self, text: &str) -> Vec<u32> {
-        let mut v = Vec::new();
-        self.encode_into(text, &mut v);
-        v
     }
 
     /// `tokenizer(text)["input_ids"]`: BOS, then the text (LLaMA adds no EOS).
