@@ -198,3 +198,34 @@ fn a_manifest_that_disagrees_with_its_shards_is_refused() {
     std::fs::write(&mpath, &good).unwrap();
     PretrainShards::open(&out).unwrap();
 }
+
+/// A directory input reads its `*.txt` files (sorted) and nothing else — not another extension,
+/// not a sub-directory named like a text file — and the output may go under folders that do not
+/// exist yet.
+#[test]
+fn a_directory_input_reads_only_its_text_files_into_a_new_nested_output() {
+    let d = tempfile::tempdir().unwrap();
+    let input = d.path().join("in");
+    std::fs::create_dir(&input).unwrap();
+    let (_, lines) = corpus(&input, 3);
+    std::fs::write(input.join("notes.md"), "not part of the corpus\n").unwrap();
+    std::fs::create_dir(input.join("sub.txt")).unwrap();
+    let out = d.path().join("a/b/pt");
+    let cfg = PretrainConfig {
+        block_size: 32,
+        validation_fraction: 0.0,
+        ..Default::default()
+    };
+    let files = pretrain::collect_inputs(&[input.clone()]).unwrap();
+    let names: Vec<_> = files
+        .iter()
+        .map(|f| f.strip_prefix(&input).unwrap())
+        .collect();
+    assert_eq!(names, ["f0.txt", "f1.txt", "f2.txt"].map(Path::new));
+    pretrain::build_pretrain(&CharEnc, &files, &out, &cfg).unwrap();
+    let sh = PretrainShards::open(&out).unwrap();
+    let got: Vec<Vec<u32>> = (0..sh.train.len())
+        .map(|i| sh.train.block(i).to_vec())
+        .collect();
+    assert_eq!(got, reference(&lines, 32));
+}
