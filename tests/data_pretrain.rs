@@ -216,7 +216,7 @@ fn a_directory_input_reads_only_its_text_files_into_a_new_nested_output() {
         validation_fraction: 0.0,
         ..Default::default()
     };
-    let files = pretrain::collect_inputs(&[input.clone()]).unwrap();
+    let files = pretrain::collect_inputs(std::slice::from_ref(&input)).unwrap();
     let names: Vec<_> = files
         .iter()
         .map(|f| f.strip_prefix(&input).unwrap())
