@@ -71,9 +71,26 @@ fn bench_layers(c: &mut Criterion) {
     let x = filled(N * C, 3, 1.0);
     let w = filled(C, 4, 1.0);
     let dout = filled(N * C, 5, 1.0);
+    // One shape per op family, shared by the ops below.
+    let rows = RowShape { n: N, c: C };
+    let rope = RopeShape {
+        b: B,
+        t: T,
+        h: H,
+        d: D,
+        theta: 10000.0,
+        pos_offset: 0,
+    };
+    let attn = AttnShape {
+        b: B,
+        t: T,
+        h: H,
+        hkv: H,
+        d: D,
+    };
     let (mut out, mut rstd) = (vec![0.0; N * C], vec![0.0; N]);
     g.bench_function("rmsnorm_forward", |b| {
-        b.iter(|| ops::rmsnorm_forward(&mut out, &mut rstd, &x, &w, RowShape { n: N, c: C }, 1e-6))
+        b.iter(|| ops::rmsnorm_forward(&mut out, &mut rstd, &x, &w, rows, 1e-6))
     });
     let (mut dx, mut dw) = (vec![0.0; N * C], vec![0.0; C]);
     g.bench_function("rmsnorm_backward", |b| {
@@ -87,7 +104,7 @@ fn bench_layers(c: &mut Criterion) {
                     w: &w,
                     rstd: &rstd,
                 },
-                RowShape { n: N, c: C },
+                rows,
             )
         })
     });
@@ -95,34 +112,10 @@ fn bench_layers(c: &mut Criterion) {
     // RoPE on q (in place; repeated rotation keeps values bounded).
     let mut q = filled(N * H * D, 6, 1.0);
     g.bench_function("rope_forward", |b| {
-        b.iter(|| {
-            ops::rope_forward(
-                &mut q,
-                RopeShape {
-                    b: B,
-                    t: T,
-                    h: H,
-                    d: D,
-                    theta: 10000.0,
-                    pos_offset: 0,
-                },
-            )
-        })
+        b.iter(|| ops::rope_forward(&mut q, rope))
     });
     g.bench_function("rope_backward", |b| {
-        b.iter(|| {
-            ops::rope_backward(
-                &mut q,
-                RopeShape {
-                    b: B,
-                    t: T,
-                    h: H,
-                    d: D,
-                    theta: 10000.0,
-                    pos_offset: 0,
-                },
-            )
-        })
+        b.iter(|| ops::rope_backward(&mut q, rope))
     });
 
     // Attention (MHA, as the small preset).
@@ -131,22 +124,7 @@ fn bench_layers(c: &mut Criterion) {
     let v = filled(N * H * D, 9, 1.0);
     let (mut ao, mut lse) = (vec![0.0; N * H * D], vec![0.0; B * H * T]);
     g.bench_function("attention_forward", |b| {
-        b.iter(|| {
-            ops::attention_forward(
-                &mut ao,
-                &mut lse,
-                &q,
-                &k,
-                &v,
-                AttnShape {
-                    b: B,
-                    t: T,
-                    h: H,
-                    hkv: H,
-                    d: D,
-                },
-            )
-        })
+        b.iter(|| ops::attention_forward(&mut ao, &mut lse, &q, &k, &v, attn))
     });
     let dao = filled(N * H * D, 10, 1.0);
     let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
@@ -164,13 +142,7 @@ fn bench_layers(c: &mut Criterion) {
                     out: &ao,
                     lse: &lse,
                 },
-                AttnShape {
-                    b: B,
-                    t: T,
-                    h: H,
-                    hkv: H,
-                    d: D,
-                },
+                attn,
             )
         })
     });

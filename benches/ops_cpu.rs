@@ -140,9 +140,26 @@ fn main() {
     let x = filled(N * C, 3, 1.0);
     let w = filled(C, 4, 1.0);
     let dout = filled(N * C, 5, 1.0);
+    // One shape per op family, shared by the ops below.
+    let rows = RowShape { n: N, c: C };
+    let rope = RopeShape {
+        b: B,
+        t: T,
+        h: H,
+        d: D,
+        theta: 10000.0,
+        pos_offset: 0,
+    };
+    let attn = AttnShape {
+        b: B,
+        t: T,
+        h: H,
+        hkv: H,
+        d: D,
+    };
     let (mut out, mut rstd) = (vec![0.0; N * C], vec![0.0; N]);
     bench.run("rmsnorm_forward", 20, 0.0, || {
-        ops::rmsnorm_forward(&mut out, &mut rstd, &x, &w, RowShape { n: N, c: C }, 1e-6)
+        ops::rmsnorm_forward(&mut out, &mut rstd, &x, &w, rows, 1e-6)
     });
     let (mut dx, mut dw) = (vec![0.0; N * C], vec![0.0; C]);
     bench.run("rmsnorm_backward", 20, 0.0, || {
@@ -155,36 +172,14 @@ fn main() {
                 w: &w,
                 rstd: &rstd,
             },
-            RowShape { n: N, c: C },
+            rows,
         )
     });
 
     let mut q = filled(N * H * D, 6, 1.0);
-    bench.run("rope_forward", 20, 0.0, || {
-        ops::rope_forward(
-            &mut q,
-            RopeShape {
-                b: B,
-                t: T,
-                h: H,
-                d: D,
-                theta: 10000.0,
-                pos_offset: 0,
-            },
-        )
-    });
+    bench.run("rope_forward", 20, 0.0, || ops::rope_forward(&mut q, rope));
     bench.run("rope_backward", 20, 0.0, || {
-        ops::rope_backward(
-            &mut q,
-            RopeShape {
-                b: B,
-                t: T,
-                h: H,
-                d: D,
-                theta: 10000.0,
-                pos_offset: 0,
-            },
-        )
+        ops::rope_backward(&mut q, rope)
     });
 
     let q = filled(N * H * D, 7, 1.0);
@@ -194,20 +189,7 @@ fn main() {
     // Causal: QKᵀ and PV over the lower triangle, 2 FLOP per multiply-add.
     let attn_flops = 4.0 * (B * H) as f64 * (T * (T + 1) / 2) as f64 * D as f64;
     bench.run("attention_forward", 5, attn_flops, || {
-        ops::attention_forward(
-            &mut ao,
-            &mut lse,
-            &q,
-            &k,
-            &v,
-            AttnShape {
-                b: B,
-                t: T,
-                h: H,
-                hkv: H,
-                d: D,
-            },
-        )
+        ops::attention_forward(&mut ao, &mut lse, &q, &k, &v, attn)
     });
     let dao = filled(N * H * D, 10, 1.0);
     let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
@@ -225,13 +207,7 @@ fn main() {
                 out: &ao,
                 lse: &lse,
             },
-            AttnShape {
-                b: B,
-                t: T,
-                h: H,
-                hkv: H,
-                d: D,
-            },
+            attn,
         )
     });
 

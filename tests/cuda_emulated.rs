@@ -517,6 +517,27 @@ fn rope() {
     finish(&fails);
 }
 
+/// The CPU reference of RMSNorm over `n` rows of `c` (eps 1e-6): the forward's `(out, rstd)`, then
+/// the backward's `(dx, dw)` accumulated onto `dx0`, `dw0`.
+fn rmsnorm_reference(
+    cpu: &CpuBackend,
+    [x, w, dout, dx0, dw0]: [&[f32]; 5],
+    n: usize,
+    c: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (mut out, mut rstd) = (vec![0.0; n * c], vec![0.0; n]);
+    cpu.rmsnorm_forward(&mut out, &mut rstd, x, w, RowShape { n, c }, 1e-6);
+    let (mut dx, mut dw) = (dx0.to_vec(), dw0.to_vec());
+    cpu.rmsnorm_backward(
+        &mut dx,
+        &mut dw,
+        dout,
+        RmsNormSaved { x, w, rstd: &rstd },
+        RowShape { n, c },
+    );
+    (out, rstd, dx, dw)
+}
+
 /// RMSNorm forward and backward, fp32.
 #[test]
 fn rmsnorm() {
@@ -543,20 +564,7 @@ fn rmsnorm() {
             rand(n * c, 1.0),
             rand(c, 1.0),
         );
-        let (mut out, mut rstd) = (vec![0.0; n * c], vec![0.0; n]);
-        cpu.rmsnorm_forward(&mut out, &mut rstd, &x, &w, RowShape { n, c }, 1e-6);
-        let (mut dx, mut dw) = (dx0.clone(), dw0.clone());
-        cpu.rmsnorm_backward(
-            &mut dx,
-            &mut dw,
-            &dout,
-            RmsNormSaved {
-                x: &x,
-                w: &w,
-                rstd: &rstd,
-            },
-            RowShape { n, c },
-        );
+        let (out, rstd, dx, dw) = rmsnorm_reference(&cpu, [&x, &w, &dout, &dx0, &dw0], n, c);
         let (ix, iw, id, idx, idw) = (e.f32(&x), e.f32(&w), e.f32(&dout), e.f32(&dx0), e.f32(&dw0));
         let (io, ir) = (e.zeros(n * c), e.zeros(n));
         e.launch(
@@ -1080,20 +1088,7 @@ fn bf16_storage() {
             bf(&rand(n * c, 1.0)),
         );
         let dw0 = rand(c, 1.0);
-        let (mut out, mut rstd) = (vec![0.0; n * c], vec![0.0; n]);
-        cpu.rmsnorm_forward(&mut out, &mut rstd, &x, &w, RowShape { n, c }, 1e-6);
-        let (mut dx, mut dw) = (dx0.clone(), dw0.clone());
-        cpu.rmsnorm_backward(
-            &mut dx,
-            &mut dw,
-            &dout,
-            RmsNormSaved {
-                x: &x,
-                w: &w,
-                rstd: &rstd,
-            },
-            RowShape { n, c },
-        );
+        let (out, rstd, dx, dw) = rmsnorm_reference(&cpu, [&x, &w, &dout, &dx0, &dw0], n, c);
         let (ix, iw, id, idx, idw) = (
             e.bf16(&x),
             e.bf16(&w),
@@ -1250,20 +1245,7 @@ fn f16_storage() {
             hf(&rand(n * c, 1.0)),
         );
         let dw0 = rand(c, 1.0);
-        let (mut out, mut rstd) = (vec![0.0; n * c], vec![0.0; n]);
-        cpu.rmsnorm_forward(&mut out, &mut rstd, &x, &w, RowShape { n, c }, 1e-6);
-        let (mut dx, mut dw) = (dx0.clone(), dw0.clone());
-        cpu.rmsnorm_backward(
-            &mut dx,
-            &mut dw,
-            &dout,
-            RmsNormSaved {
-                x: &x,
-                w: &w,
-                rstd: &rstd,
-            },
-            RowShape { n, c },
-        );
+        let (out, rstd, dx, dw) = rmsnorm_reference(&cpu, [&x, &w, &dout, &dx0, &dw0], n, c);
         let (ix, iw, id, idx, idw) = (e.f16(&x), e.f16(&w), e.f16(&dout), e.f16(&dx0), e.f32(&dw0));
         let (io, ir) = (e.zeros_f16(n * c), e.zeros(n));
         e.launch(
