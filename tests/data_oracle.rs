@@ -221,6 +221,8 @@ fn edge_sft() -> String {
         serde_json::json!({"instruction": "input 为 null", "input": null, "output": ""}),
         serde_json::json!({"instruction": "literal {instruction} and </s> inside", "input": "", "output": "a </s> b [PAD] c<s>"}),
         serde_json::json!({"instruction": "pad spacing", "input": "x [PAD] y", "output": " [PAD] "}),
+        // The edge text's `<unk>` falls in a short pre-training batch (dropped); this one is kept.
+        serde_json::json!({"instruction": "literal unk", "input": "a<unk>b", "output": "c <unk> d"}),
         serde_json::json!({"instruction": "长输出被截断", "input": "", "output": long}),
         serde_json::json!({"instruction": "trailing", "input": "  ", "output": "<"}),
     ]

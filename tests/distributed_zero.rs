@@ -136,16 +136,29 @@ fn other_accumulation_orders_agree_within_rounding() {
 }
 
 /// One ZeRO-2 step at world 1 against a plain full-buffer implementation written from the
-/// formulas (f64 throughout): averaged gradient, clipping by the global norm, AdamW.
+/// formulas (f64 throughout): averaged gradient, clipping by the global norm, AdamW. Two gradient
+/// scales: an ordinary one, and one whose norm (3e-6) is near the clip's 1e-6 guard so that
+/// `max_norm / (norm + 1e-6)` and AdamW's ε both matter (the clipped gradients, ~1e-10 to 1e-7,
+/// straddle ε = 1e-8).
 /// Tolerance: our step is f32 (as torch's); each weight's update is ≈ lr·m̂/(√v̂+ε) computed in
 /// ~6 f32 operations (≤ 6·2⁻²⁴ relative), and weight decay/addition round once more: we allow
 /// 1e-6·lr + 2⁻²³·|p| per weight.
 #[test]
 fn one_step_matches_the_formulas() {
     let p = 1003;
+    let raw: Vec<f32> = (0..p).map(|j| PROBLEM.feature(3, j)).collect();
+    let raw_norm = raw.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+    // (gain on the raw gradient, max_norm): averaged norms 0.25·40·‖raw‖ and 3e-6.
+    for (gain, max_norm) in [(40.0f32, 1.0f32), ((3e-6 / (0.25 * raw_norm)) as f32, 1e-6)] {
+        one_step_case(&raw, gain, max_norm);
+    }
+}
+
+fn one_step_case(raw: &[f32], gain: f32, max_norm: f32) {
+    let p = raw.len();
     let mut params: Vec<f32> = PROBLEM.init_params();
-    let mut grads: Vec<f32> = (0..p).map(|j| PROBLEM.feature(3, j) * 40.0).collect();
-    let (scale, max_norm) = (0.25f32, 1.0f32);
+    let mut grads: Vec<f32> = raw.iter().map(|&x| x * gain).collect();
+    let scale = 0.25f32;
     let h = AdamW { step: 1, ..hp(0) };
     let p0 = params.clone();
     let g0 = grads.clone();
@@ -180,7 +193,7 @@ fn one_step_matches_the_formulas() {
         let tol = 1e-6 * lr + 2f64.powi(-23) * e.abs();
         assert!(
             (params[j] as f64 - e).abs() <= tol,
-            "weight {j}: {} vs {e}",
+            "norm {norm:e}, weight {j}: {} vs {e}",
             params[j]
         );
     }
@@ -274,15 +287,21 @@ fn communication_per_step_is_reduce_scatter_plus_all_gather_of_the_trainable_buf
             let mut params = PROBLEM.init_params();
             let mut grads: Vec<f32> = (0..p).map(|j| PROBLEM.feature(rank, j)).collect();
             let mut z = Zero2::new(rank, world, p, 300);
+            let h = AdamW { step: 1, ..hp(0) };
+            z.step(&cc, &mut params, &mut grads.clone(), 1.0, None, h)?;
+            // The second step is measured: the transport's counter no longer starts at 0, so the
+            // report must be the step's own difference of it.
+            let (rs0, ag0, sent0) = (cc.rs_elems.get(), cc.ag_elems.get(), cc.bytes_sent());
             let rep = z.step(
                 &cc,
                 &mut params,
                 &mut grads,
                 1.0,
                 None,
-                AdamW { step: 1, ..hp(0) },
+                AdamW { step: 2, ..h },
             )?;
-            Ok((rep, cc.rs_elems.get(), cc.ag_elems.get()))
+            assert_eq!(rep.bytes_communicated, cc.bytes_sent() - sent0);
+            Ok((rep, cc.rs_elems.get() - rs0, cc.ag_elems.get() - ag0))
         });
         let padded = (PROBLEM.n_params.div_ceil(world) * world) as u64;
         for res in results {
@@ -319,6 +338,7 @@ fn non_finite_gradient_skips_the_step_on_every_rank() {
         if c.rank() == 2 {
             grads[17] = f32::NAN; // only one rank sees it
         }
+        let sent0 = c.bytes_sent();
         let rep = z.step(
             &c,
             &mut params,
@@ -327,6 +347,10 @@ fn non_finite_gradient_skips_the_step_on_every_rank() {
             Some(1.0),
             AdamW { step: 2, ..h },
         )?;
+        // A skipped step still reduce-scattered the gradient and its norm: it reports what it
+        // sent, the transport's own difference (which starts past 0 after the first step).
+        assert_eq!(rep.bytes_communicated, c.bytes_sent() - sent0);
+        assert!(rep.bytes_communicated > 0);
         Ok((rep, before, params, z.updates()))
     });
     for res in results {
