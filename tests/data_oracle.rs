@@ -7,7 +7,7 @@
 //! splitting, special-token splitting, prompt building, grouping and truncation against HF with
 //! tokenization held fixed. A chunk the oracle never saw means our splitting differs: the test
 //! fails and names it. (The tokenizer itself is tested against sentencepiece by the vocab tests;
-//! `data_tokenizer.rs` runs this pipeline end to end with it.)
+//! `merged_tokenizer_pipeline_equals_the_oracle` below runs this pipeline end to end with it.)
 //!
 //! Skips with a message when the shared data or the pinned Python packages are absent
 //! (`tools/test.sh` installs them into `.venv/data-oracle`). Oracle outputs are cached under the

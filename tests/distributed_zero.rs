@@ -199,6 +199,47 @@ fn one_step_case(raw: &[f32], gain: f32, max_norm: f32) {
     }
 }
 
+/// A state made for one rank of one world refuses a communicator of another (a mixed-up
+/// launch would otherwise reduce the wrong slices), for a step and for a gather.
+#[test]
+fn a_communicator_of_another_world_is_refused() {
+    let p = PROBLEM.n_params;
+    let mut params = PROBLEM.init_params();
+    let mut grads: Vec<f32> = (0..p).map(|j| PROBLEM.feature(0, j)).collect();
+    let before = params.clone();
+    // Rank 0 of 2, given a world of 1 (`LocalComm`).
+    let mut z = Zero2::new(0, 2, p, 100);
+    let h = AdamW { step: 1, ..hp(0) };
+    let err = z
+        .step(&LocalComm, &mut params, &mut grads, 1.0, None, h)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("rank 0 of 2") && err.contains("rank 0 of 1"),
+        "{err}"
+    );
+    assert_eq!(bits(&params), bits(&before));
+    let mut loaded = Zero2::from_parts(
+        0,
+        2,
+        p,
+        100,
+        [
+            vec![0.0; p.div_ceil(2)],
+            vec![0.0; p.div_ceil(2)],
+            vec![0.0; p.div_ceil(2)],
+        ],
+        1,
+    )
+    .unwrap();
+    let err = loaded
+        .gather_params(&LocalComm, &mut params)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("rank 0 of 2"), "{err}");
+    assert_eq!(bits(&params), bits(&before));
+}
+
 #[test]
 fn tree_sum_of_squares_is_pairwise() {
     let x: Vec<f32> = (0..6).map(|j| PROBLEM.feature(1, j * 13)).collect();
