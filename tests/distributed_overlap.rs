@@ -131,3 +131,69 @@ fn partial_marking_falls_back_to_the_step() {
         assert!(same);
     }
 }
+
+/// Chunks fire exactly when the last of their pieces becomes final, whatever order the layers
+/// are marked in (here a random one, so the ready ranges have gaps and merge out of order): after
+/// every `grads_ready` call the number of chunks it reduced equals the number a brute-force
+/// count over the marked elements finds newly complete. The step still equals the plain one.
+#[test]
+fn chunks_fire_exactly_when_complete_in_any_marking_order() {
+    for (world, p, bucket) in [(2, 1001, 60), (3, 997, 90), (4, 4099, 256)] {
+        let results = ThreadComm::run(world, TIMEOUT, |c| {
+            let rank = c.rank();
+            let mut rng = ChaCha8Rng::seed_from_u64(50 + rank as u64);
+            let g: Vec<f32> = (0..p).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+            let params0: Vec<f32> = (0..p).map(|i| (i % 13) as f32 * 0.05).collect();
+            let (mut pa, mut pb) = (params0.clone(), params0);
+            let mut za = Zero2::new(rank, world, p, bucket);
+            let mut zb = Zero2::new(rank, world, p, bucket);
+            // The layout as documented: shards of ⌈P/N⌉, chunks of ⌈bucket/N⌉ (at most a shard).
+            let s = p.div_ceil(world);
+            let chunk = bucket.div_ceil(world).clamp(1, s);
+            let n_chunks = zb.chunks();
+            assert_eq!(n_chunks, s.div_ceil(chunk));
+            let piece = |r: usize, k: usize| {
+                let off = k * chunk;
+                let len = chunk.min(s - off);
+                (r * s + off).min(p)..(r * s + off + len).min(p)
+            };
+            // Same order on every rank (the collectives must match): seeded by `p` only.
+            let mut order = layers(p);
+            let mut orng = ChaCha8Rng::seed_from_u64(p as u64 ^ 0x5eed);
+            for i in (1..order.len()).rev() {
+                order.swap(i, orng.random_range(0..=i));
+            }
+            let mut marked = vec![false; p];
+            let mut done = vec![false; n_chunks];
+            let mut mismatches = Vec::new();
+            let mut gb = vec![f32::NAN; p];
+            for l in order {
+                gb[l.clone()].copy_from_slice(&g[l.clone()]);
+                marked[l.clone()].iter_mut().for_each(|m| *m = true);
+                let fired = zb.grads_ready(&c, &gb, l.clone())?;
+                let mut expected = 0;
+                for (k, d) in done.iter_mut().enumerate() {
+                    if !*d && (0..world).all(|r| marked[piece(r, k)].iter().all(|&m| m)) {
+                        *d = true;
+                        expected += 1;
+                    }
+                }
+                if fired != expected {
+                    mismatches.push((l, fired, expected));
+                }
+            }
+            let mut ga = g.clone();
+            za.step(&c, &mut pa, &mut ga, 0.5, Some(2.0), hp(1))?;
+            let rb = zb.step(&c, &mut pb, &mut gb, 0.5, Some(2.0), hp(1))?;
+            Ok((mismatches, rb.skipped, bits(&pa) == bits(&pb)))
+        });
+        for (rank, r) in results.into_iter().enumerate() {
+            let (mismatches, skipped, same) = r.unwrap();
+            assert!(
+                mismatches.is_empty(),
+                "world {world} rank {rank}: (range, fired, complete) {mismatches:?}"
+            );
+            assert!(!skipped && same, "world {world} rank {rank}");
+        }
+    }
+}
