@@ -7,7 +7,9 @@ use std::path::Path;
 use std::time::Duration;
 use zhllama::backend::AdamW;
 use zhllama::distributed::toy::{self, ToyProblem, ToyResult, ToyRun, checkpoint_dir};
-use zhllama::distributed::zero::{MANIFEST_NAME, shard_file_name, tree_sum_squares};
+use zhllama::distributed::zero::{
+    MANIFEST_NAME, latest_checkpoint, shard_file_name, tree_sum_squares,
+};
 use zhllama::distributed::{Comm, LocalComm, ThreadComm, Zero2, memory_plan};
 
 mod zero_common;
@@ -631,4 +633,36 @@ fn save_checkpoint_is_all_or_nothing_under_its_final_name() {
     let mut back = vec![0f32; PROBLEM.n_params];
     z.gather_params(&LocalComm, &mut back).unwrap();
     assert_eq!(bits(&back), bits(&params[0]));
+}
+
+/// The newest complete checkpoint is the highest `step-N` with a manifest, whatever the listing
+/// order: checked after each of eight checkpoints lands (out of order, beside an incomplete one, a
+/// `.tmp` one and a stray directory). A root that does not exist has none.
+#[test]
+fn latest_checkpoint_is_the_highest_complete_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("ckpt");
+    assert_eq!(latest_checkpoint(&root).unwrap(), None);
+    std::fs::create_dir_all(root.join("notes")).unwrap();
+    assert_eq!(latest_checkpoint(&root).unwrap(), None);
+    let complete = |step: u64| {
+        let d = checkpoint_dir(&root, step);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(MANIFEST_NAME), "{}").unwrap();
+    };
+    // No manifest yet (a save in progress), and a staging directory with one.
+    std::fs::create_dir_all(checkpoint_dir(&root, 900)).unwrap();
+    let staged = root.join("step-000901.tmp");
+    std::fs::create_dir_all(&staged).unwrap();
+    std::fs::write(staged.join(MANIFEST_NAME), "{}").unwrap();
+    let mut newest = 0;
+    for step in [3u64, 40, 7, 41, 100, 12, 250, 99] {
+        complete(step);
+        newest = newest.max(step);
+        assert_eq!(
+            latest_checkpoint(&root).unwrap(),
+            Some(checkpoint_dir(&root, newest)),
+            "after step {step}"
+        );
+    }
 }
