@@ -8,7 +8,7 @@ use std::time::Duration;
 use zhllama::backend::AdamW;
 use zhllama::distributed::toy::{self, ToyProblem, ToyResult, ToyRun, checkpoint_dir};
 use zhllama::distributed::zero::{
-    MANIFEST_NAME, latest_checkpoint, shard_file_name, tree_sum_squares,
+    MANIFEST_NAME, global_sum_squares_with, latest_checkpoint, shard_file_name, tree_sum_squares,
 };
 use zhllama::distributed::{Comm, LocalComm, ThreadComm, Zero2, memory_plan};
 
@@ -664,5 +664,57 @@ fn latest_checkpoint_is_the_highest_complete_step() {
             Some(checkpoint_dir(&root, newest)),
             "after step {step}"
         );
+    }
+}
+
+/// The global sum of squares with one extra slot per rank: with every extra 0 it is the world-1
+/// tree sum bit for bit; a non-finite extra on any one rank makes it non-finite on every rank
+/// (how one rank's bad loss skips the step everywhere); finite extras are added (to within the
+/// rounding of one f64 addition of values ≤ 1e3: 1e-12 relative).
+#[test]
+fn extra_slots_of_the_global_sum_of_squares() {
+    let p = PROBLEM.n_params;
+    let full: Vec<f32> = (0..p).map(|j| PROBLEM.feature(5, j)).collect();
+    let want = tree_sum_squares(&full);
+    for world in 2..=4 {
+        let layout = zhllama::distributed::ShardLayout::new(p, world);
+        let cases: Vec<Vec<f64>> = std::iter::once(vec![0.0; world])
+            .chain((0..world).map(|bad| {
+                (0..world)
+                    .map(|r| if r == bad { f64::NAN } else { 0.0 })
+                    .collect()
+            }))
+            .chain(std::iter::once(
+                (0..world).map(|r| (r + 1) as f64 * 0.75).collect(),
+            ))
+            .collect();
+        for extras in cases {
+            let results = ThreadComm::run(world, TIMEOUT, |c| {
+                let rank = c.rank();
+                let shard = &full[layout.range(rank)];
+                global_sum_squares_with(
+                    &c,
+                    &layout,
+                    rank,
+                    |lo, hi| Ok(tree_sum_squares(&shard[lo..hi])),
+                    Some(extras[rank]),
+                )
+            });
+            let extra: f64 = extras.iter().sum();
+            for (rank, r) in results.into_iter().enumerate() {
+                let got = r.unwrap();
+                if extra.is_nan() {
+                    assert!(got.is_nan(), "world {world} rank {rank} {extras:?}: {got}");
+                } else if extra == 0.0 {
+                    assert_eq!(got.to_bits(), want.to_bits(), "world {world} rank {rank}");
+                } else {
+                    let e = want + extra;
+                    assert!(
+                        (got - e).abs() <= 1e-12 * e,
+                        "world {world} rank {rank} {extras:?}: {got} vs {e}"
+                    );
+                }
+            }
+        }
     }
 }
