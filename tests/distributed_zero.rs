@@ -655,6 +655,11 @@ fn latest_checkpoint_is_the_highest_complete_step() {
     let staged = root.join("step-000901.tmp");
     std::fs::create_dir_all(&staged).unwrap();
     std::fs::write(staged.join(MANIFEST_NAME), "{}").unwrap();
+    // A root that is a file is an error naming it, not "no checkpoint".
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let err = format!("{:#}", latest_checkpoint(&file).unwrap_err());
+    assert!(err.contains("not-a-dir"), "{err}");
     let mut newest = 0;
     for step in [3u64, 40, 7, 41, 100, 12, 250, 99] {
         complete(step);
@@ -717,4 +722,32 @@ fn extra_slots_of_the_global_sum_of_squares() {
             }
         }
     }
+}
+
+/// A staging directory left by a crashed save is cleared before a save uses it (at world 1 too:
+/// rank 0 prepares it), so nothing stale ends up under the final name.
+#[test]
+fn a_stale_staging_directory_is_cleared_before_a_save() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("step-000001");
+    let staging = zhllama::distributed::zero::tmp_dir(&dir);
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::write(staging.join("stale.bin"), b"from a crashed save").unwrap();
+    let p = PROBLEM.n_params;
+    let mut params = PROBLEM.init_params();
+    let mut g: Vec<f32> = (0..p).map(|j| PROBLEM.feature(0, j)).collect();
+    let mut z = Zero2::new(0, 1, p, 64);
+    z.step(
+        &LocalComm,
+        &mut params,
+        &mut g,
+        1.0,
+        None,
+        AdamW { step: 1, ..hp(0) },
+    )
+    .unwrap();
+    z.save_checkpoint(&LocalComm, &dir, |_| Ok(())).unwrap();
+    assert!(dir.join(MANIFEST_NAME).exists());
+    assert!(!dir.join("stale.bin").exists(), "the stale file was kept");
+    assert!(!staging.exists());
 }

@@ -121,11 +121,6 @@ impl Zero2 {
         self.rank
     }
 
-    /// `⌈P/N⌉`: the length of each optimizer buffer (master, `m`, `v`).
-    pub fn optimizer_elems(&self) -> usize {
-        self.layout.shard_elems
-    }
-
     pub fn layout(&self) -> ShardLayout {
         self.layout
     }

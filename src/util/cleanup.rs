@@ -71,11 +71,20 @@ impl Drop for TempGuard {
     }
 }
 
-/// Remove every registered temp path now (the signal path).
+/// Remove every registered temp path now (the signal path). The thread that owns a path may still
+/// be writing into it, so one `remove_dir_all` can lose the race (a file created after the listing
+/// makes the final `rmdir` fail with "not empty"): each path is removed again until it is gone,
+/// for at most about a second.
 pub fn remove_all_live() {
     let paths: Vec<PathBuf> = std::mem::take(&mut *live());
     for p in paths.iter().rev() {
-        remove_path(p);
+        for _ in 0..100 {
+            remove_path(p);
+            if std::fs::symlink_metadata(p).is_err() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }
 
