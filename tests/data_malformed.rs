@@ -83,7 +83,9 @@ fn pretrain_bad_input() {
     let inp = d.path().join("in");
     std::fs::create_dir(&inp).unwrap();
     let text = "第一行\n".repeat(300);
-    let mut bytes = format!("{text}ok\n").into_bytes();
+    // A lone `\r` ends a line too (as in `str.splitlines`): lines 301–303, so the bad line's
+    // number counts them.
+    let mut bytes = format!("{text}x\ry\rz\r\nok\n").into_bytes();
     bytes.extend_from_slice(b"bad \xff byte\n\xfe\n");
     std::fs::write(inp.join("a.txt"), &bytes).unwrap();
     let out = d.path().join("outdir").join("pt");
@@ -102,10 +104,10 @@ fn pretrain_bad_input() {
         v.iter().map(|x| x.to_string()).collect::<Vec<_>>()
     };
 
-    // Non-UTF-8 line 302 (300 good lines, "ok", then the bad one).
+    // Non-UTF-8 line 305 (300 good lines, three split at `\r`, "ok", then the bad one).
     let a = args(&[]);
     let r = zhllama(&to_refs(&a));
-    assert_one_line_error(&r, &["a.txt:302", "UTF-8"], &out);
+    assert_one_line_error(&r, &["a.txt:305", "UTF-8"], &out);
 
     // Skipped and counted with --skip-bad; the output is complete.
     let a = args(&["--skip-bad", "--validation-fraction", "0"]);
@@ -114,7 +116,13 @@ fn pretrain_bad_input() {
     let m: Value =
         serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(m["bad_lines_skipped"], 2);
-    assert_eq!(m["lines"], 301);
+    assert_eq!(m["lines"], 304);
+    // Per-file statistics name their file.
+    let f0 = &m["files"][0];
+    assert_eq!(f0["path"], s(&inp.join("a.txt")), "{f0}");
+    assert_eq!((&f0["lines"], &f0["bad_lines"]), (&304.into(), &2.into()));
+    // LLaMA's 32000 ids fit in u16.
+    assert_eq!(m["token_dtype"], "u16");
     assert_eq!(
         m["tokenizer_sha256"],
         sha256sum(&tok),
