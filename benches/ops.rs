@@ -8,48 +8,18 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use std::hint::black_box;
 use std::time::Duration;
 use zhllama::backend::AdamW;
-use zhllama::backend::{AttnSaved, AttnShape, GemmShape, RmsNormSaved, RopeShape, RowShape};
+use zhllama::backend::{AttnSaved, GemmShape, RmsNormSaved};
 use zhllama::ops;
 
-const B: usize = 4;
-const T: usize = 256;
-const N: usize = B * T;
-const C: usize = 512;
-const H: usize = 8;
-const D: usize = 64;
-const FFN: usize = 1376;
-const V: usize = 49954;
-
-/// Deterministic pseudo-random values in [-scale, scale) (no generator crate needed).
-fn filled(len: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
+mod common;
+use common::{B, C, D, FFN, H, N, T, V, filled};
 
 fn bench_matmul(c: &mut Criterion) {
     let mut g = c.benchmark_group("matmul");
     g.sample_size(10)
         .measurement_time(Duration::from_secs(3))
         .warm_up_time(Duration::from_millis(500));
-    // (name, m, n, k, trans_a, trans_b): the 1024³ ceiling, then the model's GEMMs
-    // (y = x·Wᵀ forward, dX = dY·W, dW = dYᵀ·X backward).
-    let shapes = [
-        ("sgemm_1024", 1024, 1024, 1024, false, false),
-        ("attn_proj_fwd", N, C, C, false, true),
-        ("mlp_up_fwd", N, FFN, C, false, true),
-        ("mlp_down_fwd", N, C, FFN, false, true),
-        ("mlp_down_dx", N, FFN, C, false, false),
-        ("mlp_up_dw", FFN, C, N, true, false),
-        ("lm_head_fwd", N, V, C, false, true),
-    ];
-    for &(name, m, n, k, ta, tb) in &shapes {
+    for &(name, m, n, k, ta, tb) in &common::GEMMS {
         let a = filled(m * k, 1, 1.0);
         let b = filled(k * n, 2, 1.0);
         let mut out = vec![0.0f32; m * n];
@@ -71,23 +41,7 @@ fn bench_layers(c: &mut Criterion) {
     let x = filled(N * C, 3, 1.0);
     let w = filled(C, 4, 1.0);
     let dout = filled(N * C, 5, 1.0);
-    // One shape per op family, shared by the ops below.
-    let rows = RowShape { n: N, c: C };
-    let rope = RopeShape {
-        b: B,
-        t: T,
-        h: H,
-        d: D,
-        theta: 10000.0,
-        pos_offset: 0,
-    };
-    let attn = AttnShape {
-        b: B,
-        t: T,
-        h: H,
-        hkv: H,
-        d: D,
-    };
+    let common::Shapes { rows, rope, attn } = common::shapes();
     let (mut out, mut rstd) = (vec![0.0; N * C], vec![0.0; N]);
     g.bench_function("rmsnorm_forward", |b| {
         b.iter(|| ops::rmsnorm_forward(&mut out, &mut rstd, &x, &w, rows, 1e-6))

@@ -9,17 +9,11 @@
 use std::hint::black_box;
 use std::time::Instant;
 use zhllama::backend::AdamW;
-use zhllama::backend::{AttnSaved, AttnShape, GemmShape, RmsNormSaved, RopeShape, RowShape};
+use zhllama::backend::{AttnSaved, GemmShape, RmsNormSaved};
 use zhllama::ops;
 
-const B: usize = 4;
-const T: usize = 256;
-const N: usize = B * T;
-const C: usize = 512;
-const H: usize = 8;
-const D: usize = 64;
-const FFN: usize = 1376;
-const V: usize = 49954;
+mod common;
+use common::{B, C, D, FFN, H, N, T, V, filled};
 
 fn cpu_seconds() -> f64 {
     let mut ts = libc::timespec {
@@ -29,18 +23,6 @@ fn cpu_seconds() -> f64 {
     // SAFETY: a valid clock id and a valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
-}
-
-fn filled(len: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
 }
 
 struct Bench {
@@ -91,18 +73,13 @@ fn main() {
     let bench = Bench { filters };
     println!("{} rayon threads", rayon::current_num_threads());
 
-    let gemms = [
-        ("matmul sgemm_1024", 1024, 1024, 1024, false, false),
-        ("matmul attn_proj_fwd", N, C, C, false, true),
-        ("matmul mlp_up_fwd", N, FFN, C, false, true),
-        ("matmul mlp_down_fwd", N, C, FFN, false, true),
-        ("matmul mlp_down_dx", N, FFN, C, false, false),
-        ("matmul mlp_up_dw", FFN, C, N, true, false),
-        ("matmul lm_head_fwd", N, V, C, false, true),
-        ("matmul lm_head_dx", N, C, V, false, false),
-        ("matmul lm_head_dw", V, C, N, true, false),
-    ];
-    for &(name, m, n, k, ta, tb) in &gemms {
+    // The shared GEMMs, then the LM head's two backward ones.
+    let gemms = common::GEMMS.iter().copied().chain([
+        ("lm_head_dx", N, C, V, false, false),
+        ("lm_head_dw", V, C, N, true, false),
+    ]);
+    for (op, m, n, k, ta, tb) in gemms {
+        let name = &format!("matmul {op}");
         let a = filled(m * k, 1, 1.0);
         let b = filled(k * n, 2, 1.0);
         let mut out = vec![0.0f32; m * n];
@@ -140,23 +117,7 @@ fn main() {
     let x = filled(N * C, 3, 1.0);
     let w = filled(C, 4, 1.0);
     let dout = filled(N * C, 5, 1.0);
-    // One shape per op family, shared by the ops below.
-    let rows = RowShape { n: N, c: C };
-    let rope = RopeShape {
-        b: B,
-        t: T,
-        h: H,
-        d: D,
-        theta: 10000.0,
-        pos_offset: 0,
-    };
-    let attn = AttnShape {
-        b: B,
-        t: T,
-        h: H,
-        hkv: H,
-        d: D,
-    };
+    let common::Shapes { rows, rope, attn } = common::shapes();
     let (mut out, mut rstd) = (vec![0.0; N * C], vec![0.0; N]);
     bench.run("rmsnorm_forward", 20, 0.0, || {
         ops::rmsnorm_forward(&mut out, &mut rstd, &x, &w, rows, 1e-6)
